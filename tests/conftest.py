@@ -1,0 +1,92 @@
+"""Shared fixtures: the shipped tiny-default configs, scaled down and redirected into a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import AssetsConfig, DistillConfig, EvalConfig, TeacherCacheConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# small sizes so the whole chain runs in seconds; the structure is the shipped one
+SMALL_MODEL = ["hidden_size=64", "num_layers=1", "num_heads=2", "num_kv_heads=1", "intermediate_size=96"]
+TOKENIZE = ["tokenize.max_prompt_length=48", "tokenize.max_length=64"]
+
+
+def _models_overrides() -> list[str]:
+    out = []
+    for name in ("teacher-init", "student-init", "student-init-metaspace"):
+        out += [f"models.{name}.{kv}" for kv in SMALL_MODEL]
+    return out
+
+
+class TinyDefault:
+    """Paths and config loaders for one scaled-down copy of configs/tiny under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "data"
+        self.assets = root / "assets"
+        self.teacher = root / "teachers" / "tiny-teacher__sft"
+        self.cache = root / "cache"
+        self.students = root / "students"
+
+    def assets_cfg(self, *extra: str) -> AssetsConfig:
+        return load_config(
+            AssetsConfig,
+            CONFIGS / "tiny/assets.yaml",
+            [f"data_dir={self.data}", f"out_dir={self.assets}", "task.n_train=160", "task.n_valid=16",
+             "task.n_test=16", *_models_overrides(), *extra],
+        )
+
+    def teacher_sft_cfg(self, *extra: str) -> DistillConfig:
+        return load_config(
+            DistillConfig,
+            CONFIGS / "tiny/teacher_sft.yaml",
+            [f"student.path={self.assets}/teacher-init", f"data.path={self.data}/train.jsonl",
+             f"out_dir={self.root}/teachers", "train.steps=4", "train.micro_batch_size=16", "train.log_every=2",
+             *TOKENIZE, *extra],
+        )
+
+    def cache_cfg(self, *extra: str, name: str = "teacher_cache.yaml") -> TeacherCacheConfig:
+        student_tok = [f"student_tokenizer.path={self.assets}/tokenizer-metaspace"] if "xtok" in name else []
+        return load_config(
+            TeacherCacheConfig,
+            CONFIGS / "tiny" / name,
+            [f"data.path={self.data}/train.jsonl", f"teacher.path={self.teacher}/final", f"out_dir={self.cache}",
+             "cache.rows_per_shard=64", "cache.batch_size=16", *student_tok, *TOKENIZE, *extra],
+        )
+
+    def distill_cfg(self, *extra: str) -> DistillConfig:
+        return load_config(
+            DistillConfig,
+            CONFIGS / "tiny/distill.yaml",
+            [f"student.path={self.assets}/student-init", f"cache={self.cache}", f"out_dir={self.students}",
+             "train.steps=4", "train.micro_batch_size=8", "train.grad_accum=2", "train.log_every=2", *TOKENIZE, *extra],
+        )
+
+    def eval_cfg(self, run: Path, *extra: str) -> EvalConfig:
+        return load_config(
+            EvalConfig,
+            CONFIGS / "tiny/eval.yaml",
+            [f"run={run}", f"data.path={self.data}/test.jsonl", "generate.max_new_tokens=8", *TOKENIZE, *extra],
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyDefault:
+    """Assets and an SFT'd (4 steps) teacher, built once per session."""
+    from stages import assets, distill
+
+    t = TinyDefault(tmp_path_factory.mktemp("tiny"))
+    assets.run(t.assets_cfg())
+    distill.run(t.teacher_sft_cfg())
+    return t

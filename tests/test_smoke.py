@@ -1,0 +1,147 @@
+"""End-to-end on the tiny default: the three stages, the exact files each writes, and cache reuse across runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from pipeline.config import ConfigError
+from stages import distill, evaluate, teacher_cache
+
+STUDENT_FILES = {"config.yaml", "metrics.jsonl", "done.json", "final"}
+CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+def files(path):
+    return {p.name for p in path.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def chain(tiny):
+    cache = teacher_cache.run(tiny.cache_cfg())
+    return tiny, cache
+
+
+def test_assets_and_teacher_sft_files(tiny):
+    assert files(tiny.data) == {"train.jsonl", "valid.jsonl", "test.jsonl"}
+    assert files(tiny.assets) == {
+        "assets.json", "config.yaml", "tokenizer-bpe", "tokenizer-metaspace",
+        "teacher-init", "student-init", "student-init-metaspace",
+    }
+    assert files(tiny.teacher) == STUDENT_FILES
+    assert files(tiny.teacher / "final") == CHECKPOINT_FILES
+
+
+def test_three_stages_write_exactly_their_files(chain, monkeypatch):
+    tiny, cache = chain
+    assert files(cache) == {
+        "manifest.json", "config.yaml", "teacher_head.safetensors", "teacher_tokenizer", "student_tokenizer",
+        "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow",
+    }
+
+    # stage 2 must never construct the teacher: record every model that is loaded
+    loaded = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, *a, **k):
+        loaded.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    run_dir = distill.run(tiny.distill_cfg())
+    assert loaded == [str(tiny.assets / "student-init")]
+    assert run_dir.name == "tiny-teacher_to_tiny-student__kd_fkl"
+    assert files(run_dir) == STUDENT_FILES
+    assert files(run_dir / "final") == CHECKPOINT_FILES
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    for r in rows:
+        assert {"loss", "ce", "kd", "lr", "tokens_per_s", "teacher_max_err", "loss_tokens"} <= set(r)
+        assert r["teacher_max_err"] < 1e-4 and r["kd"] > 0
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"])
+
+    # the checkpoint is a plain transformers checkpoint
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert isinstance(model, transformers.Qwen2ForCausalLM)
+
+    out = evaluate.run(tiny.eval_cfg(run_dir))
+    assert files(out) == {"results.json", "predictions.jsonl", "config.yaml"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 16 and 0 <= results["rougeL"] <= 100 and 0 <= results["exact_match"] <= 100
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 16
+
+
+def test_other_divergence_retrains_only_the_student(chain, monkeypatch, capsys):
+    tiny, cache = chain
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    monkeypatch.setattr(teacher_cache, "load_model", lambda *a, **k: pytest.fail("stage 1 re-ran"))
+    teacher_cache.run(tiny.cache_cfg())  # what `make distill` does first: a no-op when the fingerprint matches
+    assert "up to date" in capsys.readouterr().out
+    run_dir = distill.run(tiny.distill_cfg("loss.divergence=rkl"))
+    assert run_dir.name == "tiny-teacher_to_tiny-student__kd_rkl" and (run_dir / "done.json").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+    # the same run again is up to date; another config under the same name is refused, not overwritten
+    mtime = (run_dir / "done.json").stat().st_mtime_ns
+    assert distill.run(tiny.distill_cfg("loss.divergence=rkl")) == run_dir
+    assert (run_dir / "done.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="another config"):
+        distill.run(tiny.distill_cfg("loss.divergence=rkl", "loss.alpha=0.3"))
+
+
+def test_same_global_batch_gives_same_first_loss_with_accumulation(chain):
+    """Token normalisation: 1 x 16 and 2 x 8 micro-batches see the same rows and report the same first loss."""
+    tiny, _ = chain
+    a = distill.run(tiny.distill_cfg("train.steps=1", "train.micro_batch_size=16", "train.grad_accum=1", "run_name=a"))
+    b = distill.run(tiny.distill_cfg("train.steps=1", "train.micro_batch_size=8", "train.grad_accum=2", "run_name=b"))
+    first = [json.loads((d / "metrics.jsonl").read_text().splitlines()[0]) for d in (a, b)]
+    assert first[0]["loss_tokens"] == first[1]["loss_tokens"]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+
+
+def test_kd_refuses_cross_tokenizer_cache_but_sft_runs(tiny, tmp_path):
+    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
+    meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"]
+    with pytest.raises(ConfigError, match="cross-tokenizer cache"):
+        distill.run(tiny.distill_cfg(*meta))
+    run_dir = distill.run(tiny.distill_cfg(*meta, "loss.objective=sft", "train.steps=2"))
+    assert run_dir.name == "tiny-teacher_to_tiny-student__sft" and (run_dir / "done.json").exists()
+
+
+def test_student_tokenizer_mismatch_is_refused(chain):
+    tiny, cache = chain
+    from pipeline.cache_io import CacheError
+
+    with pytest.raises(CacheError, match="another student tokenizer"):
+        distill.run(tiny.distill_cfg(f"student.path={tiny.assets}/student-init-metaspace"))
+
+
+def test_replaced_head_is_refused(chain, tmp_path):
+    tiny, cache = chain
+    import shutil
+
+    from pipeline.cache_io import CacheError
+    from pipeline.head import HEAD_FILE, OutputHead
+
+    bad = tmp_path / "bad-cache"
+    shutil.copytree(cache, bad)
+    head = OutputHead.load(bad / HEAD_FILE)
+    OutputHead(head.weight + 0.05 * torch.randn_like(head.weight)).save(bad / HEAD_FILE)
+    with pytest.raises(CacheError, match="teacher_head.safetensors: missing or sha256 mismatch"):
+        distill.run(tiny.distill_cfg(f"cache={bad}", "run_name=bad"))
+
+
+def test_teacher_check_catches_lossy_hidden_states(tiny, tmp_path):
+    """float16 hidden states reproduce the top-k only to ~1e-3: a tolerance below that stops stage 2."""
+    from pipeline.objectives import TeacherMismatch
+
+    lossy = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'fp16'}", "cache.hidden_dtype=float16"))
+    with pytest.raises(TeacherMismatch, match="differ from the cached top-k"):
+        distill.run(tiny.distill_cfg(f"cache={lossy}", "run_name=lossy", "train.teacher_check_tol=1e-7"))
+    run_dir = distill.run(tiny.distill_cfg(f"cache={lossy}", "run_name=lossy-ok", "train.steps=1"))
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert 1e-7 < row["teacher_max_err"] < 1e-2

@@ -1,0 +1,84 @@
+"""Teacher logits recomputed from hidden states and the saved head equal the teacher's own logits.
+
+Tolerances: float32 compute and storage -> 1e-5 absolute (the same matmul, reordered); hidden states stored in
+bfloat16 from a float32 teacher -> 0.05 absolute on logits of magnitude ~1-10 (bf16 keeps 8 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from pipeline.cache_schema import hidden_from_numpy, hidden_to_numpy
+from pipeline.head import OutputHead
+from pipeline.teacher import check_head, response_positions, teacher_forward
+
+V = 97
+COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, pad_token_id=0, eos_token_id=1)
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    if kind == "qwen2-tied":
+        return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)).eval()
+    if kind == "gemma3-softcap":
+        return Gemma3ForCausalLM(
+            Gemma3TextConfig(**COMMON, head_dim=8, final_logit_softcapping=5.0, sliding_window=4)
+        ).eval()
+    raise ValueError(kind)
+
+
+SEQS = [[5, 6, 7, 8, 9, 10, 11, 1], [12, 13, 14, 15, 1], [20, 21, 22, 23, 24, 25, 26, 27, 28, 1]]
+STARTS = [3, 2, 6]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2-tied", "gemma3-softcap"])
+def test_cached_hidden_reproduces_model_logits(kind):
+    model = tiny(kind)
+    head = OutputHead.from_model(model)
+    rows = teacher_forward(model, head, SEQS, STARTS, top_k=8, pad_id=0)
+    for seq, start, row in zip(SEQS, STARTS, rows):
+        with torch.no_grad():  # the model's own forward on this sequence alone (no padding)
+            own = model(torch.tensor([seq[:-1]])).logits[0, list(response_positions(len(seq), start))].float()
+        assert row.hidden.shape == (len(seq) - start, 32)
+        torch.testing.assert_close(head.logits(row.hidden), own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(row.lse, torch.logsumexp(own, -1), atol=1e-5, rtol=1e-5)
+        vals, _ = own.topk(8, -1)
+        torch.testing.assert_close(row.topk_logits, vals, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(own.gather(-1, row.topk_ids.long()), row.topk_logits, atol=1e-5, rtol=1e-5)
+    assert check_head(model, head, SEQS, pad_id=0) < 1e-5
+
+
+def test_softcap_is_part_of_the_head():
+    head = OutputHead.from_model(tiny("gemma3-softcap"))
+    assert head.final_logit_softcapping == 5.0
+    assert head.logits(torch.randn(4, 32) * 100).abs().max() <= 5.0
+
+
+def test_bfloat16_storage_tolerance():
+    model = tiny("llama")
+    head = OutputHead.from_model(model)
+    (row,) = teacher_forward(model, head, SEQS[:1], STARTS[:1], top_k=4, pad_id=0)
+    stored = hidden_from_numpy(hidden_to_numpy(row.hidden, "bfloat16"), "bfloat16")
+    assert stored.dtype == torch.bfloat16
+    err = (head.logits(stored.float()) - head.logits(row.hidden)).abs().max().item()
+    assert 0 < err < 0.05
+
+
+def test_head_round_trips_through_safetensors(tmp_path):
+    head = OutputHead.from_model(tiny("gemma3-softcap"))
+    back = OutputHead.load(head.save(tmp_path / "h.safetensors"))
+    assert torch.equal(back.weight, head.weight) and back.final_logit_softcapping == 5.0
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(back.logits(x), head.logits(x))

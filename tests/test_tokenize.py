@@ -1,0 +1,45 @@
+"""Tokenization and truncation rules (reference section 1.2) with a real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from pipeline.config import TokenizeConfig
+from pipeline.tokenize import TokenizerError, encode, special_ids
+from tests.conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return PreTrainedTokenizerFast.from_pretrained(str(SHARED / "tokenizers"), gguf_file="ggml-vocab-gpt-2.gguf")
+
+
+def test_separate_encoding_eos_and_response_start(gpt2):
+    enc = encode(gpt2, "Say hi:", " hello there", TokenizeConfig(8, 32))
+    p = gpt2.encode("Say hi:", add_special_tokens=False)
+    r = gpt2.encode(" hello there", add_special_tokens=False)
+    assert enc.ids == p + r + [gpt2.eos_token_id]
+    assert enc.response_start == len(p) and enc.n_response == len(r) + 1
+
+
+def test_prompt_keeps_first_tokens_and_total_is_capped(gpt2):
+    prompt = " ".join(f"w{i}" for i in range(50))
+    response = " ".join(f"r{i}" for i in range(50))
+    cfg = TokenizeConfig(max_prompt_length=10, max_length=16)
+    enc = encode(gpt2, prompt, response, cfg)
+    assert enc.ids[:10] == gpt2.encode(prompt, add_special_tokens=False)[:10]
+    assert len(enc.ids) == 16 and enc.response_start == 10
+    # over-long responses lose their tail, including EOS
+    assert enc.ids[-1] != gpt2.eos_token_id
+
+
+def test_no_eos_is_a_clear_error(gpt2):
+    tok = PreTrainedTokenizerFast(tokenizer_object=gpt2.backend_tokenizer)
+    with pytest.raises(TokenizerError, match="no EOS"):
+        special_ids(tok)
+
+
+def test_pad_falls_back_to_eos(gpt2):
+    eos, pad = special_ids(gpt2)
+    assert pad == (gpt2.pad_token_id if gpt2.pad_token_id is not None else eos)
