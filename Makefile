@@ -21,7 +21,7 @@ DSKD   := $(BIN)/dskd
 STAMP  := $(VENV)/.installed
 sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
-own_set = $(if $(filter $(1),$(or $(MAKECMDGOALS),distill)),$(call sets,$(SET)))
+own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
 
 .PHONY: install assets teacher teacher-cache distill eval test lint clean
 

@@ -1,7 +1,9 @@
 """The built-in default: a generated instruction task, two tokenizers trained on it, and tiny models.
 
 Everything is deterministic from the config and needs no network. The task mixes templated instructions with exact
-answers (addition, subtraction, unit conversion, sorting, string edits) in the `{"prompt", "response"}` jsonl format.
+answers (addition, subtraction, unit conversion, sorting, word edits) in the `{"prompt", "response"}` jsonl format.
+Every task is compositional (a rule over digits or over words seen in training), so test prompts, which never appear
+in training, are solvable.
 The tokenizers are of different kinds, so the default shows both same- and cross-tokenizer distillation:
 - "bpe": byte-level BPE (GPT-2 / Llama-3 / Qwen style);
 - "metaspace": a SentencePiece-style Unigram model with the Metaspace ('▁') pre-tokenizer (Llama-2 / T5 style).
@@ -25,43 +27,42 @@ WORDS = (
     "carpet falcon ginger hammer kettle lemon magnet needle parrot quartz saddle tunnel walnut zebra"
 ).split()
 
-UNITS = [  # (from, to, factor)
+UNITS = [  # (from, to, factor): powers of ten, so an unseen number converts by the same rule
     ("km", "m", 1000),
     ("m", "cm", 100),
+    ("cm", "mm", 10),
     ("kg", "g", 1000),
-    ("hours", "minutes", 60),
-    ("minutes", "seconds", 60),
-    ("days", "hours", 24),
+    ("L", "mL", 1000),
 ]
 
 
 def _add(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(0, 99), r.randint(0, 99)
+    a, b = r.randint(0, 30), r.randint(0, 30)
     return f"What is {a} + {b}?", str(a + b)
 
 
 def _sub(r: random.Random) -> tuple[str, str]:
-    a = r.randint(0, 99)
+    a = r.randint(0, 40)
     b = r.randint(0, a)
     return f"What is {a} - {b}?", str(a - b)
 
 
 def _convert(r: random.Random) -> tuple[str, str]:
     src, dst, factor = r.choice(UNITS)
-    n = r.randint(1, 20)
+    n = r.randint(1, 99)
     return f"Convert {n} {src} to {dst}.", f"{n * factor} {dst}"
 
 
 def _sort(r: random.Random) -> tuple[str, str]:
-    xs = [r.randint(0, 50) for _ in range(r.randint(3, 6))]
+    xs = [r.randint(0, 30) for _ in range(r.randint(3, 5))]
     order = r.choice(["ascending", "descending"])
     ys = sorted(xs, reverse=order == "descending")
     return f"Sort in {order} order: {', '.join(map(str, xs))}", ", ".join(map(str, ys))
 
 
 def _reverse(r: random.Random) -> tuple[str, str]:
-    w = r.choice(WORDS)
-    return f"Reverse the letters of the word: {w}", w[::-1]
+    ws = r.sample(WORDS, r.randint(2, 4))
+    return f"Reverse the order of the words: {' '.join(ws)}", " ".join(reversed(ws))
 
 
 def _upper(r: random.Random) -> tuple[str, str]:
@@ -84,7 +85,7 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "subtract": _sub,
     "convert": _convert,
     "sort": _sort,
-    "reverse": _reverse,
+    "reverse_words": _reverse,
     "uppercase": _upper,
     "repeat": _repeat,
     "first_letters": _first_letters,

@@ -113,31 +113,30 @@ def copy_cache(src, dst):
     return dst
 
 
-def test_reader_refuses_schema_version(cache, tmp_path):
+def with_manifest_edit(cache, tmp_path, edit):
+    """A copy of `cache` whose manifest was changed by `edit(dict)`."""
     bad = copy_cache(cache, tmp_path / "c")
     m = json.loads((bad / MANIFEST).read_text())
-    m["schema_version"] = 999
+    edit(m)
     (bad / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(CacheError, match="schema version 999"):
-        CacheReader(bad)
+    return bad
 
 
-def test_reader_refuses_malformed_manifest(cache, tmp_path):
-    bad = copy_cache(cache, tmp_path / "c")
-    m = json.loads((bad / MANIFEST).read_text())
-    del m["head_sha256"]
-    (bad / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(CacheError, match="malformed manifest"):
-        CacheReader(bad)
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(schema_version=999), "schema version 999"),
+        (lambda m: m.pop("head_sha256"), "malformed manifest"),
+        (lambda m: m["fingerprint_inputs"].update(top_k=7), "fingerprint does not match"),
+    ],
+    ids=["schema-version", "malformed", "tampered-fingerprint"],
+)
+def test_reader_refuses_bad_manifest(cache, tmp_path, edit, match):
+    with pytest.raises(CacheError, match=match):
+        CacheReader(with_manifest_edit(cache, tmp_path, edit))
 
 
-def test_reader_refuses_tampered_fingerprint(cache, tmp_path):
-    bad = copy_cache(cache, tmp_path / "c")
-    m = json.loads((bad / MANIFEST).read_text())
-    m["fingerprint_inputs"]["top_k"] = 7
-    (bad / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(CacheError, match="fingerprint does not match"):
-        CacheReader(bad)
+def test_reader_refuses_unexpected_fingerprint(cache):
     with pytest.raises(CacheError, match="not the expected"):
         CacheReader(cache, expect_fingerprint="0" * 64)
 
