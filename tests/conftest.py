@@ -11,7 +11,10 @@ from pipeline.config import AssetsConfig, DistillConfig, EvalConfig, TeacherCach
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SHARED = ROOT.parent / "shared"
+# real tokenizers and data sets beside the repository (CI clones with shared/ next to it); DSKD_SHARED overrides
+SHARED = Path(os.environ.get("DSKD_SHARED", ROOT.parent / "shared")).resolve()
+if not (SHARED / "tokenizers").is_dir():
+    raise RuntimeError(f"{SHARED}: the shared tokenizers/data folder is missing; set DSKD_SHARED to its path")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
