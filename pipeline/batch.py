@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache_io import CacheRow
-from pipeline.teacher import pad_right
-from pipeline.tokenize import Encoded
+from pipeline.tokenize import Encoded, pad
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Batch:
 
 
 def _student_tensors(seqs: list, starts: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    inputs, mask = pad_right([list(s[:-1]) for s in seqs], pad_id)
+    inputs, mask = pad([list(s[:-1]) for s in seqs], pad_id)
     labels = torch.full_like(inputs, -100)
     for b, (s, rs) in enumerate(zip(seqs, starts)):
         labels[b, rs - 1 : len(s) - 1] = torch.tensor(s[rs:], dtype=torch.long)

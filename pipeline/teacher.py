@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.head import OutputHead
+from pipeline.tokenize import pad
 
 
 @dataclass
@@ -23,24 +24,13 @@ class TeacherRow:
     lse: torch.Tensor  # (n_resp,) float32
 
 
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence: (ids (B, L), attention mask (B, L))."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
-    return ids, mask
-
-
 def response_positions(n_ids: int, response_start: int) -> range:
     """Label positions (indices into ids[:-1]) that predict the response tokens ids[response_start:]."""
     return range(response_start - 1, n_ids - 1)
 
 
 def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, mask = pad_right([s[:-1] for s in seqs], pad_id)
+    ids, mask = pad([s[:-1] for s in seqs], pad_id)
     device = next(model.parameters()).device
     h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     return h, ids, mask

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.config import TokenizeConfig
 
 
@@ -54,3 +56,16 @@ def encode(tokenizer, prompt: str, response: str, cfg: TokenizeConfig) -> Encode
 def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig) -> list[int]:
     """Prompt ids for generation, truncated as in `encode`."""
     return tokenizer.encode(prompt, add_special_tokens=False)[: cfg.max_prompt_length]
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence: (ids (B, L) long, attention mask (B, L)). Training and caching pad on the
+    right; generation pads on the left so that every prompt ends where the new tokens start."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[b, span] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask

@@ -15,31 +15,21 @@ from pipeline.data import load_examples
 from pipeline.io_utils import write_json
 from pipeline.metrics import score
 from pipeline.models import load_model, load_tokenizer
-from pipeline.tokenize import encode_prompt, special_ids
-
-
-def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s) :] = torch.tensor(s)
-        mask[b, width - len(s) :] = 1
-    return ids, mask
+from pipeline.tokenize import encode_prompt, pad, special_ids
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, seed: int) -> list[str]:
-    eos, pad = special_ids(tokenizer)
+    eos, pad_id = special_ids(tokenizer)
     g = cfg.generate
     torch.manual_seed(seed)
     outs = []
     for i in tqdm(range(0, len(prompts), g.batch_size), desc=f"eval seed {seed}", leave=False):
-        ids, mask = _pad_left(prompts[i : i + g.batch_size], pad)
+        ids, mask = pad(prompts[i : i + g.batch_size], pad_id, side="left")
         sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": 0} if g.do_sample else {"do_sample": False}
         gen = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=g.max_new_tokens, eos_token_id=eos,
-            pad_token_id=pad, no_repeat_ngram_size=g.no_repeat_ngram_size, **sampling,
+            pad_token_id=pad_id, no_repeat_ngram_size=g.no_repeat_ngram_size, **sampling,
         )
         outs += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in gen]
     return outs

@@ -145,3 +145,14 @@ def test_teacher_check_catches_lossy_hidden_states(tiny, tmp_path):
     run_dir = distill.run(tiny.distill_cfg(f"cache={lossy}", "run_name=lossy-ok", "train.steps=1"))
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert 1e-7 < row["teacher_max_err"] < 1e-2
+
+
+def test_deepspeed_config_is_filled_from_the_run_config():
+    from pipeline.config import TrainConfig
+    from tests.conftest import ROOT
+
+    train = TrainConfig(micro_batch_size=4, grad_accum=3, grad_clip=0.5, deepspeed=str(ROOT / "configs/deepspeed/zero2.json"))
+    ds = distill.deepspeed_config(train, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}

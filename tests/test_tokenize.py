@@ -6,7 +6,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import TokenizeConfig
-from pipeline.tokenize import TokenizerError, encode, special_ids
+from pipeline.tokenize import TokenizerError, encode, pad, special_ids
 from tests.conftest import SHARED
 
 
@@ -43,3 +43,10 @@ def test_no_eos_is_a_clear_error(gpt2):
 def test_pad_falls_back_to_eos(gpt2):
     eos, pad = special_ids(gpt2)
     assert pad == (gpt2.pad_token_id if gpt2.pad_token_id is not None else eos)
+
+
+def test_pad_right_and_left():
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
