@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache_io import CacheRow
-from pipeline.tokenize import Encoded, pad
+from pipeline.tokenize import Encoded, pad, response_positions
 
 
 @dataclass
@@ -41,7 +41,8 @@ def _student_tensors(seqs: list, starts: list[int], pad_id: int) -> tuple[torch.
     inputs, mask = pad([list(s[:-1]) for s in seqs], pad_id)
     labels = torch.full_like(inputs, -100)
     for b, (s, rs) in enumerate(zip(seqs, starts)):
-        labels[b, rs - 1 : len(s) - 1] = torch.tensor(s[rs:], dtype=torch.long)
+        span = response_positions(len(s), rs)
+        labels[b, span.start : span.stop] = torch.tensor(s[rs:], dtype=torch.long)
     return inputs, mask, labels
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.head import OutputHead
-from pipeline.tokenize import pad
+from pipeline.tokenize import pad, response_positions
 
 
 @dataclass
@@ -22,11 +22,6 @@ class TeacherRow:
     topk_ids: torch.Tensor  # (n_resp, k) int32
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
-
-
-def response_positions(n_ids: int, response_start: int) -> range:
-    """Label positions (indices into ids[:-1]) that predict the response tokens ids[response_start:]."""
-    return range(response_start - 1, n_ids - 1)
 
 
 def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,6 +31,11 @@ class Encoded:
         return len(self.ids) - self.response_start
 
 
+def response_positions(n_ids: int, response_start: int) -> range:
+    """Label positions (indices into ids[:-1]) that predict the response tokens ids[response_start:]."""
+    return range(response_start - 1, n_ids - 1)
+
+
 def special_ids(tokenizer) -> tuple[int, int]:
     """(eos_id, pad_id); pad falls back to EOS as in the reference."""
     eos = tokenizer.eos_token_id

@@ -19,7 +19,8 @@ from transformers import (
 
 from pipeline.cache_schema import hidden_from_numpy, hidden_to_numpy
 from pipeline.head import OutputHead
-from pipeline.teacher import check_head, response_positions, teacher_forward
+from pipeline.teacher import check_head, teacher_forward
+from pipeline.tokenize import response_positions
 
 V = 97
 COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
