@@ -8,8 +8,10 @@ response labels are positions response_start-1 .. len(ids)-2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.config import TokenizeConfig
@@ -24,6 +26,11 @@ class Encoded:
     ids: list[int]
     # index in `ids` of the first response token
     response_start: int
+    # (n, 2) character offsets into the response text of the response tokens kept in `ids` (the EOS excluded);
+    # only with `encode(..., with_offsets=True)`
+    offsets: np.ndarray | None = field(default=None, compare=False)
+    # the appended EOS survived truncation (False too when the tokenizer has no EOS)
+    eos_kept: bool = False
 
     @property
     def n_response(self) -> int:
@@ -36,26 +43,54 @@ def response_positions(n_ids: int, response_start: int) -> range:
     return range(response_start - 1, n_ids - 1)
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
-    """(eos_id, pad_id); pad falls back to EOS as in the reference."""
+def special_ids(tokenizer, require_eos: bool = True) -> tuple[int | None, int]:
+    """(eos_id, pad_id). pad falls back to EOS as in the reference, then to 0 (pad positions are masked, so any id
+    works). A tokenizer without EOS is an error unless `require_eos` is False (a teacher: its responses then end
+    without EOS, and the student's EOS label has no teacher partner)."""
     eos = tokenizer.eos_token_id
-    if eos is None:
+    if eos is None and require_eos:
         raise TokenizerError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no EOS token; set one before caching"
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no EOS token; the student must learn to stop, "
+            "so set one (tokenizer.eos_token) before caching or training"
         )
     pad = tokenizer.pad_token_id
-    return eos, eos if pad is None else pad
+    if pad is None:
+        pad = eos if eos is not None else 0
+    return eos, pad
 
 
-def encode(tokenizer, prompt: str, response: str, cfg: TokenizeConfig) -> Encoded:
-    eos, _ = special_ids(tokenizer)
+def encode(
+    tokenizer, prompt: str, response: str, cfg: TokenizeConfig, *, with_offsets: bool = False, require_eos: bool = True
+) -> Encoded:
+    """Prompt ids (first `max_prompt_length` kept) + response ids + EOS, cut to `max_length`.
+
+    An empty response still trains its EOS. A prompt that encodes to no token is an error: nothing would predict
+    the first response token. With `with_offsets`, also the response tokens' character offsets (fast tokenizers
+    only), which the exact token alignment needs."""
+    eos, _ = special_ids(tokenizer, require_eos=require_eos)
     p = tokenizer.encode(prompt, add_special_tokens=False)[: cfg.max_prompt_length]
     if not p:
-        raise TokenizerError(f"prompt {prompt[:40]!r} encodes to no tokens; the first response token has no predictor")
-    r = tokenizer.encode(response, add_special_tokens=False) + [eos]
-    ids = (p + r)[: cfg.max_length]
-    # max_prompt_length < max_length, so at least one response token survives truncation
-    return Encoded(ids=ids, response_start=len(p))
+        raise TokenizerError("the prompt encodes to no tokens, so nothing predicts the first response token")
+    if with_offsets:
+        if not getattr(tokenizer, "is_fast", False):
+            raise TokenizerError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} is a slow (Python) tokenizer without character "
+                "offsets, which cross-tokenizer alignment needs; load its fast version (a tokenizer.json)"
+            )
+        enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        r, offsets = list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    else:
+        r, offsets = tokenizer.encode(response, add_special_tokens=False), None
+    full = p + r + ([] if eos is None else [eos])
+    ids = full[: cfg.max_length]
+    # max_prompt_length < max_length, so at least one response token (or the EOS) survives truncation
+    kept_text_tokens = min(len(r), len(ids) - len(p))
+    return Encoded(
+        ids=ids,
+        response_start=len(p),
+        offsets=None if offsets is None else offsets[:kept_text_tokens],
+        eos_kept=eos is not None and len(ids) == len(full),
+    )
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig) -> list[int]:
@@ -74,3 +109,29 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
         ids[b, span] = torch.as_tensor(list(s), dtype=torch.long)
         mask[b, span] = 1
     return ids, mask
+
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def token_surfaces(tokenizer) -> list[str | None]:
+    """The text each token id stands for when it follows other text (so ' the' keeps its space under SentencePiece
+    prefix rules); None for special/added tokens and for tokens that are not whole characters (single bytes of a
+    multi-byte character). Decoded after an anchor token and stripped of the anchor's text."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)
+    base = tokenizer.decode(anchor)
+    n = len(tokenizer)
+    decoded = tokenizer.batch_decode([anchor + [i] for i in range(n)])
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    out: list[str | None] = []
+    for i, text in enumerate(decoded):
+        surface = text[len(base) :] if text.startswith(base) else None
+        if i in special or not surface or "\ufffd" in surface:
+            surface = None
+        out.append(surface)
+    return out
+
+
+def is_byte_token(tokenizer, token_id: int) -> bool:
+    """A SentencePiece byte-fallback token such as '<0x0A>'."""
+    return bool(_BYTE_TOKEN.match(tokenizer.convert_ids_to_tokens(token_id) or ""))

@@ -84,6 +84,27 @@ class TinyDefault:
         )
 
 
+_SHARED_TOKENIZERS: dict = {}
+
+
+def shared_tokenizer(name: str):
+    """A real tokenizer from ../shared/tokenizers (`ggml-vocab-<name>.gguf`), loaded once per session.
+
+    llama-spm gets the exact Llama-2 pre-processing that the GGUF conversion loses (shared/tokenizers/README)."""
+    if name not in _SHARED_TOKENIZERS:
+        from tokenizers import normalizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(SHARED / "tokenizers"), gguf_file=f"ggml-vocab-{name}.gguf")
+        if name == "llama-spm":
+            tok.backend_tokenizer.normalizer = normalizers.Sequence(
+                [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+            )
+            tok.backend_tokenizer.pre_tokenizer = None
+        _SHARED_TOKENIZERS[name] = tok
+    return _SHARED_TOKENIZERS[name]
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyDefault:
     """Assets and an SFT'd (4 steps) teacher, built once per session."""

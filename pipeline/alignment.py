@@ -1,0 +1,93 @@
+"""Exact token alignment (ETA) on character spans (reference section 15).
+
+Student token i and teacher token j are aligned when they cover the same character span of the same text after
+trimming leading whitespace; a token made only of whitespace keeps its untrimmed span. A span covered by several
+tokens of one side (a multi-byte character split into byte tokens) is aligned with nothing. Tokens with an empty
+span (special tokens) are never aligned. Unlike the reference's scan over concatenated token strings, this needs no
+marker normalisation ('Ġ', '▁', 'Ċ', '<0x0A>', byte fallback) and re-synchronises after every mismatch: the result
+is every pair the definition allows, whatever happened before it.
+
+Two aligned tokens start at the same character after the same preceding text, so the positions that predict them
+(label positions i-1 and j-1) predict the same next-token string in the same context.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+# every code point for which str.isspace() is true (about 25), sorted for np.isin
+_WHITESPACE = np.array([c for c in range(sys.maxunicode + 1) if chr(c).isspace()], dtype=np.uint32)
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def trimmed_spans(offsets, text: str) -> np.ndarray:
+    """(n, 2) int64 spans with leading whitespace removed; whitespace-only tokens keep their span.
+
+    offsets: (n, 2) character offsets into `text` (a fast tokenizer's `return_offsets_mapping=True`)."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).copy()
+    if len(spans) == 0:
+        return spans
+    if spans.min() < 0 or spans[:, 1].max() > len(text) or (spans[:, 0] > spans[:, 1]).any():
+        raise ValueError(f"offsets out of range for a text of {len(text)} characters")
+    # non-whitespace character positions, with len(text) as a sentinel for "none after this point"
+    non_ws = np.append(np.flatnonzero(~np.isin(_codepoints(text), _WHITESPACE)), len(text))
+    first = non_ws[np.searchsorted(non_ws, spans[:, 0])]
+    has_content = first < spans[:, 1]
+    spans[has_content, 0] = first[has_content]
+    return spans
+
+
+def _unique_span_keys(spans: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys of the non-empty spans that occur exactly once, and the token index of each."""
+    keys = spans[:, 0] * width + spans[:, 1]
+    keep = spans[:, 1] > spans[:, 0]
+    idx = np.flatnonzero(keep)
+    keys = keys[keep]
+    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    single = counts == 1
+    return uniq[single], idx[first[single]]
+
+
+def exact_token_alignment(student_offsets, teacher_offsets, text: str) -> np.ndarray:
+    """(K, 2) int32 array of (student token index, teacher token index), sorted, for tokens of `text` covering the
+    same trimmed character span. Both offset lists are (n, 2) character offsets into the same `text`."""
+    width = len(text) + 1
+    s_keys, s_idx = _unique_span_keys(trimmed_spans(student_offsets, text), width)
+    t_keys, t_idx = _unique_span_keys(trimmed_spans(teacher_offsets, text), width)
+    _, si, ti = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
+    pairs = np.stack([s_idx[si], t_idx[ti]], axis=1).astype(np.int32)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]
+
+
+def label_alignment(student, teacher, response: str) -> np.ndarray:
+    """(K, 2) int32 (student label position, teacher label position) pairs for one example.
+
+    `student` and `teacher` are `tokenize.Encoded` made with offsets over the same `response` text. Token pairs
+    become the label positions that predict them (index - 1); pairs cut off by truncation are dropped; the two
+    appended EOS tokens form a pair when both survived truncation."""
+    pairs = exact_token_alignment(student.offsets, teacher.offsets, response).astype(np.int64)
+    # offsets already cover only the kept response tokens, so every pair lies inside both sequences
+    pos = pairs + np.array([student.response_start - 1, teacher.response_start - 1])
+    if student.eos_kept and teacher.eos_kept:
+        pos = np.concatenate([pos, [[len(student.ids) - 2, len(teacher.ids) - 2]]])
+    return pos.astype(np.int32).reshape(-1, 2)
+
+
+def vocab_map(teacher_surfaces: list, student_surfaces: list, student_avoid: frozenset = frozenset()) -> np.ndarray:
+    """(V_T,) int32: the student id whose surface text equals teacher token t's, or -1 when there is none.
+
+    Surfaces come from `tokenize.token_surfaces` (None = special or partial-character token, never mapped). When
+    several student tokens share a surface, the lowest id outside `student_avoid` (byte-fallback tokens) wins."""
+    best: dict[str, int] = {}
+    for i, s in enumerate(student_surfaces):
+        if s is None:
+            continue
+        j = best.get(s)
+        if j is None or (j in student_avoid and i not in student_avoid):
+            best[s] = i
+    return np.array([best.get(s, -1) if s is not None else -1 for s in teacher_surfaces], dtype=np.int32)
