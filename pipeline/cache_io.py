@@ -1,16 +1,20 @@
 """Cache shard writer (temporary name then rename, manifest last, resumable) and reader (validates manifest).
 
+Layout: a cache root (the stage's `out_dir`) holds one directory per fingerprint, `<teacher>-<fingerprint[:12]>`,
+and a `CURRENT` file naming the one the last stage-1 run finished; readers accept the root or a cache directory.
+
 Writer protocol, so that a killed run never leaves a half shard visible and a re-run resumes or refuses:
-1. `_progress.json` records the fingerprint of the cache being built; a directory holding another fingerprint
-   (in progress or finished) is refused, never mixed.
-2. Shard i holds rows [i * rows_per_shard, (i+1) * rows_per_shard) of the stage's deterministic row order; it is
-   written to a hidden temporary file, fsynced and renamed to `shard-0000i.arrow`.
-3. After the last shard, `manifest.json` (rows, sha256 per shard) is written and `_progress.json` removed.
+1. `_progress.json` records the fingerprint of the cache being built.
+2. Shard i holds rows [i * rows_per_shard, (i+1) * rows_per_shard) of the data order; it is written to a hidden
+   temporary file, fsynced and renamed to `shard-0000i.arrow`. Ranks write disjoint shards (i mod world).
+3. After the last shard, `manifest.json` (rows, sha256 per shard) is written, `_progress.json` removed and
+   CURRENT updated.
 A re-run with the same fingerprint skips the shards already present; a finished cache is left untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -22,16 +26,19 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.cache_schema import (
+    CURRENT,
+    EMBEDDINGS_FILE,
     MANIFEST,
     PROGRESS,
     SCHEMA_VERSION,
     SHARD_PATTERN,
+    VOCAB_MAP_FILE,
     Manifest,
     ShardInfo,
-    hidden_from_numpy,
+    decode_hidden,
 )
 from pipeline.head import HEAD_FILE, OutputHead
-from pipeline.io_utils import hash_json, sha256_file, write_json
+from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json
 
 
 class CacheError(RuntimeError):
@@ -42,66 +49,82 @@ class CacheError(RuntimeError):
 # Writing
 
 
+def cache_dir_name(teacher_name: str, fingerprint: str) -> str:
+    """One directory per fingerprint under the cache root: changing anything that the fingerprint covers builds a
+    new cache beside the old one instead of mixing rows."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in teacher_name)
+    return f"{safe}-{fingerprint[:12]}"
+
+
+def resolve_cache_dir(path: str | Path) -> Path:
+    """A cache directory (holding manifest.json or an unfinished build) or a cache root, whose CURRENT file names
+    the cache the last stage-1 run finished."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or (path / PROGRESS).exists():
+        return path
+    current = path / CURRENT
+    if current.exists():
+        return path / current.read_text().strip()
+    raise CacheError(f"{path}: neither a teacher cache (no {MANIFEST}) nor a cache root (no {CURRENT}); run teacher-cache")
+
+
 class CacheWriter:
-    def __init__(self, out_dir: Path, fingerprint: str, rows_per_shard: int):
-        self.dir = Path(out_dir)
+    """Writes one cache directory `root/<name>`; several ranks may write disjoint shards of it."""
+
+    def __init__(self, root: Path, name: str, fingerprint: str):
+        self.root = Path(root)
+        self.dir = self.root / name
         self.fingerprint = fingerprint
-        self.rows_per_shard = rows_per_shard
 
     def status(self) -> str:
-        """'done' (finished, same fingerprint), 'resume' or 'new'. Raises CacheError on another fingerprint."""
-        manifest = self.dir / MANIFEST
-        if manifest.exists():
-            found = json.loads(manifest.read_text()).get("fingerprint")
-            if found != self.fingerprint:
-                raise CacheError(
-                    f"{self.dir} holds a finished cache with fingerprint {str(found)[:12]}, not {self.fingerprint[:12]} "
-                    "(teacher, tokenizers, data or settings changed); choose another out_dir or delete it"
-                )
-            return "done"
-        progress = self.dir / PROGRESS
-        if progress.exists():
-            found = json.loads(progress.read_text()).get("fingerprint")
-            if found != self.fingerprint:
-                raise CacheError(
-                    f"{self.dir} holds an unfinished cache with fingerprint {str(found)[:12]}, not "
-                    f"{self.fingerprint[:12]}; refusing to mix (choose another out_dir or delete it)"
-                )
-            return "resume"
+        """'done' (finished), 'resume' (unfinished) or 'new'. Raises CacheError when the directory is not ours."""
+        for marker in (MANIFEST, PROGRESS):
+            path = self.dir / marker
+            if path.exists():
+                found = json.loads(path.read_text()).get("fingerprint")
+                if found != self.fingerprint:  # only a hash-prefix collision or a hand-made directory gets here
+                    raise CacheError(f"{path}: fingerprint {str(found)[:12]} is not {self.fingerprint[:12]}; refusing to mix")
+                return "done" if marker == MANIFEST else "resume"
         if self.dir.exists() and any(self.dir.iterdir()):
             raise CacheError(f"{self.dir} is not empty and holds no cache; refusing to write into it")
         return "new"
 
-    def begin(self) -> int:
-        """Prepare the directory; return the number of complete shards already present."""
+    def begin(self) -> None:
+        """Prepare the directory (rank 0 only, before any rank writes): progress marker, stale temporaries gone."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint, "rows_per_shard": self.rows_per_shard})
+        write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint})
         for stale in self.dir.glob(".shard-*.tmp*"):  # a shard that was being written when the run was killed
             stale.unlink()
-        done = 0
-        while (self.dir / SHARD_PATTERN.format(done)).exists():
-            done += 1
-        return done
 
-    def write_shard(self, index: int, columns: dict[str, list], schema: pa.Schema) -> Path:
+    def complete_shards(self) -> set[int]:
+        return {int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.arrow")}
+
+    def write_shard(self, index: int, table: pa.Table) -> Path:
+        """Write to a hidden temporary name, fsync, rename: a reader (or a resumed run) never sees half a shard.
+        A full disk or any other I/O error removes the temporary and raises CacheError naming the shard."""
         final = self.dir / SHARD_PATTERN.format(index)
         tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
-        table = pa.Table.from_pydict(columns, schema=schema)
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         except OSError as e:
-            raise CacheError(f"writing {final}: {e.strerror or e} (no partial shard was left)") from e
+            reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise CacheError(f"writing {final}: {reason}; no partial shard was left, re-run to resume") from e
         finally:
             tmp.unlink(missing_ok=True)
         return final
 
-    def finish(self, manifest_fields: dict) -> Manifest:
+    def finish(self, manifest_fields: dict, n_shards: int) -> Manifest:
+        """Check that shards 0..n_shards-1 are all present, write the manifest, then point CURRENT at this cache."""
+        missing = sorted(set(range(n_shards)) - self.complete_shards())
+        if missing:
+            raise CacheError(f"{self.dir}: shard(s) {missing[:5]} missing after the run; re-run to complete them")
         shards = []
-        for path in sorted(self.dir.glob("shard-*.arrow")):
+        for i in range(n_shards):
+            path = self.dir / SHARD_PATTERN.format(i)
             table = _open_table(path)
             shards.append(
                 ShardInfo(
@@ -124,7 +147,11 @@ class CacheWriter:
             raise CacheError("internal: fingerprint does not hash its inputs")
         write_json(self.dir / MANIFEST, manifest.to_dict())
         (self.dir / PROGRESS).unlink(missing_ok=True)
+        self.mark_current()
         return manifest
+
+    def mark_current(self) -> None:
+        atomic_write_text(self.root / CURRENT, self.dir.name + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,10 +170,15 @@ class CacheRow:
     student_response_start: int
     teacher_ids: np.ndarray  # (n_t,) int32
     teacher_response_start: int
-    hidden: torch.Tensor  # (n_resp, d) in the cache's hidden dtype
+    hidden: torch.Tensor  # (n_resp, d): the stored dtype (exact mode) or float32 dequantized (compact mode)
     topk_ids: torch.Tensor  # (n_resp, k) int32
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
+    # cross-tokenizer caches only: (K,) student / teacher label positions, student label or -100, K / student labels
+    align_student: np.ndarray | None = None
+    align_teacher: np.ndarray | None = None
+    align_label: np.ndarray | None = None
+    align_ratio: float | None = None
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
@@ -179,7 +211,7 @@ class CacheReader:
         expect_student_tokenizer: str | None = None,
         verify: bool = True,
     ):
-        self.dir = Path(cache_dir)
+        self.dir = resolve_cache_dir(cache_dir)
         self.manifest = read_manifest(self.dir)
         m = self.manifest
         if expect_fingerprint is not None and m.fingerprint != expect_fingerprint:
@@ -222,16 +254,27 @@ class CacheReader:
             flat = t[col][j].values.flatten().to_numpy(zero_copy_only=False)
             return flat.reshape(-1, width)
 
+        def vector(col: str) -> np.ndarray:
+            return t[col][j].values.to_numpy(zero_copy_only=False)
+
+        compact = m.hidden_encoding == "int8"
+        aligned = not m.same_tokenizer
         return CacheRow(
             id=t["id"][j].as_py(),
             student_ids=t["student_ids"][j].values.to_numpy(),
             student_response_start=t["student_response_start"][j].as_py(),
             teacher_ids=t["teacher_ids"][j].values.to_numpy(),
             teacher_response_start=t["teacher_response_start"][j].as_py(),
-            hidden=hidden_from_numpy(matrix("hidden", m.hidden_size), m.hidden_dtype),
+            hidden=decode_hidden(
+                matrix("hidden", m.hidden_size), vector("hidden_scale") if compact else None, m.hidden_encoding
+            ),
             topk_ids=torch.from_numpy(matrix("topk_ids", m.top_k).copy()),
             topk_logits=torch.from_numpy(matrix("topk_logits", m.top_k).copy()),
-            lse=torch.from_numpy(t["lse"][j].values.to_numpy(zero_copy_only=False).copy()),
+            lse=torch.from_numpy(vector("lse").copy()),
+            align_student=vector("align_student") if aligned else None,
+            align_teacher=vector("align_teacher") if aligned else None,
+            align_label=vector("align_label") if aligned else None,
+            align_ratio=t["align_ratio"][j].as_py() if aligned else None,
         )
 
     def load_head(self, device: torch.device | str = "cpu") -> OutputHead:
@@ -240,6 +283,27 @@ class CacheReader:
         if not path.exists() or (self.verify and sha256_file(path) != self.manifest.head_sha256):
             raise CacheError(f"{path}: missing or sha256 mismatch (head corrupted or replaced)")
         return OutputHead.load(path).to(device)
+
+    def load_embeddings(self) -> torch.Tensor:
+        """The teacher input embeddings (V_T, d_T), saved when the cache was built with `store_embeddings`."""
+        from safetensors.torch import load_file
+
+        path = self.dir / EMBEDDINGS_FILE
+        if self.manifest.embeddings_sha256 is None:
+            raise CacheError(f"{self.dir}: built without teacher input embeddings (set cache.store_embeddings: true)")
+        if not path.exists() or (self.verify and sha256_file(path) != self.manifest.embeddings_sha256):
+            raise CacheError(f"{path}: missing or sha256 mismatch (embeddings corrupted or replaced)")
+        return load_file(str(path))["weight"]
+
+    def vocab_map(self) -> np.ndarray:
+        """(V_T,) int32 teacher id -> student id with the same text, -1 for none (cross-tokenizer caches)."""
+        if self.manifest.same_tokenizer:
+            raise CacheError(f"{self.dir}: a same-tokenizer cache has no vocabulary map (ids are shared)")
+        return np.load(self.dir / VOCAB_MAP_FILE)
+
+    def table(self, shard: int) -> pa.Table:
+        """The whole (checked) Arrow table of one shard, for column-wise inspection."""
+        return self._table(shard)
 
     def ids(self) -> list[str]:
         return [x for s in range(len(self.manifest.shards)) for x in self._table(s)["id"].to_pylist()]

@@ -1,11 +1,18 @@
-"""THE teacher-cache declaration: Arrow schema, SCHEMA_VERSION and the manifest.
+"""THE teacher-cache declaration: Arrow schema, SCHEMA_VERSION, hidden-state encodings and the manifest.
 
 One row per example. Token ids are stored whole for student and teacher; every per-position teacher column covers
 exactly the teacher label positions that predict a response token (response_start-1 .. len(ids)-2), in order:
-- hidden: last-layer hidden state after the final norm, (n_resp, d) in `hidden_dtype`
-  (bfloat16 is stored as its raw uint16 bits, since Arrow has no bfloat16)
-- topk_ids / topk_logits: the k largest teacher logits, (n_resp, k), descending
+- hidden: last-layer hidden state after the final norm, (n_resp, d), in the manifest's `hidden_encoding`:
+  float32 / bfloat16 / float16 ("exact" mode: the teacher's compute dtype; bfloat16 is stored as its raw uint16
+  bits since Arrow has no bfloat16), or int8 ("compact" mode: per-position absmax scaling, 1 byte per dimension
+  plus one float32 `hidden_scale` per position)
+- topk_ids / topk_logits: the k largest teacher logits, (n_resp, k), descending, always exact
 - lse: log-sum-exp over the full vocabulary, (n_resp,), so the tail mass 1 - sum(softmax top-k) is known exactly
+Cross-tokenizer caches also hold the exact token alignment of the response, in label-position coordinates:
+- align_student / align_teacher: (K,) student and teacher label positions whose next tokens cover the same text
+- align_label: (K,) the student id of the teacher's top-1 prediction at that teacher position, -100 when no single
+  student token spells it (stage 2 must not train on it, never EOS/unk)
+- align_ratio: K / number of student response labels
 Readers refuse any other SCHEMA_VERSION instead of patching around it.
 """
 
@@ -18,41 +25,81 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"
+# in a cache root: the name of the cache directory (one per fingerprint) that the last stage-1 run finished
+CURRENT = "CURRENT"
+DATA_FILE = "data.jsonl"
+EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
+VOCAB_MAP_FILE = "vocab_map.npy"
 
-_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
-
-
-def arrow_schema(hidden_size: int, top_k: int, hidden_dtype: str) -> pa.Schema:
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("student_ids", pa.list_(pa.int32())),
-            ("student_response_start", pa.int32()),
-            ("teacher_ids", pa.list_(pa.int32())),
-            ("teacher_response_start", pa.int32()),
-            ("hidden", pa.list_(pa.list_(_STORAGE[hidden_dtype], hidden_size))),
-            ("topk_ids", pa.list_(pa.list_(pa.int32(), top_k))),
-            ("topk_logits", pa.list_(pa.list_(pa.float32(), top_k))),
-            ("lse", pa.list_(pa.float32())),
-        ]
-    )
+_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.int8()}
+ALIGN_COLUMNS = ("align_student", "align_teacher", "align_label", "align_ratio")
 
 
-def hidden_to_numpy(h: torch.Tensor, hidden_dtype: str) -> np.ndarray:
-    """(n, d) tensor -> numpy in the storage encoding of `hidden_dtype`."""
-    if hidden_dtype == "bfloat16":
-        return h.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    return h.to(getattr(torch, hidden_dtype)).contiguous().numpy()
+def arrow_schema(hidden_size: int, top_k: int, hidden_encoding: str, aligned: bool) -> pa.Schema:
+    fields = [
+        ("id", pa.string()),
+        ("student_ids", pa.list_(pa.int32())),
+        ("student_response_start", pa.int32()),
+        ("teacher_ids", pa.list_(pa.int32())),
+        ("teacher_response_start", pa.int32()),
+        ("hidden", pa.list_(pa.list_(_STORAGE[hidden_encoding], hidden_size))),
+    ]
+    if hidden_encoding == "int8":
+        fields.append(("hidden_scale", pa.list_(pa.float32())))
+    fields += [
+        ("topk_ids", pa.list_(pa.list_(pa.int32(), top_k))),
+        ("topk_logits", pa.list_(pa.list_(pa.float32(), top_k))),
+        ("lse", pa.list_(pa.float32())),
+    ]
+    if aligned:
+        fields += [(c, pa.list_(pa.int32())) for c in ALIGN_COLUMNS[:3]] + [("align_ratio", pa.float32())]
+    return pa.schema(fields)
 
 
-def hidden_from_numpy(a: np.ndarray, hidden_dtype: str) -> torch.Tensor:
-    if hidden_dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))  # a copy: mapped Arrow buffers are read-only
+def list_column(rows: list[np.ndarray], typ: pa.DataType) -> pa.Array:
+    """Arrow list column from per-row numpy arrays (1-D, or 2-D for list<fixed_size_list>) without Python loops
+    over elements: one concatenation and an offsets vector."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    inner = typ.value_type
+    if pa.types.is_fixed_size_list(inner):
+        width = inner.list_size
+        flat = np.concatenate([np.asarray(r).reshape(-1) for r in rows]) if rows else np.zeros(0)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=inner.value_type), width)
+    else:
+        flat = np.concatenate([np.asarray(r).reshape(-1) for r in rows]) if rows else np.zeros(0)
+        values = pa.array(flat, type=inner)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+# ---- hidden-state encodings
+
+
+def encode_hidden(h: torch.Tensor, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, d) tensor -> (stored values, per-position scale or None) in the storage form of `encoding`."""
+    if encoding == "int8":
+        x = h.float()
+        absmax = x.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+        return q.numpy(), scale.squeeze(-1).numpy()
+    if encoding == "bfloat16":
+        return h.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16), None
+    return h.to(getattr(torch, encoding)).contiguous().numpy(), None
+
+
+def decode_hidden(values: np.ndarray, scale: np.ndarray | None, encoding: str) -> torch.Tensor:
+    """Inverse of `encode_hidden`: exact encodings come back in their dtype, int8 as float32 values * scale."""
+    if encoding == "int8":
+        return torch.from_numpy(values.astype(np.float32) * scale.astype(np.float32)[:, None])
+    if encoding == "bfloat16":
+        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(values))  # a copy: mapped Arrow buffers are read-only
 
 
 @dataclass(frozen=True)
@@ -67,20 +114,33 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    # hash of `fingerprint_inputs`: teacher weights, both tokenizers, data content, template, lengths, k, dtypes
+    # hash of `fingerprint_inputs`: teacher weights, both tokenizers, data content, template, lengths, k, dtypes, mode
     fingerprint: str
     fingerprint_inputs: dict
     teacher_name: str
     teacher_vocab_size: int
     hidden_size: int
-    hidden_dtype: str
+    # "exact": hidden states in the teacher's compute dtype; "compact": int8 with a per-position scale
+    mode: str
+    hidden_encoding: str
     top_k: int
-    # the student and teacher tokenizers encode identically (same ids): same-vocabulary objectives apply
+    # the saved head reproduces the teacher's logits from the exact hidden states (checked at build time); when
+    # false, stage 2 must use the stored top-k + tail instead of recomputing logits
+    head_exact: bool
+    head_max_error: float
+    # compact mode: KL(exact || recomputed from int8) in nats per position (mean, max) and the max |logit error| at
+    # the top-k and of the log-sum-exp, measured while building on the first batch of every shard; null when exact
+    compact_kl: dict | None
+    # the student and teacher tokenizers encode identically (same ids): same-vocabulary objectives apply; otherwise
+    # the rows carry exact token alignments and `vocab_map.npy` maps teacher ids to student ids (-1 = none)
     same_tokenizer: bool
     student_tokenizer_fingerprint: str
     teacher_tokenizer_fingerprint: str
-    # sha256 of the teacher head file saved beside the shards
+    # sha256 of the files saved once beside the shards: teacher head, and the input embeddings (null unless asked)
     head_sha256: str
+    embeddings_sha256: str | None
+    # processes that wrote the shards (the rows do not depend on it)
+    world_size: int
     rows: int
     response_tokens: int
     shards: list[ShardInfo] = field(default_factory=list)
@@ -93,3 +153,11 @@ class Manifest:
         d = dict(d)
         d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
         return cls(**d)
+
+
+def recompute_tolerance(manifest: Manifest, base: float) -> float:
+    """Largest |recomputed - cached| teacher logit a reader should accept: `base` for exact hidden states; a compact
+    cache adds headroom over the int8 error measured when it was built (stage 1 samples one batch per shard)."""
+    if manifest.compact_kl is None:
+        return base
+    return max(base, 4 * manifest.compact_kl["max_logit_error"])

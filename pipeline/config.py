@@ -131,12 +131,22 @@ class CacheSettings:
     """What the cache stores and how it is written."""
 
     top_k: int = 32
-    # storage dtype of hidden states; "auto" = the teacher's compute dtype (exact)
+    # "exact": hidden states in `hidden_dtype`; "compact": int8 with a per-position scale (about 4x smaller than
+    # bf16, 1 byte per dimension), whose recomputed teacher distribution is measured against the exact one (KL)
+    mode: Literal["exact", "compact"] = "exact"
+    # exact mode's storage dtype of hidden states; "auto" = the teacher's compute dtype
     hidden_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # also save the teacher's input embedding matrix once (cross-model attention objectives need it)
+    store_embeddings: bool = False
     rows_per_shard: int = 1024
+    # sequences per teacher forward (sorted by length within a shard)
     batch_size: int = 16
+    # data-loader processes that tokenize and align the next shard while the teacher runs (0 = inline)
+    loader_workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.loader_workers < 0:
+            raise ConfigError(f"cache.loader_workers must be >= 0, got {self.loader_workers}")
         for name in ("top_k", "rows_per_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name} must be >= 1, got {getattr(self, name)}")

@@ -55,3 +55,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def local_or_distributed() -> DistInfo:
+    """A process group when a launcher started several processes (torchrun / deepspeed set WORLD_SIZE > 1);
+    otherwise rank 0 of 1 on the local device, without the cost of a process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed()
+    return DistInfo(0, 0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

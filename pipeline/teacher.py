@@ -31,29 +31,53 @@ def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return h, ids, mask
 
 
-@torch.no_grad()
-def teacher_forward(
-    model, head: OutputHead, seqs: list[list[int]], response_starts: list[int], top_k: int, pad_id: int,
-    chunk_positions: int = 2048,
-) -> list[TeacherRow]:
-    """Run the teacher on full sequences `seqs` (prompt + response + EOS) and keep what the cache stores."""
-    h, _, _ = _hidden(model, seqs, pad_id)
-    picked = [h[b, response_positions(len(s), rs)] for b, (s, rs) in enumerate(zip(seqs, response_starts))]
-    flat = torch.cat(picked)
+def _top_k_and_lse(logits_fn, flat: torch.Tensor, k: int, chunk_positions: int):
     ids_out, vals_out, lse_out = [], [], []
-    k = min(top_k, head.vocab_size)
     # chunks of positions bound the (positions, vocab) float32 logits in memory
     for part in flat.split(chunk_positions):
-        z = head.logits(part)
+        z = logits_fn(part)
         lse_out.append(torch.logsumexp(z, dim=-1))
         vals, idx = z.topk(k, dim=-1)
         vals_out.append(vals)
         ids_out.append(idx.to(torch.int32))
-    topv, topi, lse = torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out)
+    return torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out)
+
+
+@torch.no_grad()
+def teacher_forward(
+    model,
+    head: OutputHead,
+    seqs: list[list[int]],
+    response_starts: list[int],
+    top_k: int,
+    pad_id: int,
+    *,
+    head_exact: bool = True,
+    chunk_positions: int = 2048,
+) -> list[TeacherRow]:
+    """Run the teacher on full sequences `seqs` (prompt + response + EOS) and keep what the cache stores.
+
+    With `head_exact` (the head reproduces the model, see `check_head`) one decoder pass runs and the head is applied
+    at response positions only. Otherwise the model's own full forward gives the logits (top-k and lse stay exact
+    for a head the cache cannot reproduce) and its last hidden state is kept beside them."""
+    k = min(top_k, head.vocab_size)
+    spans = [response_positions(len(s), rs) for s, rs in zip(seqs, response_starts)]
+    if head_exact:
+        h, _, _ = _hidden(model, seqs, pad_id)
+        picked = [h[b, span] for b, span in enumerate(spans)]
+        topv, topi, lse = _top_k_and_lse(head.logits, torch.cat(picked), k, chunk_positions)
+    else:
+        ids, mask = pad([s[:-1] for s in seqs], pad_id)
+        device = next(model.parameters()).device
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        picked = [out.hidden_states[-1][b, span] for b, span in enumerate(spans)]
+        z = torch.cat([out.logits[b, span] for b, span in enumerate(spans)]).float()
+        topv, topi, lse = _top_k_and_lse(lambda part: part, z, k, chunk_positions)
     rows, start = [], 0
+    topv, topi, lse = topv.cpu(), topi.cpu(), lse.cpu()
     for p in picked:
         n = p.shape[0]
-        rows.append(TeacherRow(p.cpu(), topi[start : start + n].cpu(), topv[start : start + n].cpu(), lse[start : start + n].cpu()))
+        rows.append(TeacherRow(p.cpu(), topi[start : start + n], topv[start : start + n], lse[start : start + n]))
         start += n
     return rows
 

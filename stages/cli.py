@@ -26,7 +26,7 @@ def _load(cls, path, overrides):
         raise click.UsageError(str(e)) from None
 
 
-def _run(stage_run, cfg, **kwargs):
+def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for cache tools)
     """Run a stage; errors about the user's input are printed as one line, not a traceback."""
     from pipeline.cache_io import CacheError
     from pipeline.data import DataError
@@ -84,6 +84,60 @@ def evaluate(config_path, overrides):
     from stages import evaluate as stage
 
     _run(stage.run, _load(EvalConfig, config_path, overrides))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect a teacher cache (a cache directory or a cache root)."""
+
+
+@cache.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--tolerance", type=float, default=None, help="max accepted logit error (default: by hidden dtype)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def verify(path, tolerance, as_json):
+    """Re-derive teacher logits from stored hidden states and head; compare with the stored top-k."""
+    import json
+
+    from pipeline.cache_inspect import report_dict
+    from pipeline.cache_inspect import verify as run_verify
+
+    r = _run(run_verify, path, tolerance=tolerance)
+    if as_json:
+        click.echo(json.dumps(report_dict(r), indent=2))
+    else:
+        click.echo(
+            f"{r.cache}: {r.rows} rows, {r.positions} positions\n"
+            f"  max |top-k logit error| {r.max_topk_error:.3g}, max |lse error| {r.max_lse_error:.3g} "
+            f"(tolerance {r.tolerance:g})\n"
+            f"  top-k ids identical at {100 * r.topk_id_agreement:.2f}% of positions\n"
+            f"  KL(stored || recomputed) over top-k + tail: mean {r.kl_mean:.3g}, max {r.kl_max:.3g} nats"
+        )
+    if not r.ok:
+        raise click.ClickException(f"verify FAILED: {r.reason}")
+    click.echo("verify: ok")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def info(path, as_json):
+    """Rows, tokens, bytes per token by column, alignment ratios, names and settings."""
+    import json
+
+    from pipeline.cache_inspect import info as run_info
+
+    d = _run(run_info, path)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    by_col = d.pop("bytes_per_response_token_by_column")
+    ratio = d.pop("alignment_ratio", None)
+    for key, value in d.items():
+        click.echo(f"{key:>26}: {value}")
+    click.echo(f"{'bytes/response token':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in by_col.items()))
+    if ratio:
+        click.echo(f"{'alignment ratio':>26}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.batch import Batch, collate_cache_rows, collate_examples
 from pipeline.cache_io import CacheReader
+from pipeline.cache_schema import recompute_tolerance
 from pipeline.config import ConfigError, DistillConfig, TrainConfig, config_to_dict, dump_config
 from pipeline.data import load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, init_distributed
@@ -98,7 +99,7 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
     student_name = cfg.student_name or short_name(cfg.student)
 
     # ---- data source: a teacher cache, or tokenized examples for plain SFT
-    head = None
+    head, check_tol = None, tcfg.teacher_check_tol
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache, expect_student_tokenizer=tokenizer_fingerprint(tokenizer))
         manifest = reader.manifest
@@ -107,8 +108,15 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
                 f"objective {objective!r} needs the teacher and student to share a tokenizer; {cfg.cache} is a "
                 "cross-tokenizer cache (use sft here; cross-vocabulary objectives come with dskd_eta / dskd_cma)"
             )
+        if NEEDS_TEACHER[objective] and not manifest.head_exact:
+            raise ConfigError(
+                f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so it holds "
+                f"top-k + tail only; objective {objective!r} needs full teacher logits (sparse top-k objectives "
+                "come with the Objectives issue)"
+            )
         if NEEDS_TEACHER[objective]:
             head = reader.load_head(dist.device)
+        check_tol = recompute_tolerance(manifest, check_tol)
         n_rows = len(reader)
         source_fp = manifest.fingerprint
         run_name = cfg.run_name or f"{manifest.teacher_name}_to_{student_name}__{objective}"
@@ -178,7 +186,7 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
             batch = batch.to(dist.device)
             teacher = None
             if head is not None:
-                teacher, err = teacher_logits(batch, head, tcfg.teacher_check_tol)
+                teacher, err = teacher_logits(batch, head, check_tol)
                 max_err = max(max_err, err)
             logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             out = compute_objective(cfg.loss, batch, logits, normaliser, teacher)

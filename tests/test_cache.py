@@ -1,17 +1,23 @@
-"""Stage 1 cache: round trip across shard boundaries, resume, refusal of mismatches, corruption and disk full."""
+"""Stage 1 cache: round trip, layout per fingerprint, SIGKILL resume, two ranks, alignments, compact mode,
+verify/info, head fallback, and bad input (corruption, disk full, bad manifests)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
 import torch
+from click.testing import CliRunner
 
-from pipeline.cache_io import CacheError, CacheReader, CacheWriter, read_manifest
-from pipeline.cache_schema import MANIFEST, PROGRESS
+from pipeline.cache_inspect import info, verify
+from pipeline.cache_io import CacheError, CacheReader, resolve_cache_dir
+from pipeline.cache_schema import CURRENT, DATA_FILE, MANIFEST, PROGRESS, VOCAB_MAP_FILE
 from pipeline.config import ModelRef
 from pipeline.data import load_examples
 from pipeline.head import HEAD_FILE, OutputHead
@@ -19,28 +25,42 @@ from pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint
 from pipeline.teacher import teacher_forward
 from pipeline.tokenize import encode
 from stages import teacher_cache
+from stages.cli import main as cli
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def cache(tiny):
-    teacher_cache.run(tiny.cache_cfg())
-    return tiny.cache
+    return teacher_cache.run(tiny.cache_cfg())
+
+
+@pytest.fixture(scope="module")
+def xcache(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("xtok")
+    return teacher_cache.run(tiny.cache_cfg(f"out_dir={root}", name="teacher_cache_xtok.yaml"))
 
 
 def shard_files(path):
-    return sorted(p.name for p in path.glob("shard-*.arrow"))
+    return sorted(p.name for p in path.rglob("shard-*.arrow"))
+
+
+def rows_of(path) -> dict:
+    r = CacheReader(path)
+    return {r[i].id: r[i] for i in range(len(r))}
 
 
 def test_round_trip_across_shard_boundaries(tiny, cache):
     cfg = tiny.cache_cfg()
     examples = load_examples(cfg.data)
-    reader = CacheReader(cache)
+    reader = CacheReader(tiny.cache)  # the root resolves through CURRENT
+    assert reader.dir == cache and (tiny.cache / CURRENT).read_text().strip() == cache.name
     m = reader.manifest
     assert len(reader) == len(examples) == 160 and m.rows == 160
     assert shard_files(cache) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
     assert [s.rows for s in m.shards] == [64, 64, 32]
     assert reader.ids() == [e.id for e in examples]  # data order, whatever the batching order was
-    assert m.same_tokenizer and m.hidden_dtype == "float32" and m.top_k == 32
+    assert m.same_tokenizer and m.hidden_encoding == "float32" and m.top_k == 32 and m.mode == "exact"
+    assert m.head_exact and m.compact_kl is None and m.world_size == 1
 
     model = load_model(cfg.teacher)
     tok = load_tokenizer(cfg.teacher)
@@ -50,15 +70,16 @@ def test_round_trip_across_shard_boundaries(tiny, cache):
         row, ex = reader[i], examples[i]
         enc = encode(tok, ex.prompt, ex.response, cfg.tokenize)
         assert row.id == ex.id and row.student_ids.tolist() == enc.ids == row.teacher_ids.tolist()
-        assert row.student_response_start == enc.response_start
+        assert row.student_response_start == enc.response_start and row.align_student is None
         (alone,) = teacher_forward(model, head, [enc.ids], [enc.response_start], 32, tok.pad_token_id)
         assert row.hidden.shape == (enc.n_response, m.hidden_size)
         torch.testing.assert_close(row.hidden, alone.hidden, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(row.lse, alone.lse, atol=1e-5, rtol=1e-5)
         assert torch.equal(row.topk_ids, alone.topk_ids)
     assert m.response_tokens == sum(reader[i].lse.shape[0] for i in range(len(reader)))
-    for name in ("config.yaml", "teacher_tokenizer", "student_tokenizer", HEAD_FILE):
+    for name in ("config.yaml", "teacher_tokenizer", "student_tokenizer", HEAD_FILE, DATA_FILE):
         assert (cache / name).exists()
+    assert [json.loads(x)["id"] for x in (cache / DATA_FILE).read_text().splitlines()] == reader.ids()
     assert not (cache / PROGRESS).exists()
 
 
@@ -70,42 +91,201 @@ def test_rerun_of_finished_cache_does_nothing(tiny, cache, monkeypatch, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
 
 
-def test_changed_settings_are_refused_not_mixed(tiny, cache):
-    with pytest.raises(CacheError, match="finished cache with fingerprint"):
-        teacher_cache.run(tiny.cache_cfg("cache.top_k=8"))
+def test_changed_settings_make_a_new_directory(tiny, cache):
+    before = (cache / MANIFEST).read_bytes()
+    other = teacher_cache.run(tiny.cache_cfg("cache.top_k=8"))
+    try:
+        assert other.parent == cache.parent and other != cache
+        assert CacheReader(tiny.cache).dir == other and CacheReader(other).manifest.top_k == 8
+        assert (cache / MANIFEST).read_bytes() == before  # the first cache is untouched
+    finally:
+        teacher_cache.run(tiny.cache_cfg())  # back to the first: nothing recomputed, CURRENT points at it again
+    assert CacheReader(tiny.cache).dir == cache
 
 
-def test_crash_then_resume_equals_uninterrupted(tiny, cache, tmp_path, monkeypatch):
-    out = tmp_path / "resumed"
-    real_write = CacheWriter.write_shard
-    calls = []
+# A stage-1 process that SIGKILLs itself at a chosen point: after the n-th shard is renamed into place, halfway
+# through writing a shard's bytes, or inside a teacher forward. No cleanup code runs, as with `kill -9`.
+KILLER = r"""
+import os, signal, sys
+import pyarrow as pa
+from pipeline import cache_io, teacher
+from stages import cli
+where, n = sys.argv[1], int(sys.argv[2])
+count = [0]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if where == "after-shard":
+    real = cache_io.CacheWriter.write_shard
+    def write_shard(self, index, table):
+        out = real(self, index, table); count[0] += 1
+        if count[0] == n: die()
+        return out
+    cache_io.CacheWriter.write_shard = write_shard
+elif where == "mid-write":
+    real_file = pa.ipc.new_file
+    class Half:
+        def __init__(self, sink, schema): self.w = real_file(sink, schema); self.sink = sink
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+        def write_table(self, table):
+            count[0] += 1
+            if count[0] == n:
+                self.w.write_table(table.slice(0, table.num_rows // 2)); self.sink.flush(); die()
+            self.w.write_table(table); self.w.close()
+    pa.ipc.new_file = Half
+elif where == "forward":
+    real_fwd = teacher.teacher_forward
+    def fwd(*a, **k):
+        count[0] += 1
+        if count[0] == n: die()
+        return real_fwd(*a, **k)
+    import stages.teacher_cache as tc
+    tc.teacher_forward = fwd
+sys.argv = ["dskd", "teacher-cache"] + sys.argv[3:]
+cli.main()
+"""
 
-    def crash_on_second(self, index, columns, schema):
-        calls.append(index)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_write(self, index, columns, schema)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        teacher_cache.run(tiny.cache_cfg(f"out_dir={out}"))
-    assert shard_files(out) == ["shard-00000.arrow"] and not (out / MANIFEST).exists()
+def cli_args(tiny, *overrides):
+    cfg = tiny.cache_cfg(*overrides)
+    sets = [f"data.path={cfg.data.path}", f"teacher.path={cfg.teacher.path}", f"out_dir={cfg.out_dir}",
+            "cache.rows_per_shard=16", "cache.batch_size=8", "tokenize.max_prompt_length=48", "tokenize.max_length=64"]
+    return ["--config", str(ROOT / "configs/tiny/teacher_cache.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.parametrize("where,n", [("after-shard", 3), ("mid-write", 4), ("forward", 9)])
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, where, n):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(n), *cli_args(tiny, f"out_dir={tmp_path / 'k'}")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (built,) = (tmp_path / "k").iterdir()
+    partial = shard_files(built)
+    assert 0 < len(partial) < 10 and not (built / MANIFEST).exists()
     with pytest.raises(CacheError, match="unfinished cache"):
-        CacheReader(out)
-    with pytest.raises(CacheError, match="unfinished cache with fingerprint"):
-        teacher_cache.run(tiny.cache_cfg(f"out_dir={out}", "cache.top_k=8"))
+        CacheReader(built)
+    resumed = subprocess.run([sys.executable, "-m", "stages.cli", "teacher-cache", *cli_args(tiny, f"out_dir={tmp_path / 'k'}")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    whole = subprocess.run([sys.executable, "-m", "stages.cli", "teacher-cache", *cli_args(tiny, f"out_dir={tmp_path / 'w'}")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    a, b = CacheReader(tmp_path / "k"), CacheReader(tmp_path / "w")
+    assert not list(built.glob(".shard-*"))
+    assert a.manifest.fingerprint == b.manifest.fingerprint and a.ids() == b.ids()  # same rows, same order
+    assert [(s.file, s.rows, s.sha256) for s in a.manifest.shards] == [(s.file, s.rows, s.sha256) for s in b.manifest.shards]
 
-    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
-    calls.clear()
-    resumed = []
-    monkeypatch.setattr(
-        CacheWriter, "write_shard", lambda self, i, c, s: (resumed.append(i), real_write(self, i, c, s))[1]
-    )
-    teacher_cache.run(tiny.cache_cfg(f"out_dir={out}"))
-    assert resumed == [1, 2]  # the complete shard was not recomputed
-    a, b = read_manifest(cache), read_manifest(out)
-    assert a.fingerprint == b.fingerprint
-    assert [(s.file, s.rows, s.sha256) for s in a.shards] == [(s.file, s.rows, s.sha256) for s in b.shards]
+
+def test_two_ranks_equal_one(tiny, cache, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "two"
+    cfg = tiny.cache_cfg()
+    sets = [f"data.path={cfg.data.path}", f"teacher.path={cfg.teacher.path}", f"out_dir={out}",
+            "cache.rows_per_shard=64", "cache.batch_size=16", "tokenize.max_prompt_length=48", "tokenize.max_length=64"]
+    done = subprocess.run([*torchrun, "-m", "stages.cli", "teacher-cache", "--config",
+                           str(ROOT / "configs/tiny/teacher_cache.yaml"), *[a for s in sets for a in ("--set", s)]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, one = CacheReader(out), CacheReader(cache)
+    assert two.manifest.world_size == 2 and two.manifest.fingerprint == one.manifest.fingerprint
+    assert two.ids() == one.ids()
+    for i in range(0, len(one), 7):
+        a, b = one[i], two[i]
+        assert a.teacher_ids.tolist() == b.teacher_ids.tolist() and torch.equal(a.topk_ids, b.topk_ids)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_tokenizer_alignment_columns(tiny, xcache):
+    reader = CacheReader(xcache)
+    m = reader.manifest
+    assert not m.same_tokenizer and (xcache / VOCAB_MAP_FILE).exists()
+    s_tok, t_tok = load_tokenizer(ModelRef(str(xcache / "student_tokenizer"))), load_tokenizer(ModelRef(str(xcache / "teacher_tokenizer")))
+    vmap = reader.vocab_map()
+    assert vmap[t_tok.eos_token_id] == s_tok.eos_token_id
+    checked = 0
+    for i in range(0, len(reader), 5):
+        row = reader[i]
+        s_lab = range(row.student_response_start - 1, len(row.student_ids) - 1)
+        t_lab = range(row.teacher_response_start - 1, len(row.teacher_ids) - 1)
+        assert set(row.align_student) <= set(s_lab) and set(row.align_teacher) <= set(t_lab)
+        assert row.align_ratio == pytest.approx(len(row.align_student) / len(s_lab))
+        for sp, tp, label in zip(row.align_student, row.align_teacher, row.align_label):
+            # both positions predict the same text
+            s_next, t_next = int(row.student_ids[sp + 1]), int(row.teacher_ids[tp + 1])
+            if s_next == s_tok.eos_token_id:
+                assert t_next == t_tok.eos_token_id
+            else:
+                assert s_tok.decode([s_next]).strip() == t_tok.decode([t_next]).strip()
+            top1 = int(row.topk_ids[tp - (row.teacher_response_start - 1), 0])
+            assert label == (vmap[top1] if vmap[top1] >= 0 else -100)
+            checked += 1
+    assert checked > 100
+    d = info(xcache)
+    assert 0.3 < d["alignment_ratio"]["median"] <= 1.0
+
+
+def test_verify_and_info_on_exact_cache(cache):
+    r = verify(cache)
+    assert r.ok and r.positions == CacheReader(cache).manifest.response_tokens
+    assert r.max_topk_error < 1e-4 and r.topk_id_agreement == 1.0 and r.kl_max < 1e-6
+    d = info(cache)
+    assert d["rows"] == 160 and d["mode"] == "exact" and "alignment_ratio" not in d
+    assert d["bytes_per_response_token_by_column"]["hidden"] == pytest.approx(4 * d["hidden_size"], rel=0.05)
+    result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
+    assert result.exit_code == 0 and "verify: ok" in result.output
+    result = CliRunner().invoke(cli, ["cache", "info", str(cache)])
+    assert result.exit_code == 0 and "bytes/response token" in result.output
+
+
+def test_compact_mode(tiny, cache, tmp_path):
+    compact = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'c'}", "cache.mode=compact"))
+    m = CacheReader(compact).manifest
+    assert m.mode == "compact" and m.hidden_encoding == "int8"
+    assert m.compact_kl["positions"] > 0 and m.compact_kl["mean"] < 1e-3
+    _exact, small = info(cache), info(compact)
+    d = m.hidden_size
+    assert small["bytes_per_response_token_by_column"]["hidden"] == pytest.approx(d, rel=0.05)
+    assert small["bytes_per_response_token_by_column"]["hidden_scale"] == pytest.approx(4, rel=0.25)
+    a, b = CacheReader(cache), CacheReader(compact)
+    for i in (0, 100):
+        assert b[i].hidden.dtype == torch.float32
+        scale = a[i].hidden.abs().amax(-1, keepdim=True) / 127
+        assert ((a[i].hidden - b[i].hidden).abs() <= scale / 2 + 1e-6).all()  # rounding error only
+        assert torch.equal(a[i].topk_ids, b[i].topk_ids)  # the top-k is always exact
+    r = verify(compact)
+    assert r.ok and r.kl_mean < 1e-3, r
+
+
+def test_head_that_cannot_reproduce_falls_back_to_topk(tiny, tmp_path, monkeypatch):
+    real = OutputHead.from_model
+
+    def skewed(model):  # a head that is not the model's: what a non-linear or unsupported head amounts to
+        h = real(model)
+        return OutputHead(h.weight + 0.05 * torch.randn_like(h.weight), h.bias)
+
+    monkeypatch.setattr(OutputHead, "from_model", staticmethod(skewed))
+    out = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'h'}", "data.limit=20"))
+    m = CacheReader(out).manifest
+    assert not m.head_exact and m.head_max_error > 1e-2
+    model = load_model(tiny.cache_cfg().teacher)
+    tok = load_tokenizer(tiny.cache_cfg().teacher)
+    ex = load_examples(tiny.cache_cfg().data)[0]
+    enc = encode(tok, ex.prompt, ex.response, tiny.cache_cfg().tokenize)
+    own = model(torch.tensor([enc.ids[:-1]])).logits[0, enc.response_start - 1 :]
+    row = CacheReader(out)[0]
+    assert torch.equal(row.topk_ids, own.topk(32, -1).indices.int())  # top-k from the model itself
+    r = verify(out)
+    assert not r.ok and "does not reproduce" in r.reason
+    result = CliRunner().invoke(cli, ["cache", "verify", str(out)])
+    assert result.exit_code != 0 and "verify FAILED" in result.output
+
+
+def test_store_embeddings(tiny, tmp_path):
+    out = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'e'}", "data.limit=8", "cache.store_embeddings=true"))
+    model = load_model(tiny.cache_cfg().teacher)
+    assert torch.equal(CacheReader(out).load_embeddings(), model.get_input_embeddings().weight)
 
 
 def copy_cache(src, dst):
@@ -136,15 +316,14 @@ def test_reader_refuses_bad_manifest(cache, tmp_path, edit, match):
         CacheReader(with_manifest_edit(cache, tmp_path, edit))
 
 
-def test_reader_refuses_unexpected_fingerprint(cache):
+def test_reader_refuses_unexpected_fingerprint_and_other_student(tiny, cache, tmp_path):
     with pytest.raises(CacheError, match="not the expected"):
         CacheReader(cache, expect_fingerprint="0" * 64)
-
-
-def test_reader_refuses_other_student_tokenizer(tiny, cache):
     other = load_tokenizer(ModelRef(path=str(tiny.assets / "tokenizer-metaspace")))
     with pytest.raises(CacheError, match="another student tokenizer"):
         CacheReader(cache, expect_student_tokenizer=tokenizer_fingerprint(other))
+    with pytest.raises(CacheError, match="neither a teacher cache"):
+        resolve_cache_dir(tmp_path)
 
 
 def test_corrupted_shard_is_named(cache, tmp_path):
@@ -157,6 +336,8 @@ def test_corrupted_shard_is_named(cache, tmp_path):
     reader[0]  # shard 0 is intact
     with pytest.raises(CacheError, match=r"shard-00001\.arrow: sha256 mismatch"):
         reader[64]
+    result = CliRunner().invoke(cli, ["cache", "verify", str(bad)])
+    assert result.exit_code != 0 and "sha256 mismatch" in result.output
 
 
 def test_disk_full_leaves_no_partial_shard(tiny, tmp_path, monkeypatch):
@@ -166,15 +347,24 @@ def test_disk_full_leaves_no_partial_shard(tiny, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pa, "OSFile", no_space)
-    with pytest.raises(CacheError, match="No space left on device"):
+    with pytest.raises(CacheError, match="disk full"):
         teacher_cache.run(tiny.cache_cfg(f"out_dir={out}"))
-    assert shard_files(out) == [] and not list(out.glob(".shard-*")) and not (out / MANIFEST).exists()
+    assert shard_files(out) == [] and not list(out.rglob(".shard-*")) and not list(out.rglob(MANIFEST))
 
 
-def test_cross_tokenizer_cache(tiny, tmp_path):
-    out = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
-    reader = CacheReader(out)
-    assert not reader.manifest.same_tokenizer
-    row = reader[0]
-    assert row.student_ids.tolist() != row.teacher_ids.tolist()
-    assert row.hidden.shape[0] == len(row.teacher_ids) - row.teacher_response_start
+def test_bad_rows_name_file_row_and_field(tiny, tmp_path):
+    from pipeline.data import DataError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r"}) + "\n" + json.dumps({"id": "b", "prompt": "p"}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'response'"):
+        teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'o'}", f"data.path={data}"))
+    data.write_text(json.dumps({"id": "a", "prompt": "p", "response": "  "}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'response' is empty"):
+        teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'o'}", f"data.path={data}"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_row_values_do_not_depend_on_loader_workers(tiny, cache, tmp_path):
+    inline = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'i'}", "cache.loader_workers=0"))
+    assert [s.sha256 for s in CacheReader(inline).manifest.shards] == [s.sha256 for s in CacheReader(cache).manifest.shards]

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.cache_schema import hidden_from_numpy, hidden_to_numpy
+from pipeline.cache_schema import decode_hidden, encode_hidden
 from pipeline.head import OutputHead
 from pipeline.teacher import check_head, teacher_forward
 from pipeline.tokenize import response_positions
@@ -71,10 +71,31 @@ def test_bfloat16_storage_tolerance():
     model = tiny("llama")
     head = OutputHead.from_model(model)
     (row,) = teacher_forward(model, head, SEQS[:1], STARTS[:1], top_k=4, pad_id=0)
-    stored = hidden_from_numpy(hidden_to_numpy(row.hidden, "bfloat16"), "bfloat16")
+    stored = decode_hidden(*encode_hidden(row.hidden, "bfloat16"), "bfloat16")
     assert stored.dtype == torch.bfloat16
     err = (head.logits(stored.float()) - head.logits(row.hidden)).abs().max().item()
     assert 0 < err < 0.05
+
+
+def test_int8_encoding_error_is_bounded_by_half_a_step():
+    h = torch.randn(50, 64, dtype=torch.float64).float() * torch.logspace(-2, 2, 50)[:, None]
+    h[3] = 0  # an all-zero row must not divide by zero
+    values, scale = encode_hidden(h, "int8")
+    assert values.dtype.name == "int8" and scale.shape == (50,)
+    back = decode_hidden(values, scale, "int8")
+    step = h.abs().amax(-1, keepdim=True) / 127
+    assert ((back - h).abs() <= step / 2 + 1e-7 * h.abs()).all() and back[3].eq(0).all()
+
+
+def test_model_logits_path_when_the_head_is_not_trusted():
+    model = tiny("gemma3-softcap")
+    head = OutputHead.from_model(model)
+    exact = teacher_forward(model, head, SEQS, STARTS, top_k=5, pad_id=0)
+    own = teacher_forward(model, head, SEQS, STARTS, top_k=5, pad_id=0, head_exact=False)
+    for a, b in zip(exact, own):
+        assert torch.equal(a.topk_ids, b.topk_ids)
+        torch.testing.assert_close(a.lse, b.lse, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_head_round_trips_through_safetensors(tmp_path):

@@ -1,0 +1,135 @@
+"""`dskd cache verify` and `dskd cache info`: fidelity of a finished cache, and what it holds.
+
+verify re-derives the teacher logits from the stored hidden states and the saved head, and compares them with the
+stored top-k (ids and values) and log-sum-exp. Its KL is between the stored and the recomputed distributions over
+the same k+1 buckets (the k stored ids and the tail): a lower bound of the full-vocabulary KL, exact in the tail mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.cache_io import CacheReader
+from pipeline.cache_schema import recompute_tolerance
+from pipeline.head import HEAD_TOLERANCE
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    rows: int
+    positions: int
+    head_exact: bool
+    max_topk_error: float
+    max_lse_error: float
+    # fraction of positions whose recomputed top-k ids equal the stored ones (same order)
+    topk_id_agreement: float
+    kl_mean: float
+    kl_max: float
+    tolerance: float
+    ok: bool
+    reason: str
+
+
+def sparse_kl(topk_logits: torch.Tensor, lse: torch.Tensor, z: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """KL(stored || recomputed) over the k stored ids plus one tail bucket, per position.
+
+    topk_logits, topk_ids: (N, k); lse: (N,) stored; z: (N, V) recomputed logits."""
+    log_p = topk_logits.double() - lse.double()[:, None]
+    log_q = z.double().gather(-1, topk_ids.long()) - torch.logsumexp(z.double(), -1, keepdim=True)
+    tail_p = (1 - log_p.exp().sum(-1)).clamp(min=0)
+    tail_q = (1 - log_q.exp().sum(-1)).clamp(min=1e-300)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl + torch.where(tail_p > 0, tail_p * (tail_p.clamp(min=1e-300).log() - tail_q.log()), 0.0)
+
+
+def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
+    reader = CacheReader(path)  # every shard's sha256 is checked as it is read
+    m = reader.manifest
+    head = reader.load_head()
+    tol = tolerance if tolerance is not None else recompute_tolerance(
+        m, HEAD_TOLERANCE.get(m.hidden_encoding, HEAD_TOLERANCE["float32"])
+    )
+    err_topk = err_lse = kl_max = kl_sum = 0.0
+    agree = positions = 0
+    for i in range(len(reader)):
+        row = reader[i]
+        z = head.logits(row.hidden)
+        err_topk = max(err_topk, (z.gather(-1, row.topk_ids.long()) - row.topk_logits).abs().max().item())
+        err_lse = max(err_lse, (torch.logsumexp(z, -1) - row.lse).abs().max().item())
+        agree += int((z.topk(m.top_k, dim=-1).indices == row.topk_ids).all(-1).sum())
+        kl = sparse_kl(row.topk_logits, row.lse, z, row.topk_ids)
+        kl_sum, kl_max = kl_sum + kl.sum().item(), max(kl_max, kl.max().item())
+        positions += z.shape[0]
+    worst = max(err_topk, err_lse)
+    if not m.head_exact:
+        ok, reason = False, (
+            f"the saved head does not reproduce the teacher (max error {m.head_max_error:.3g} when built, "
+            f"{worst:.3g} now): this cache holds top-k + tail only for this teacher"
+        )
+    elif not worst <= tol:
+        ok, reason = False, f"recomputed logits differ from the stored top-k by {worst:.3g} > {tol:g}"
+    else:
+        ok, reason = True, "ok"
+    return VerifyReport(
+        cache=str(reader.dir), rows=len(reader), positions=positions, head_exact=m.head_exact,
+        max_topk_error=err_topk, max_lse_error=err_lse, topk_id_agreement=agree / max(positions, 1),
+        kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, tolerance=tol, ok=ok, reason=reason,
+    )
+
+
+def info(path: str | Path) -> dict:
+    """What the cache holds: counts, bytes per response token by column, alignment ratios, names and settings."""
+    reader = CacheReader(path)
+    m = reader.manifest
+    n_tok = max(m.response_tokens, 1)
+    col_bytes: dict[str, int] = {}
+    ratios = []
+    for s in range(len(m.shards)):
+        table = reader.table(s)
+        for name in table.column_names:
+            col_bytes[name] = col_bytes.get(name, 0) + table.column(name).nbytes
+        if "align_ratio" in table.column_names:
+            ratios.append(table["align_ratio"].to_numpy())
+    cfg = yaml.safe_load((reader.dir / "config.yaml").read_text())
+    student_tok = cfg.get("student_tokenizer") or cfg.get("teacher_tokenizer") or cfg["teacher"]
+    out = {
+        "cache": str(reader.dir),
+        "teacher": m.teacher_name,
+        "teacher_model": cfg["teacher"]["path"],
+        "student_tokenizer": student_tok["path"],
+        "same_tokenizer": m.same_tokenizer,
+        "data": cfg["data"]["path"],
+        "rows": m.rows,
+        "response_tokens": m.response_tokens,
+        "shards": len(m.shards),
+        "bytes": sum(s.bytes for s in m.shards),
+        "bytes_per_response_token": sum(s.bytes for s in m.shards) / n_tok,
+        "bytes_per_response_token_by_column": {k: v / n_tok for k, v in col_bytes.items()},
+        "mode": m.mode,
+        "hidden_encoding": m.hidden_encoding,
+        "hidden_size": m.hidden_size,
+        "teacher_vocab_size": m.teacher_vocab_size,
+        "top_k": m.top_k,
+        "head_exact": m.head_exact,
+        "compact_kl": m.compact_kl,
+        "tokenize": cfg.get("tokenize"),
+        "fingerprint": m.fingerprint,
+    }
+    if ratios:
+        r = np.concatenate(ratios)
+        q = np.percentile(r, [0, 10, 50, 90, 100])
+        out["alignment_ratio"] = {
+            "mean": float(r.mean()), "min": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
+            "p90": float(q[3]), "max": float(q[4]),
+        }
+    return out
+
+
+def report_dict(report: VerifyReport) -> dict:
+    return asdict(report)
