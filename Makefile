@@ -15,6 +15,7 @@ CONFIGS     ?= configs/tiny
 SET         ?=
 CACHE_SET   ?=
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -23,7 +24,7 @@ sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
 
-.PHONY: install assets teacher teacher-cache distill eval test lint clean
+.PHONY: install assets teacher teacher-cache distill eval test lint clean bench bench-cache
 
 install: $(STAMP)
 
@@ -53,8 +54,14 @@ eval: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks are commands, not tests: they print ratios measured side by side in one run.
+bench: bench-cache
+
+bench-cache: $(STAMP)
+	$(BIN)/python bench/cache.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline stages tests
+	$(BIN)/ruff check pipeline stages tests bench
 
 clean:
 	rm -rf runs data/generated

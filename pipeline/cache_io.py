@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.cache_schema import (
+    CHANNEL_SCALE_FILE,
     CURRENT,
     EMBEDDINGS_FILE,
     MANIFEST,
@@ -222,6 +223,7 @@ class CacheReader:
                 f"({m.student_tokenizer_fingerprint[:12]} vs this student's {expect_student_tokenizer[:12]})"
             )
         self.verify = verify
+        self.channel_scale = np.load(self.dir / CHANNEL_SCALE_FILE) if m.hidden_encoding == "int8" else None
         self._tables: dict[int, pa.Table] = {}
         self._starts = np.cumsum([0] + [s.rows for s in m.shards])
 
@@ -266,7 +268,10 @@ class CacheReader:
             teacher_ids=t["teacher_ids"][j].values.to_numpy(),
             teacher_response_start=t["teacher_response_start"][j].as_py(),
             hidden=decode_hidden(
-                matrix("hidden", m.hidden_size), vector("hidden_scale") if compact else None, m.hidden_encoding
+                matrix("hidden", m.hidden_size),
+                vector("hidden_scale") if compact else None,
+                m.hidden_encoding,
+                self.channel_scale,
             ),
             topk_ids=torch.from_numpy(matrix("topk_ids", m.top_k).copy()),
             topk_logits=torch.from_numpy(matrix("topk_logits", m.top_k).copy()),

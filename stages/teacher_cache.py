@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline.alignment import label_alignment, vocab_map
 from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name
 from pipeline.cache_schema import (
+    CHANNEL_SCALE_FILE,
     DATA_FILE,
     EMBEDDINGS_FILE,
     SCHEMA_VERSION,
@@ -32,13 +33,14 @@ from pipeline.cache_schema import (
     arrow_schema,
     decode_hidden,
     encode_hidden,
+    fit_channel_scale,
     list_column,
 )
 from pipeline.config import TeacherCacheConfig, TokenizeConfig, config_to_dict, dump_config
 from pipeline.data import Example, load_examples, write_jsonl
 from pipeline.distributed import barrier, local_or_distributed
 from pipeline.head import HEAD_FILE, HEAD_TOLERANCE, OutputHead
-from pipeline.io_utils import atomic_write_bytes, hash_json, sha256_file
+from pipeline.io_utils import atomic_write_bytes, hash_json, sha256_file, write_json
 from pipeline.losses import divergence
 from pipeline.models import (
     checkpoint_dtype,
@@ -51,6 +53,8 @@ from pipeline.models import (
 from pipeline.teacher import check_head, teacher_forward
 from pipeline.tokenize import Encoded, TokenizerError, encode, is_byte_token, special_ids, token_surfaces
 
+# this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
+STATS_FILE = "build_stats.json"
 # rows of the data the head check runs on
 HEAD_CHECK_ROWS = 8
 
@@ -177,7 +181,12 @@ def run(cfg: TeacherCacheConfig) -> Path:
         student_tok.save_pretrained(out / "student_tokenizer")
         write_jsonl(out / DATA_FILE, [{"id": e.id, "prompt": e.prompt, "response": e.response} for e in examples])
         dump_config(cfg, out / "config.yaml")
+        if encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
+            sample = teacher_forward(model, head, check_rows, [1] * len(check_rows), 1, t_pad)  # every position
+            np.save(out / ".channel_scale.tmp.npy", fit_channel_scale(torch.cat([r.hidden for r in sample])))
+            os.replace(out / ".channel_scale.tmp.npy", out / CHANNEL_SCALE_FILE)
     barrier()
+    channel_scale = np.load(out / CHANNEL_SCALE_FILE) if encoding == "int8" else None
 
     R = cfg.cache.rows_per_shard
     n_shards = (len(examples) + R - 1) // R
@@ -207,7 +216,7 @@ def run(cfg: TeacherCacheConfig) -> Path:
                 starts = [prep.teacher[i].response_start for i in idx]
                 results = teacher_forward(model, head, seqs, starts, k, t_pad, head_exact=head_exact)
                 if b == 0 and encoding == "int8":
-                    kl = _compact_kl(head, torch.cat([r.hidden for r in results]))
+                    kl = _compact_kl(head, torch.cat([r.hidden for r in results]), channel_scale)
                 for i, r in zip(idx, results):
                     outputs[i] = r
                 tokens += sum(len(s) - 1 for s in seqs)
@@ -215,10 +224,16 @@ def run(cfg: TeacherCacheConfig) -> Path:
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
-            pending = pool.submit(_write_shard, writer, schema, prep, outputs, encoding, vmap, t_eos, s_eos, kl)
+            pending = pool.submit(
+                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, t_eos, s_eos, kl
+            )
         if pending is not None:
             pending.result()
+    elapsed = time.perf_counter() - t0
     bar.close()
+    if dist.is_main:  # throughput of this run's loop (first preparation and last write included), for people and bench
+        write_json(out / STATS_FILE, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                                      "world_size": dist.world_size, "shards": len(todo)})
     barrier()
     if not dist.is_main:
         return out
@@ -272,11 +287,11 @@ def _save_embeddings(model, path: Path) -> None:
     tmp.unlink()
 
 
-def _compact_kl(head: OutputHead, hidden: torch.Tensor) -> tuple[float, float, int, float]:
+def _compact_kl(head: OutputHead, hidden: torch.Tensor, channel_scale: np.ndarray) -> tuple[float, float, int, float]:
     """(sum, max, count) over positions of KL(exact teacher distribution || recomputed from the int8 encoding), and
     the max |logit error| at the exact top-k and of the log-sum-exp (what stage 2's teacher check compares)."""
-    values, scale = encode_hidden(hidden.cpu(), "int8")
-    approx = decode_hidden(values, scale, "int8").to(hidden.device)
+    values, scale = encode_hidden(hidden.cpu(), "int8", channel_scale)
+    approx = decode_hidden(values, scale, "int8", channel_scale).to(hidden.device)
     z, z_approx = head.logits(hidden), head.logits(approx)
     kl = divergence("fkl", z_approx, z, reduction="none")  # KL(exact || approx)
     top = z.topk(min(32, z.shape[-1]), dim=-1).indices
@@ -299,10 +314,10 @@ def _gather_kl(cache_dir: Path) -> dict:
 
 
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
-                 vmap: np.ndarray | None, t_eos: int | None, s_eos: int, kl: tuple | None) -> None:
+                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, t_eos: int | None, s_eos: int, kl: tuple | None) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     hidden = torch.cat([o.hidden for o in outputs])
-    values, scale = encode_hidden(hidden, encoding)
+    values, scale = encode_hidden(hidden, encoding, channel_scale)
     if encoding in ("float16", "bfloat16") and not torch.isfinite(decode_hidden(values, None, encoding)).all():
         raise CacheError(f"shard {prep.index}: a hidden state overflows {encoding}; use cache.hidden_dtype float32")
     split = np.cumsum([o.hidden.shape[0] for o in outputs])[:-1]

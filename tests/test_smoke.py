@@ -38,7 +38,7 @@ def test_assets_and_teacher_sft_files(tiny):
 def test_three_stages_write_exactly_their_files(chain, monkeypatch):
     tiny, cache = chain
     assert files(cache) == {
-        "manifest.json", "config.yaml", "teacher_head.safetensors", "teacher_tokenizer", "student_tokenizer", "data.jsonl",
+        "manifest.json", "config.yaml", "teacher_head.safetensors", "teacher_tokenizer", "student_tokenizer", "data.jsonl", "build_stats.json",
         "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow",
     }
 
