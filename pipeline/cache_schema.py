@@ -146,7 +146,8 @@ class Manifest:
     head_exact: bool
     head_max_error: float
     # compact mode: KL(exact || recomputed from int8) in nats per position (mean, max) and the max |logit error| at
-    # the top-k and of the log-sum-exp, measured while building on the first batch of every shard; null when exact
+    # the top-k and of the log-sum-exp, measured while building on up to 128 positions of every shard's first
+    # batch; null in exact mode
     compact_kl: dict | None
     # the student and teacher tokenizers encode identically (same ids): same-vocabulary objectives apply; otherwise
     # the rows carry exact token alignments and `vocab_map.npy` maps teacher ids to student ids (-1 = none)

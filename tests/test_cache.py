@@ -257,6 +257,10 @@ def test_compact_mode(tiny, cache, tmp_path):
         assert torch.equal(a[i].topk_ids, b[i].topk_ids)  # the top-k is always exact
     r = verify(compact)
     assert r.ok and r.kl_mean < 1e-3, r
+    from stages import distill  # stage 2 trains from it, its teacher check allowing the measured int8 error
+
+    run = distill.run(tiny.distill_cfg(f"cache={compact}", "run_name=compact", "train.steps=1"))
+    assert (run / "done.json").exists()
 
 
 def test_head_that_cannot_reproduce_falls_back_to_topk(tiny, tmp_path, monkeypatch):
