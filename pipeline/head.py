@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pipeline.io_utils import atomic_write_bytes
+from pipeline.io_utils import atomic_save_safetensors
 
 HEAD_FILE = "teacher_head.safetensors"
 # max |head(hidden) - teacher logits| accepted when recomputing, by the dtype the hidden states are in. Loose enough
@@ -75,10 +75,7 @@ class OutputHead:
         if self.bias is not None:
             tensors["bias"] = self.bias.contiguous()
         meta = {k: str(getattr(self, k)) for k in ("logit_scale", "final_logit_softcapping") if getattr(self, k)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
+        atomic_save_safetensors(path, tensors, metadata=meta)
         return path
 
     @classmethod

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ from pipeline.config import TeacherCacheConfig, TokenizeConfig, config_to_dict, 
 from pipeline.data import Example, load_examples, write_jsonl
 from pipeline.distributed import barrier, local_or_distributed
 from pipeline.head import HEAD_FILE, HEAD_TOLERANCE, OutputHead
-from pipeline.io_utils import atomic_write_bytes, hash_json, sha256_file, write_json
+from pipeline.io_utils import atomic_save_npy, atomic_save_safetensors, hash_json, sha256_file, write_json
 from pipeline.losses import divergence
 from pipeline.models import (
     checkpoint_dtype,
@@ -177,16 +176,14 @@ def run(cfg: TeacherCacheConfig) -> Path:
         if cfg.cache.store_embeddings:
             _save_embeddings(model, out / EMBEDDINGS_FILE)
         if vmap is not None:
-            np.save(out / ".vocab_map.tmp.npy", vmap)
-            os.replace(out / ".vocab_map.tmp.npy", out / VOCAB_MAP_FILE)
+            atomic_save_npy(out / VOCAB_MAP_FILE, vmap)
         teacher_tok.save_pretrained(out / "teacher_tokenizer")
         student_tok.save_pretrained(out / "student_tokenizer")
         write_jsonl(out / DATA_FILE, [{"id": e.id, "prompt": e.prompt, "response": e.response} for e in examples])
         dump_config(cfg, out / "config.yaml")
         if encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
             sample = teacher_forward(model, head, check_rows, [1] * len(check_rows), 1, t_pad)  # every position
-            np.save(out / ".channel_scale.tmp.npy", fit_channel_scale(torch.cat([r.hidden for r in sample])))
-            os.replace(out / ".channel_scale.tmp.npy", out / CHANNEL_SCALE_FILE)
+            atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(torch.cat([r.hidden for r in sample])))
     barrier()
     channel_scale = np.load(out / CHANNEL_SCALE_FILE) if encoding == "int8" else None
 
@@ -282,11 +279,7 @@ def _vocab_map(teacher_tok, student_tok, t_eos: int | None, s_eos: int) -> np.nd
 
 
 def _save_embeddings(model, path: Path) -> None:
-    weight = model.get_input_embeddings().weight.detach().cpu().contiguous()
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"weight": weight}, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    atomic_save_safetensors(path, {"weight": model.get_input_embeddings().weight.detach().cpu()})
 
 
 def _compact_kl(head: OutputHead, hidden: torch.Tensor, channel_scale: np.ndarray) -> tuple[float, float, int, float]:

@@ -40,6 +40,25 @@ def test_no_eos_is_a_clear_error(gpt2):
         special_ids(tok)
 
 
+def test_teacher_without_eos_or_pad_is_handled(gpt2):
+    tok = PreTrainedTokenizerFast(tokenizer_object=gpt2.backend_tokenizer)  # no EOS, no pad
+    assert special_ids(tok, require_eos=False) == (None, 0)
+    enc = encode(tok, "Say hi:", " hello", TokenizeConfig(8, 32), with_offsets=True, require_eos=False)
+    assert enc.ids == tok.encode("Say hi:") + tok.encode(" hello") and not enc.eos_kept
+    assert enc.offsets.tolist() == [[0, 6]]
+
+
+def test_offsets_need_a_fast_tokenizer(gpt2):
+    class Slow:
+        is_fast, name_or_path, eos_token_id, pad_token_id = False, "slow-one", 0, 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    with pytest.raises(TokenizerError, match="slow-one.*offsets"):
+        encode(Slow(), "p", "r", TokenizeConfig(8, 32), with_offsets=True)
+
+
 def test_pad_falls_back_to_eos(gpt2):
     eos, pad = special_ids(gpt2)
     assert pad == (gpt2.pad_token_id if gpt2.pad_token_id is not None else eos)
