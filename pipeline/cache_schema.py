@@ -69,12 +69,10 @@ def list_column(rows: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     inner = typ.value_type
+    flat = np.concatenate([np.asarray(r).reshape(-1) for r in rows]) if rows else np.zeros(0)
     if pa.types.is_fixed_size_list(inner):
-        width = inner.list_size
-        flat = np.concatenate([np.asarray(r).reshape(-1) for r in rows]) if rows else np.zeros(0)
-        values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=inner.value_type), width)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=inner.value_type), inner.list_size)
     else:
-        flat = np.concatenate([np.asarray(r).reshape(-1) for r in rows]) if rows else np.zeros(0)
         values = pa.array(flat, type=inner)
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
