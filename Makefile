@@ -4,6 +4,7 @@
 #   make distill                    data -> tokenizers/models -> teacher SFT -> teacher-cache -> student (tiny default)
 #   make distill SET="loss.divergence=rkl"   re-trains only the student (the cache is reused when it matches)
 #   make eval                       Rouge-L / exact match of the trained student on the test split
+#   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make test                       the test suite (what .ci/run runs)
 #
 # SET applies to the stage of the target you name; CACHE_SET to the teacher cache when `make distill` builds it.
@@ -16,6 +17,7 @@ SET         ?=
 CACHE_SET   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+SIM_ARGS    ?=
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -24,7 +26,7 @@ sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
 
-.PHONY: install assets teacher teacher-cache distill eval test lint clean bench bench-cache
+.PHONY: install assets teacher teacher-cache distill eval simulate test lint clean bench bench-cache bench-objectives
 
 install: $(STAMP)
 
@@ -51,14 +53,21 @@ distill: teacher-cache
 eval: $(STAMP)
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval)
 
+# the DSKD paper's simulation (different vs shared heads, every divergence): runs/simulation/simulation.{md,png}
+simulate: $(STAMP)
+	$(DSKD) simulate $(SIM_ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache
+bench: bench-cache bench-objectives
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
+
+bench-objectives: teacher-cache
+	$(BIN)/python bench/objectives.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

@@ -91,3 +91,58 @@ def vocab_map(teacher_surfaces: list, student_surfaces: list, student_avoid: fro
         if j is None or (j in student_avoid and i not in student_avoid):
             best[s] = i
     return np.array([best.get(s, -1) if s is not None else -1 for s in teacher_surfaces], dtype=np.int32)
+
+
+def aligned_labels(top1: np.ndarray, pairs: np.ndarray, teacher_response_start: int, vmap: np.ndarray) -> np.ndarray:
+    """(K,) int32 student label for each aligned pair: the student id with the text of the teacher's top-1 prediction
+    at the pair's teacher position, -100 when no student token has that text (never EOS/unk, reference 12 #4).
+
+    top1: (n_resp,) the teacher's top-1 id at each response position; pairs: (K, 2) label positions."""
+    mapped = vmap[top1[pairs[:, 1] - (teacher_response_start - 1)]]
+    return np.where(mapped >= 0, mapped, -100).astype(np.int32)
+
+
+def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exact: np.ndarray) -> np.ndarray:
+    """MinED's token map (V_T,) int32: the exact map where it has a student id, otherwise the student token whose
+    surface text is at the smallest Levenshtein distance (lowest id on ties); -1 for teacher tokens without a
+    surface (special / partial-character tokens) that the exact map leaves unmapped."""
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    out = exact.astype(np.int32).copy()
+    choices = [(i, s) for i, s in enumerate(student_surfaces) if s is not None]
+    ids = np.array([i for i, _ in choices], dtype=np.int32)
+    todo = [t for t, s in enumerate(teacher_surfaces) if s is not None and out[t] < 0]
+    for start in range(0, len(todo), 1024):  # bounded (1024 x V_S) distance matrices
+        part = todo[start : start + 1024]
+        d = cdist([teacher_surfaces[t] for t in part], [s for _, s in choices], scorer=Levenshtein.distance, workers=-1)
+        out[part] = ids[np.argmin(d, axis=1)]
+    return out
+
+
+def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
+    """(teacher Encoded, student Encoded, (K, 2) label alignment) for one example, the way the cache stores them;
+    with `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
+    from pipeline.tokenize import TokenizerError, encode
+
+    aligned = student_tok is not None
+    try:
+        t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=aligned, require_eos=False)
+        s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True) if aligned else t
+    except TokenizerError as err:
+        raise TokenizerError(f"row {example.id!r}: {err}") from None
+    return t, s, (label_alignment(s, t, example.response) if aligned else None)
+
+
+def tokenizer_vocab_map(teacher_tok, student_tok) -> np.ndarray:
+    """`vocab_map` between two tokenizers: surfaces decoded from both, byte-fallback tokens avoided on the student
+    side, and the teacher's EOS mapped to the student's EOS (the teacher predicting its end is the student's)."""
+    from pipeline.tokenize import is_byte_token, special_ids, token_surfaces
+
+    avoid = frozenset(i for i in range(len(student_tok)) if is_byte_token(student_tok, i))
+    vmap = vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), avoid)
+    t_eos, _ = special_ids(teacher_tok, require_eos=False)
+    s_eos, _ = special_ids(student_tok)
+    if t_eos is not None:
+        vmap[t_eos] = s_eos
+    return vmap

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.cache_io import CacheRow
@@ -26,6 +27,14 @@ class Batch:
     teacher_topk_ids: torch.Tensor | None = None  # (N, k) int32
     teacher_topk_logits: torch.Tensor | None = None  # (N, k) float32
     teacher_lse: torch.Tensor | None = None  # (N,) float32
+    teacher_inputs: torch.Tensor | None = None  # (N,) long: the teacher's input token at each cached position
+    teacher_labels: torch.Tensor | None = None  # (N,) long: the teacher's next (gold) token there
+    teacher_row: torch.Tensor | None = None  # (N,) long: which example of the batch each cached position belongs to
+    # cross-tokenizer caches: aligned pairs as indices into the student's label positions (row-major, as
+    # `labels != -100`) and into the cached teacher positions, and the student id of the teacher's top-1 (-100: none)
+    align_student: torch.Tensor | None = None  # (K,) long
+    align_teacher: torch.Tensor | None = None  # (K,) long
+    align_label: torch.Tensor | None = None  # (K,) long
 
     @property
     def n_tokens(self) -> int:
@@ -54,6 +63,24 @@ def collate_examples(items: list[tuple[str, Encoded]], pad_id: int) -> Batch:
 def collate_cache_rows(rows: list[CacheRow], pad_id: int) -> Batch:
     seqs = [r.student_ids for r in rows]
     inputs, mask, labels = _student_tensors(seqs, [r.student_response_start for r in rows], pad_id)
+    t_inputs, t_labels, t_row, a_s, a_t, a_l = [], [], [], [], [], []
+    s_off = t_off = 0
+    for b, r in enumerate(rows):
+        span = response_positions(len(r.teacher_ids), r.teacher_response_start)
+        t_inputs.append(r.teacher_ids[span.start : span.stop])
+        t_labels.append(r.teacher_ids[span.start + 1 : span.stop + 1])
+        t_row.append(np.full(len(span), b))
+        if r.align_student is not None:  # label positions -> offsets into the flattened positions of the batch
+            a_s.append(r.align_student.astype(np.int64) - (r.student_response_start - 1) + s_off)
+            a_t.append(r.align_teacher.astype(np.int64) - span.start + t_off)
+            a_l.append(r.align_label)
+        s_off += len(r.student_ids) - r.student_response_start
+        t_off += len(span)
+    aligned = rows[0].align_student is not None
+
+    def cat(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
     return Batch(
         inputs,
         mask,
@@ -63,4 +90,10 @@ def collate_cache_rows(rows: list[CacheRow], pad_id: int) -> Batch:
         teacher_topk_ids=torch.cat([r.topk_ids for r in rows]),
         teacher_topk_logits=torch.cat([r.topk_logits for r in rows]),
         teacher_lse=torch.cat([r.lse for r in rows]),
+        teacher_inputs=cat(t_inputs),
+        teacher_labels=cat(t_labels),
+        teacher_row=cat(t_row),
+        align_student=cat(a_s) if aligned else None,
+        align_teacher=cat(a_t) if aligned else None,
+        align_label=cat(a_l) if aligned else None,
     )

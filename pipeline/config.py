@@ -176,19 +176,39 @@ DIVERGENCES = ("fkl", "rkl")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Objective and its weights (reference sections 2-3; no tau^2 factor)."""
+    """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD."""
 
-    objective: Literal["sft", "kd"] = "sft"
-    divergence: Literal["fkl", "rkl"] = "fkl"
-    # weight of the KD term: loss = (1 - alpha) * CE + alpha * KD
+    # sft | kd (same vocabulary) | dskd (v1) | dskd_v2 | dskd_eta (different vocabularies) | dskd_cma | uld | mined
+    objective: Literal["sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined"] = "sft"
+    divergence: Literal["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"] = "fkl"
     alpha: float = 0.5
     temperature: float = 1.0
+    # skl / srkl mixture weight and the adaptive-KL tail mass
+    skew: float = 0.1
+    akl_mu: float = 0.5
+    # teacher logits: dense = cached hidden states x the teacher head (exact); sparse = cached top-k + tail;
+    # auto = dense when the cache's head reproduces the teacher, else sparse
+    teacher_logits: Literal["auto", "dense", "sparse"] = "auto"
+    # DSKD ablations: keep only the student-space terms (t2s_ce + t2s_kd) or only the teacher-space term (s2t_kd)
+    spaces: Literal["both", "student", "teacher"] = "both"
+    # dskd_v2 / dskd_eta: start t2s at the logit-identity least squares; mask t2s_kd to agreeing positions while
+    # the local agreement fraction is <= this (1.0: always)
+    init_t2s: bool = True
+    t2s_agreement: float = 1.0
+    # dskd_cma values: the teacher's gold next-token embedding (v1, the paper; leaks the label) or its argmax (v2)
+    cma_value: Literal["gold", "argmax"] = "gold"
+    # positions per chunk when building vocabulary-sized logits (bounds memory; the result does not depend on it)
+    chunk_positions: int = 1024
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.skew <= 1.0 or not 0.0 <= self.akl_mu <= 1.0:
+            raise ConfigError("loss.skew and loss.akl_mu must be in [0, 1]")
+        if self.chunk_positions < 1:
+            raise ConfigError("loss.chunk_positions must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -208,6 +228,8 @@ class TrainConfig:
     deepspeed: str = "configs/deepspeed/zero0.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = 10
+    # projectors (DSKD objectives) get their own learning rate, on the same schedule
+    projector_lr: float = 1e-3
     # max |recomputed - cached| teacher top-k logit before stage 2 refuses the cache
     teacher_check_tol: float = 1e-2
 

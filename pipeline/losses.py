@@ -1,51 +1,145 @@
-"""Divergences as pure tensor functions, cross-entropy, and the global-batch token normaliser.
+"""Divergences as pure tensor functions (dense, or against a sparse top-k + tail teacher), the sorted-probability
+distance of ULD, cross-entropy, and the global-batch token normaliser.
 
-Conventions (reference section 2, this project's decisions in section 15):
-- p = softmax(teacher / T) is the target, q = softmax(student / T) the learner; fkl = KL(p || q), rkl = KL(q || p).
+Conventions (reference section 2; this project's decisions in section 15):
+- p = softmax(teacher / T) is the target, q = softmax(student / T) the learner:
+  fkl = KL(p||q); rkl = KL(q||p); js = (KL(p||m) + KL(q||m)) / 2 with m = (p + q) / 2;
+  skl = KL(p || skew p + (1 - skew) q); srkl = KL(q || skew q + (1 - skew) p); tvd = sum |p - q| / 2;
+  akl = adaptive KL: (g_head fkl + g_tail rkl) / (g_head + g_tail), where the teacher's vocabulary is sorted by
+  probability, the tail is the low-probability entries holding at most `akl_mu` of the teacher mass, and g is the
+  detached L1 gap |p - q| summed over head and tail (a guarded denominator: p == q gives 0, not 0/0).
 - Everything is computed in float32 whatever the input dtype; there is no T^2 factor.
-- Terms where the weighting probability is 0 contribute exactly 0, so -inf logits (masked vocabulary entries) and
-  underflowing probabilities never produce NaN.
-The remaining divergences (js, skl, srkl, tvd, akl) and sparse top-k teachers arrive with the Objectives issue.
+- Log-probabilities are floored at -1e4 (a probability of exactly 0 in float32) and mixtures are formed in log
+  space, so -inf logits (masked vocabulary entries), underflowing probabilities and skew 0 or 1 never give NaN or
+  inf, in values or gradients. The reference puts epsilons inside logs instead; here no epsilon changes a value.
+- A sparse teacher (`SparseLogits`: top-k ids, their logits and the full log-sum-exp) becomes k + 1 buckets on both
+  sides: the k ids and one tail bucket holding the remaining mass. With k = V there is no tail and the result equals
+  the dense one. At temperature T != 1 the teacher's tail is treated as k' = V - k equal logits of the known total
+  mass (the cache stores only the T = 1 log-sum-exp); at T = 1 every bucket is exact.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-# log-probabilities below this are probabilities of exactly 0 in float32; clamping keeps every term and its
-# gradient finite (0 * finite) where a -inf logit would otherwise give 0 * inf = NaN, even through torch.where
-_LOG_FLOOR = -1e4
+DIVERGENCES = ("fkl", "rkl", "js", "skl", "srkl", "tvd", "akl")
+
+# log-probabilities below this are probabilities of exactly 0 in float32; flooring keeps every term and its
+# gradient finite (0 * finite) where a -inf logit would otherwise give 0 * inf = NaN
+LOG_FLOOR = -1e4
 
 
-def _xlogy_diff(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
-    """sum_v w * (log_w - log_other); terms with w == 0 are exactly 0, in value and gradient."""
-    return (w * (log_w.clamp(min=_LOG_FLOOR) - log_other.clamp(min=_LOG_FLOOR))).sum(-1)
+@dataclass
+class SparseLogits:
+    """A distribution known through its top-k: ids (..., k), their logits (..., k), log-sum-exp of all V logits (...)."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    lse: torch.Tensor
+    vocab_size: int
+
+    def __getitem__(self, index) -> SparseLogits:
+        return SparseLogits(self.ids[index], self.logits[index], self.lse[index], self.vocab_size)
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def argmax(self) -> torch.Tensor:
+        return self.ids.gather(-1, self.logits.argmax(-1, keepdim=True)).squeeze(-1).long()
+
+    def bucket_log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """(..., k + 1) float32 log-probabilities of the k ids and the tail (k only when k = V)."""
+        z = self.logits.float()
+        lse = self.lse.float().unsqueeze(-1)
+        n_tail = self.vocab_size - self.k
+        if n_tail <= 0:
+            return F.log_softmax(z / temperature, dim=-1)
+        top_mass = torch.logsumexp(z - lse, dim=-1, keepdim=True).clamp(max=0.0)
+        tail = _log1mexp(top_mass) + lse  # log of the sum of exp(logit) over the tail, at T = 1
+        if temperature != 1.0:  # mean-field: n_tail equal logits of the same total mass
+            tail = math.log(n_tail) + (tail - math.log(n_tail)) / temperature
+        return F.log_softmax(torch.cat([z / temperature, tail], dim=-1), dim=-1)
+
+    def dense_log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """(..., V) log-probabilities: the k ids exact, the tail mass spread evenly over the other V - k ids."""
+        buckets = self.bucket_log_probs(temperature)
+        n_tail = self.vocab_size - self.k
+        fill = buckets[..., -1:] - math.log(n_tail) if n_tail > 0 else buckets.new_full(buckets[..., :1].shape, -math.inf)
+        out = fill.expand(*buckets.shape[:-1], self.vocab_size).clone()
+        return out.scatter(-1, self.ids.long(), buckets[..., : self.k])
 
 
-def divergence(
-    name: str,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    reduction: str = "mean",
+Teacher = torch.Tensor | SparseLogits
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _safe_log(w: float) -> float:
+    return math.log(w) if w > 0 else LOG_FLOOR
+
+
+def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p teacher, log q student) over a common support, float32, floored: the V entries (dense teacher) or the
+    k + 1 buckets (sparse teacher; the student's tail bucket is its exact mass outside the teacher's top-k ids)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=LOG_FLOOR)
+    if isinstance(teacher, SparseLogits):
+        ids = teacher.ids.long()
+        top = log_q.gather(-1, ids)
+        if teacher.vocab_size - teacher.k > 0:
+            tail = log_q.scatter(-1, ids, LOG_FLOOR).logsumexp(-1, keepdim=True)
+            top = torch.cat([top, tail], dim=-1)
+        log_p = teacher.bucket_log_probs(temperature)
+        return log_p.clamp(min=LOG_FLOOR), top.clamp(min=LOG_FLOOR)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return log_p.clamp(min=LOG_FLOOR), log_q
+
+
+def _kl(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
+    return (w * (log_w - log_other)).sum(-1)
+
+
+def divergence_from_log_probs(
+    name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, skew: float = 0.1, akl_mu: float = 0.5
 ) -> torch.Tensor:
-    """Per-position divergence between teacher and student distributions.
-
-    student_logits, teacher_logits: (..., V). mask: (...) bool, positions to keep (None = all).
-    reduction: "none" -> (...) per-position values (0 where masked); "sum" -> scalar sum over kept positions;
-    "mean" -> scalar mean over kept positions.
-    """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    """Per-position divergence (...) from floored teacher log p and student log q over the same support (..., V)."""
+    p, q = log_p.exp(), log_q.exp()
     if name == "fkl":
-        per_pos = _xlogy_diff(log_p.exp(), log_p, log_q)
-    elif name == "rkl":
-        per_pos = _xlogy_diff(log_q.exp(), log_q, log_p)
-    else:
-        raise ValueError(f"unknown divergence {name!r} (available: fkl, rkl)")
+        return _kl(p, log_p, log_q)
+    if name == "rkl":
+        return _kl(q, log_q, log_p)
+    if name == "js":
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+        return 0.5 * (_kl(p, log_p, log_m) + _kl(q, log_q, log_m))
+    if name == "skl":
+        log_r = torch.logaddexp(log_p + _safe_log(skew), log_q + _safe_log(1 - skew))
+        return _kl(p, log_p, log_r)
+    if name == "srkl":
+        log_r = torch.logaddexp(log_q + _safe_log(skew), log_p + _safe_log(1 - skew))
+        return _kl(q, log_q, log_r)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "akl":
+        with torch.no_grad():
+            p_sorted, order = p.sort(dim=-1)  # ascending: the tail comes first
+            gap = (p_sorted - q.gather(-1, order)).abs()
+            tail = p_sorted.cumsum(-1) <= akl_mu
+            g_tail = (gap * tail).sum(-1)
+            g_head = (gap * ~tail).sum(-1)
+            denom = (g_head + g_tail).clamp(min=torch.finfo(torch.float32).tiny)
+        return (g_head * _kl(p, log_p, log_q) + g_tail * _kl(q, log_q, log_p)) / denom
+    raise ValueError(f"unknown divergence {name!r} (available: {', '.join(DIVERGENCES)})")
+
+
+def reduce(per_pos: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """"none": per-position values, 0 where masked; "sum" over kept positions; "mean" over kept positions."""
     if mask is not None:
         per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
     if reduction == "none":
@@ -53,9 +147,51 @@ def divergence(
     if reduction == "sum":
         return per_pos.sum()
     if reduction == "mean":
-        count = per_pos.numel() if mask is None else mask.sum()
-        return per_pos.sum() / max(int(count), 1)
+        count = per_pos.numel() if mask is None else int(mask.sum())
+        return per_pos.sum() / max(count, 1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def divergence(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    akl_mu: float = 0.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """D(teacher || student) per position, reduced.
+
+    student_logits (..., V); teacher_logits (..., V) or a SparseLogits over the same vocabulary; mask (...) bool,
+    the positions to keep (None = all). reduction "none" -> (...), "sum" / "mean" -> scalar (see `reduce`)."""
+    log_p, log_q = log_prob_pair(student_logits, teacher_logits, temperature)
+    per_pos = divergence_from_log_probs(name, log_p, log_q, skew=skew, akl_mu=akl_mu)
+    return reduce(per_pos, mask, reduction)
+
+
+def sorted_l1(student_logits: torch.Tensor, teacher: Teacher, *, temperature: float = 1.0) -> torch.Tensor:
+    """ULD's distance (Boizard et al. 2024) per position: sum_i |q_(i) - p_(i)| over both distributions sorted in
+    decreasing order, the shorter vocabulary padded with zeros, so no token correspondence is needed.
+
+    student_logits (..., V_S); teacher (..., V_T) logits, or sparse: then the teacher's top-k plus its tail mass
+    are compared with the student's own top-k plus its tail mass (a lower bound of the dense value, equal at k = V)."""
+    q = F.softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, SparseLogits):
+        p, k = teacher.bucket_log_probs(temperature).exp(), teacher.k
+        p_sorted = torch.cat([p[..., :k].sort(-1, descending=True).values, p[..., k:]], dim=-1)
+        q_sorted = q.topk(min(k, q.shape[-1]), dim=-1).values
+        if p.shape[-1] > k:  # the tail is compared with the tail
+            q_sorted = torch.cat([q_sorted, (1 - q_sorted.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+    else:
+        p_sorted = F.softmax(teacher.float() / temperature, dim=-1).sort(-1, descending=True).values
+        q_sorted = q.sort(-1, descending=True).values
+    width = max(p_sorted.shape[-1], q_sorted.shape[-1])
+    p_sorted = F.pad(p_sorted, (0, width - p_sorted.shape[-1]))
+    q_sorted = F.pad(q_sorted, (0, width - q_sorted.shape[-1]))
+    return (p_sorted - q_sorted).abs().sum(-1)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -118,3 +118,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def checkpoint_dtype(model) -> str:
     return {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+
+
+def decoder_hidden(model, input_ids, attention_mask):
+    """(B, L, d) last hidden state after the final norm: the decoder stack without the LM head, so stage 2 applies
+    the head only at label positions (and a chunk at a time)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps the HF one
+    return inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class StudentWithProjectors(torch.nn.Module):
+    """What stage 2 trains, as one module for the engine: the student and the objective's projectors."""
+
+    def __init__(self, student, projectors=None):
+        super().__init__()
+        self.student = student
+        self.projectors = projectors
+
+    def forward(self, input_ids, attention_mask):
+        return decoder_hidden(self.student, input_ids, attention_mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.head import OutputHead
@@ -90,3 +91,41 @@ def check_head(model, head: OutputHead, seqs: list[list[int]], pad_id: int) -> f
     own = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     keep = mask.bool().to(device)
     return (head.logits(h[keep]) - own[keep]).abs().max().item()
+
+
+class OnlineTeacher:
+    """The teacher resident in memory, producing now the rows a cache would hold (same tokenization, alignment,
+    head and top-k), for online distillation and for checking that a cache reproduces it. Hidden states stay in
+    the model's dtype; nothing is encoded or written."""
+
+    def __init__(self, model, teacher_tok, student_tok, tok_cfg, top_k: int):
+        from pipeline.alignment import tokenizer_vocab_map
+        from pipeline.models import tokenizer_fingerprint
+        from pipeline.tokenize import special_ids
+
+        self.model, self.teacher_tok, self.tok_cfg = model, teacher_tok, tok_cfg
+        same = student_tok is None or tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(teacher_tok)
+        self.student_tok = None if same else student_tok
+        self.head = OutputHead.from_model(model)
+        self.top_k = min(top_k, self.head.vocab_size)
+        self.pad_id = special_ids(teacher_tok, require_eos=False)[1]
+        self.vmap = None if same else tokenizer_vocab_map(teacher_tok, student_tok)
+
+    def rows(self, examples) -> list:
+        """`cache_io.CacheRow` for each example (prompt/response), in order."""
+        from pipeline.alignment import aligned_labels, encode_pair
+        from pipeline.cache_io import CacheRow
+
+        enc = [encode_pair(e, self.teacher_tok, self.student_tok, self.tok_cfg) for e in examples]
+        out = teacher_forward(self.model, self.head, [t.ids for t, _, _ in enc], [t.response_start for t, _, _ in enc],
+                              self.top_k, self.pad_id)
+        rows = []
+        for e, (t, s, pairs), r in zip(examples, enc, out):
+            kw = {}
+            if pairs is not None:
+                kw = dict(align_student=pairs[:, 0], align_teacher=pairs[:, 1],
+                          align_label=aligned_labels(r.topk_ids[:, 0].numpy(), pairs, t.response_start, self.vmap),
+                          align_ratio=len(pairs) / s.n_response)
+            rows.append(CacheRow(e.id, np.asarray(s.ids, np.int32), s.response_start, np.asarray(t.ids, np.int32),
+                                 t.response_start, r.hidden, r.topk_ids, r.topk_logits, r.lse, **kw))
+        return rows

@@ -86,6 +86,24 @@ def evaluate(config_path, overrides):
     _run(stage.run, _load(EvalConfig, config_path, overrides))
 
 
+@main.command()
+@click.option("--out", "out_dir", default="runs/simulation", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=1000, show_default=True, help="SGD steps")
+@click.option("--repetitions", default=100, show_default=True, help="independent problems, averaged")
+@click.option("--vocab", default=10_000, show_default=True, help="classes of each prediction head")
+@click.option("--points", default=16, show_default=True, help="2-D hidden states per side")
+@click.option("--divergences", default="fkl,rkl,js,skl,srkl,akl", show_default=True)
+def simulate(out_dir, steps, repetitions, vocab, points, divergences):
+    """The DSKD paper's simulation: different vs shared heads, per divergence (table + PNG)."""
+    from pipeline.simulation import SimulationConfig
+    from pipeline.simulation import simulate as run_simulation
+
+    cfg = SimulationConfig(divergences=tuple(divergences.split(",")), steps=steps, repetitions=repetitions,
+                           vocab=vocab, points=points)
+    table = run_simulation(cfg, out_dir)
+    click.echo(table.read_text())
+
+
 @main.group()
 def cache() -> None:
     """Inspect a teacher cache (a cache directory or a cache root)."""

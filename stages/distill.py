@@ -20,19 +20,36 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.alignment import edit_distance_vocab_map
 from pipeline.batch import Batch, collate_cache_rows, collate_examples
 from pipeline.cache_io import CacheReader
 from pipeline.cache_schema import recompute_tolerance
-from pipeline.config import ConfigError, DistillConfig, TrainConfig, config_to_dict, dump_config
+from pipeline.config import ConfigError, DistillConfig, ModelRef, TrainConfig, config_to_dict, dump_config
 from pipeline.data import load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, init_distributed
-from pipeline.io_utils import hash_json, write_json
+from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
 from pipeline.losses import token_normaliser
-from pipeline.models import load_model, load_tokenizer, model_fingerprint, short_name, tokenizer_fingerprint
-from pipeline.objectives import NEEDS_TEACHER, compute_objective, teacher_logits
-from pipeline.tokenize import encode, special_ids
+from pipeline.models import (
+    StudentWithProjectors,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    short_name,
+    tokenizer_fingerprint,
+)
+from pipeline.objectives import (
+    NEEDS_EMBEDDINGS,
+    NEEDS_TEACHER,
+    Objective,
+    TeacherSide,
+    build_projectors,
+    check_compatible,
+    student_side,
+)
+from pipeline.tokenize import encode, special_ids, token_surfaces
 
 DONE = "done.json"
+PROJECTORS_FILE = "projectors.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,6 +104,32 @@ def micro_batches(n: int, cfg: TrainConfig, dist: DistInfo, collate: Callable[[l
         epoch += 1
 
 
+def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) -> tuple[TeacherSide, np.ndarray | None]:
+    """The teacher's frozen pieces from the cache, after checking the cache can serve the objective."""
+    m, objective = reader.manifest, cfg.loss.objective
+    where = str(reader.dir)
+    try:
+        check_compatible(objective, m.same_tokenizer, m.embeddings_sha256 is not None, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mode = cfg.loss.teacher_logits
+    if mode == "dense" and not m.head_exact:
+        raise ConfigError(f"{where}: the teacher's head could not be reproduced when the cache was built, so it holds "
+                          "top-k + tail only; set loss.teacher_logits: sparse (or auto)")
+    vmap = None if m.same_tokenizer else reader.vocab_map()
+    teacher = TeacherSide(
+        head=reader.load_head(device),
+        dense=m.head_exact if mode == "auto" else mode == "dense",
+        check_tol=recompute_tolerance(m, cfg.train.teacher_check_tol),
+        embeddings=reader.load_embeddings().to(device) if objective in NEEDS_EMBEDDINGS else None,
+    )
+    if objective == "mined":
+        teacher_tok = load_tokenizer(ModelRef(path=str(reader.dir / "teacher_tokenizer")))
+        mined = edit_distance_vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), vmap)
+        teacher.mined_map = torch.from_numpy(mined).long().to(device)
+    return teacher, vmap
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -99,24 +142,12 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
     student_name = cfg.student_name or short_name(cfg.student)
 
     # ---- data source: a teacher cache, or tokenized examples for plain SFT
-    head, check_tol = None, tcfg.teacher_check_tol
+    teacher, vmap = None, None
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache, expect_student_tokenizer=tokenizer_fingerprint(tokenizer))
         manifest = reader.manifest
-        if NEEDS_TEACHER[objective] and not manifest.same_tokenizer:
-            raise ConfigError(
-                f"objective {objective!r} needs the teacher and student to share a tokenizer; {cfg.cache} is a "
-                "cross-tokenizer cache (use sft here; cross-vocabulary objectives come with dskd_eta / dskd_cma)"
-            )
-        if NEEDS_TEACHER[objective] and not manifest.head_exact:
-            raise ConfigError(
-                f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so it holds "
-                f"top-k + tail only; objective {objective!r} needs full teacher logits (sparse top-k objectives "
-                "come with the Objectives issue)"
-            )
         if NEEDS_TEACHER[objective]:
-            head = reader.load_head(dist.device)
-        check_tol = recompute_tolerance(manifest, check_tol)
+            teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
         n_rows = len(reader)
         source_fp = manifest.fingerprint
         run_name = cfg.run_name or f"{manifest.teacher_name}_to_{student_name}__{objective}"
@@ -124,6 +155,8 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
         def collate(idx: list[int]) -> Batch:
             return collate_cache_rows([reader[i] for i in idx], pad_id)
     else:
+        if NEEDS_TEACHER[objective]:
+            raise ConfigError(f"objective {objective!r} needs a teacher cache (set cache:)")
         examples = load_examples(cfg.data)
         encoded = [(e.id, encode(tokenizer, e.prompt, e.response, cfg.tokenize)) for e in examples]
         n_rows = len(encoded)
@@ -133,7 +166,7 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
         def collate(idx: list[int]) -> Batch:
             return collate_examples([encoded[i] for i in idx], pad_id)
 
-    if objective == "kd" and cfg.run_name is None:
+    if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":
         run_name += f"_{cfg.loss.divergence}"
     if n_rows < tcfg.micro_batch_size * dist.world_size:
         raise ConfigError(f"{n_rows} rows cannot fill one micro-batch of {tcfg.micro_batch_size} on {dist.world_size} rank(s)")
@@ -162,12 +195,18 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
     torch.manual_seed(tcfg.seed + dist.rank)
     import deepspeed
 
-    model = load_model(cfg.student, dtype="float32").train()
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.95))
+    student = load_model(cfg.student, dtype="float32").train().to(dist.device)
+    projectors = build_projectors(cfg.loss, student, teacher, vmap) if teacher is not None else None
+    module = StudentWithProjectors(student, projectors)
+    groups = param_groups(student, tcfg.weight_decay)
+    if projectors is not None:
+        groups.append({"params": list(projectors.parameters()), "lr": tcfg.projector_lr, "weight_decay": tcfg.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dist.world_size)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dist.world_size)
     )
+    compute = Objective(cfg.loss, teacher, projectors, cfg.loss.chunk_positions)
 
     # ---- training loop: batch -> forward -> objective -> backward -> step -> log
     batches = micro_batches(n_rows, tcfg, dist, collate)
@@ -181,35 +220,38 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
         (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
         normaliser = token_normaliser(int(global_tokens), tcfg.grad_accum, dist.world_size)
         sums: dict[str, float] = {}
-        max_err, seen_tokens = 0.0, 0
+        worst: dict[str, float] = {}
+        seen_tokens = 0
         for batch in micro:
             batch = batch.to(dist.device)
-            teacher = None
-            if head is not None:
-                teacher, err = teacher_logits(batch, head, check_tol)
-                max_err = max(max_err, err)
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            out = compute_objective(cfg.loss, batch, logits, normaliser, teacher)
+            hidden = engine(batch.input_ids, batch.attention_mask)
+            out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
             if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"step {step}: non-finite loss {out.sums} in rows {batch.ids[:4]}")
+                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
+                raise FloatingPointError(f"step {step}: non-finite loss (terms {bad}) in rows {batch.ids[:4]}")
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            for k, v in out.sums.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in [("loss", out.loss), *out.terms.items()]:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in out.stats.items():
+                worst[k] = max(worst.get(k, v), v) if k == "teacher_max_err" else worst.get(k, 0.0) + v
             seen_tokens += int(batch.attention_mask.sum())
 
-        names = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in names] + [seen_tokens], dist.device)
-        per_token = {k: v / global_tokens for k, v in zip(names, reduced)}
-        total = (1 - cfg.loss.alpha) * per_token["ce"] + cfg.loss.alpha * per_token["kd"] if "kd" in per_token else per_token["ce"]
+        # each term is (sum over the micro-batch) / N-bar: their mean over micro-batches and ranks is a token mean
+        names, stat_names = sorted(sums), sorted(k for k in worst if k != "teacher_max_err")
+        reduced = all_reduce_sum([sums[k] for k in names] + [worst[k] for k in stat_names] + [seen_tokens], dist.device)
+        n_micro = tcfg.grad_accum * dist.world_size
+        per_token = {k: v / n_micro for k, v in zip(names, reduced)}
+        stats = {k: v / n_micro for k, v in zip(stat_names, reduced[len(names) :])}
+        if "teacher_max_err" in worst:  # this rank's worst recomputation error
+            stats["teacher_max_err"] = worst["teacher_max_err"]
+        total = per_token["loss"]
         tok_s = reduced[-1] / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
         if metrics is not None and (step % tcfg.log_every == 0 or step == 1 or step == tcfg.steps):
-            row = {"step": step, "loss": total, **per_token, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+            row = {"step": step, **per_token, **stats, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
                    "loss_tokens": int(global_tokens), "elapsed_s": time.perf_counter() - t_start}
-            if head is not None:
-                row["teacher_max_err"] = max_err
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
     bar.close()
@@ -218,8 +260,10 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
     if dist.is_main:
         metrics.close()
         final = run_dir / "final"
-        engine.module.save_pretrained(final)
+        engine.module.student.save_pretrained(final)
         tokenizer.save_pretrained(final)
+        if projectors is not None:  # beside the student: not part of the HF checkpoint
+            atomic_save_safetensors(run_dir / PROJECTORS_FILE, {k: v.contiguous() for k, v in projectors.state_dict().items()})
         write_json(done, {"fingerprint": fingerprint, "steps": tcfg.steps, "final_loss": total,
                           "wall_s": time.perf_counter() - t_start})
         print(f"distill: {tcfg.steps} steps, final loss {total:.4f}, student in {final}")

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.alignment import label_alignment, vocab_map
+from pipeline.alignment import aligned_labels, encode_pair, tokenizer_vocab_map
 from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name
 from pipeline.cache_schema import (
     CHANNEL_SCALE_FILE,
@@ -50,7 +50,7 @@ from pipeline.models import (
     tokenizer_fingerprint,
 )
 from pipeline.teacher import check_head, teacher_forward
-from pipeline.tokenize import Encoded, TokenizerError, encode, is_byte_token, special_ids, token_surfaces
+from pipeline.tokenize import Encoded, TokenizerError, encode, special_ids
 
 # this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
 STATS_FILE = "build_stats.json"
@@ -98,15 +98,11 @@ def prepare_shard(
     aligned = student_tok is not None
     t_enc, s_enc, alignments = [], [], [] if aligned else None
     for e in rows:
-        try:
-            t = encode(teacher_tok, e.prompt, e.response, tok_cfg, with_offsets=aligned, require_eos=False)
-            s = encode(student_tok, e.prompt, e.response, tok_cfg, with_offsets=True) if aligned else t
-        except TokenizerError as err:
-            raise TokenizerError(f"row {e.id!r}: {err}") from None
+        t, s, pairs = encode_pair(e, teacher_tok, student_tok, tok_cfg)
         t_enc.append(t)
         s_enc.append(s)
         if aligned:
-            alignments.append(label_alignment(s, t, e.response))
+            alignments.append(pairs)
     # batches of similar length waste little compute on padding; rows are written back in data order
     order = sorted(range(len(rows)), key=lambda i: len(t_enc[i].ids))
     batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
@@ -128,8 +124,8 @@ def run(cfg: TeacherCacheConfig) -> Path:
     student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
     s_fp, t_fp = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
     same = s_fp == t_fp
-    t_eos, t_pad = special_ids(teacher_tok, require_eos=False)
-    s_eos, _ = special_ids(student_tok)
+    _, t_pad = special_ids(teacher_tok, require_eos=False)
+    special_ids(student_tok)  # a student tokenizer without EOS is an error here, before any work
     examples = load_examples(cfg.data)
     encoding = "int8" if cfg.cache.mode == "compact" else (
         cfg.teacher.dtype if cfg.cache.hidden_dtype == "auto" else cfg.cache.hidden_dtype
@@ -169,7 +165,7 @@ def run(cfg: TeacherCacheConfig) -> Path:
             f"teacher-cache: WARNING: the output head does not reproduce {cfg.teacher.path!r}'s logits (max error "
             f"{head_err:.3g}); falling back to top-k + tail from the model's own logits (stage 2 cannot recompute them)"
         )
-    vmap = None if same else _vocab_map(teacher_tok, student_tok, t_eos, s_eos)
+    vmap = None if same else tokenizer_vocab_map(teacher_tok, student_tok)
     if dist.is_main:
         writer.begin()
         head.save(out / HEAD_FILE)
@@ -224,7 +220,7 @@ def run(cfg: TeacherCacheConfig) -> Path:
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
             pending = pool.submit(
-                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, t_eos, s_eos, kl
+                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, kl
             )
         if pending is not None:
             pending.result()
@@ -270,14 +266,6 @@ def run(cfg: TeacherCacheConfig) -> Path:
 # Helpers
 
 
-def _vocab_map(teacher_tok, student_tok, t_eos: int | None, s_eos: int) -> np.ndarray:
-    avoid = frozenset(i for i in range(len(student_tok)) if is_byte_token(student_tok, i))
-    vmap = vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), avoid)
-    if t_eos is not None:
-        vmap[t_eos] = s_eos  # the teacher predicting its end is the student predicting its own
-    return vmap
-
-
 def _save_embeddings(model, path: Path) -> None:
     atomic_save_safetensors(path, {"weight": model.get_input_embeddings().weight.detach().cpu()})
 
@@ -309,7 +297,7 @@ def _gather_kl(cache_dir: Path) -> dict:
 
 
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
-                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, t_eos: int | None, s_eos: int, kl: tuple | None) -> None:
+                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, kl: tuple | None) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     hidden = torch.cat([o.hidden for o in outputs])
     values, scale = encode_hidden(hidden, encoding, channel_scale)
@@ -332,9 +320,7 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
     if prep.alignments is not None:
         labels, ratios = [], []
         for s, t, o, pos in zip(prep.student, prep.teacher, outputs, prep.alignments):
-            top1 = o.topk_ids[:, 0].numpy()[pos[:, 1] - (t.response_start - 1)]
-            mapped = vmap[top1]
-            labels.append(np.where(mapped >= 0, mapped, -100).astype(np.int32))
+            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), pos, t.response_start, vmap))
             ratios.append(len(pos) / s.n_response)
         cols["align_student"] = list_column([p[:, 0] for p in prep.alignments], schema.field("align_student").type)
         cols["align_teacher"] = list_column([p[:, 1] for p in prep.alignments], schema.field("align_teacher").type)

@@ -1,4 +1,5 @@
-"""Divergences against a float64 brute-force reference, and the token normaliser."""
+"""Divergences against a float64 brute-force reference (values and gradients), their properties, sparse top-k +
+tail teachers, ULD's sorted L1, and the token normaliser."""
 
 from __future__ import annotations
 
@@ -8,55 +9,149 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import cross_entropy_sum, divergence, token_normaliser
+from pipeline.losses import (
+    DIVERGENCES,
+    SparseLogits,
+    cross_entropy_sum,
+    divergence,
+    sorted_l1,
+    token_normaliser,
+)
 
 
-def brute(name, s, t, T):
-    """Per-position KL by explicit loops in float64."""
+def _kl64(a, b):
+    return sum(a[v] * (math.log(a[v]) - math.log(b[v])) for v in range(len(a)) if a[v] > 0)
+
+
+def brute_one(name, p, q, skew=0.1, mu=0.5):
+    """One position, plain Python floats over probability lists: the definitions as written in the issue."""
+    if name == "fkl":
+        return _kl64(p, q)
+    if name == "rkl":
+        return _kl64(q, p)
+    if name == "js":
+        m = [(a + b) / 2 for a, b in zip(p, q)]
+        return (_kl64(p, m) + _kl64(q, m)) / 2
+    if name == "skl":
+        return _kl64(p, [skew * a + (1 - skew) * b for a, b in zip(p, q)])
+    if name == "srkl":
+        return _kl64(q, [skew * b + (1 - skew) * a for a, b in zip(p, q)])
+    if name == "tvd":
+        return sum(abs(a - b) for a, b in zip(p, q)) / 2
+    if name == "akl":
+        order = sorted(range(len(p)), key=lambda v: p[v])
+        c, g_head, g_tail = 0.0, 0.0, 0.0
+        for v in order:
+            c += p[v]
+            if c <= mu:
+                g_tail += abs(p[v] - q[v])
+            else:
+                g_head += abs(p[v] - q[v])
+        if g_head + g_tail == 0:
+            return 0.0
+        return (g_head * _kl64(p, q) + g_tail * _kl64(q, p)) / (g_head + g_tail)
+    raise ValueError(name)
+
+
+def brute(name, s, t, T, **kw):
     out = torch.zeros(s.shape[:-1], dtype=torch.float64)
     for idx in itertools.product(*(range(n) for n in s.shape[:-1])):
-        q = torch.softmax(s[idx].double() / T, -1)
-        p = torch.softmax(t[idx].double() / T, -1)
-        a, b = (p, q) if name == "fkl" else (q, p)
-        out[idx] = sum(float(a[v]) * (math.log(a[v]) - math.log(b[v])) for v in range(len(a)) if a[v] > 0)
+        q = torch.softmax(s[idx].double() / T, -1).tolist()
+        p = torch.softmax(t[idx].double() / T, -1).tolist()
+        out[idx] = brute_one(name, p, q, **kw)
     return out
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl"])
+def closed_form64(name, s, t, T, skew=0.1, mu=0.5):
+    """A differentiable float64 version in probability space (no log-floor tricks), for gradients."""
+    q, p = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if name == "fkl":
+        return kl(p, q)
+    if name == "rkl":
+        return kl(q, p)
+    if name == "js":
+        m = (p + q) / 2
+        return (kl(p, m) + kl(q, m)) / 2
+    if name == "skl":
+        return kl(p, skew * p + (1 - skew) * q)
+    if name == "srkl":
+        return kl(q, skew * q + (1 - skew) * p)
+    if name == "tvd":
+        return (p - q).abs().sum(-1) / 2
+    ps, order = p.detach().sort(-1)
+    gap = (ps - q.detach().gather(-1, order)).abs()
+    tail = ps.cumsum(-1) <= mu
+    gt, gh = (gap * tail).sum(-1), (gap * ~tail).sum(-1)
+    return (gh * kl(p, q) + gt * kl(q, p)) / (gh + gt)
+
+
+def _logits(*shape, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_values_and_gradients_match_float64(name, T):
-    g = torch.Generator().manual_seed(0)
-    s = (3 * torch.randn(3, 4, 11, generator=g, dtype=torch.float64)).requires_grad_()
-    t = 3 * torch.randn(3, 4, 11, generator=g, dtype=torch.float64)
+    s, t = _logits(3, 4, 11), _logits(3, 4, 11, seed=1)
     got = divergence(name, s.float(), t.float(), temperature=T, reduction="none")
-    torch.testing.assert_close(got.double(), brute(name, s.detach(), t, T), atol=1e-5, rtol=1e-5)
-    # gradient through the fp32 implementation vs autograd through a float64 closed form
-    s32 = s.detach().float().requires_grad_()
+    torch.testing.assert_close(got.double(), brute(name, s, t, T), atol=1e-5, rtol=1e-5)
+    s32 = s.float().requires_grad_()
     divergence(name, s32, t.float(), temperature=T, reduction="sum").backward()
-    lq, lp = torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)
-    ref = (lp.exp() * (lp - lq)).sum() if name == "fkl" else (lq.exp() * (lq - lp)).sum()
-    ref.backward()
-    torch.testing.assert_close(s32.grad.double(), s.grad, atol=1e-5, rtol=1e-4)
+    s64 = s.clone().requires_grad_()
+    closed_form64(name, s64, t, T).sum().backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl"])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_extreme_logits_stay_finite(name):
+    # -inf (masked vocabulary), probabilities that underflow, and huge gaps
+    s = torch.tensor([[0.0, -float("inf"), 3.0, -1e4], [80.0, -80.0, 0.0, 0.0], [1e3, -1e3, 0.0, 5.0]], requires_grad=True)
+    t = torch.tensor([[1.0, -float("inf"), -1e4, 2.0], [-80.0, 80.0, 0.0, 0.0], [-1e3, 1e3, 0.0, 5.0]])
+    out = divergence(name, s, t, reduction="sum", skew=0.0) + divergence(name, s, t, reduction="sum", skew=1.0)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+    sparse = SparseLogits(torch.tensor([[2, 0], [1, 2], [1, 3]]), torch.tensor([[-1e4, 1.0], [80.0, 0.0], [1e3, 5.0]]),
+                          torch.logsumexp(t, -1), 4)
+    s.grad = None
+    out = divergence(name, s, sparse, reduction="sum", temperature=2.0)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
 def test_identical_inputs_give_zero_and_mask(name):
     x = torch.randn(5, 7)
     assert divergence(name, x, x).abs().item() < 1e-6
     y = torch.randn(5, 7)
     mask = torch.tensor([True, False, True, False, False])
     per = divergence(name, x, y, reduction="none")
+    assert (per[~mask] != 0).all() or name == "tvd"
     torch.testing.assert_close(divergence(name, x, y, mask, reduction="sum"), per[mask].sum())
     torch.testing.assert_close(divergence(name, x, y, mask, reduction="mean"), per[mask].mean())
+    torch.testing.assert_close(divergence(name, x, y, mask, reduction="none")[~mask], torch.zeros(3))
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl"])
-def test_extreme_logits_stay_finite(name):
-    s = torch.tensor([[0.0, -float("inf"), 3.0, -1e4], [80.0, -80.0, 0.0, 0.0]], requires_grad=True)
-    t = torch.tensor([[1.0, -float("inf"), -1e4, 2.0], [-80.0, 80.0, 0.0, 0.0]])
-    out = divergence(name, s, t, reduction="sum")
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+def test_properties():
+    s, t = _logits(6, 13).float(), _logits(6, 13, seed=1).float()
+    d = lambda name, a, b, **kw: divergence(name, a, b, reduction="none", **kw)  # noqa: E731
+    torch.testing.assert_close(d("js", s, t), d("js", t, s))
+    torch.testing.assert_close(d("tvd", s, t), d("tvd", t, s))
+    torch.testing.assert_close(d("skl", s, t, skew=0.0), d("fkl", s, t))
+    torch.testing.assert_close(d("srkl", s, t, skew=0.0), d("rkl", s, t))
+    torch.testing.assert_close(d("skl", s, t, skew=1.0), torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(d("srkl", s, t, skew=1.0), torch.zeros(6), atol=1e-6, rtol=0)
+    # akl: mu = 0 puts every entry in the head, which gives fkl
+    torch.testing.assert_close(d("akl", s, t, akl_mu=0.0), d("fkl", s, t))
+    for name in DIVERGENCES:
+        torch.testing.assert_close(d(name, s, t, temperature=2.5), d(name, s / 2.5, t / 2.5))
+        assert (d(name, s, t) >= -1e-6).all()
+    # js and tvd are bounded by log 2 and 1
+    assert (d("js", 50 * s, -50 * s) <= math.log(2) + 1e-5).all() and (d("tvd", 50 * s, -50 * s) <= 1 + 1e-6).all()
 
 
 def test_bfloat16_inputs_are_computed_in_float32():
@@ -64,6 +159,70 @@ def test_bfloat16_inputs_are_computed_in_float32():
     got = divergence("fkl", s.bfloat16(), t.bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, divergence("fkl", s.bfloat16().float(), t.bfloat16().float()))
+
+
+def _sparse(t: torch.Tensor, k: int) -> SparseLogits:
+    top = t.topk(k, dim=-1)
+    return SparseLogits(top.indices, top.values, torch.logsumexp(t, -1), t.shape[-1])
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_sparse_with_k_equal_v_is_dense(name, T):
+    s, t = _logits(4, 9).float(), _logits(4, 9, seed=1).float()
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    dense = divergence(name, s1, t, temperature=T, reduction="none")
+    sparse = divergence(name, s2, _sparse(t, 9), temperature=T, reduction="none")
+    torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=1e-5)
+    dense.sum().backward()
+    sparse.sum().backward()
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-6, rtol=1e-5)
+
+
+def _bucket_brute(name, s, t, ids, T):
+    """Both full distributions at temperature T collapsed onto the ids + one tail bucket, then the definition."""
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    rest = torch.ones(len(t), dtype=torch.bool)
+    rest[ids] = False
+    return brute_one(name, p[ids].tolist() + [float(p[rest].sum())], q[ids].tolist() + [float(q[rest].sum())])
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_sparse_top_k_is_the_divergence_over_k_plus_tail_buckets(name):
+    # at T = 1 every bucket is exact for any teacher
+    s, t, k = _logits(3, 12), _logits(3, 12, seed=1), 4
+    got = divergence(name, s.float(), _sparse(t.float(), k), reduction="none")
+    ref = torch.tensor([_bucket_brute(name, s[i], t[i], t[i].topk(k).indices, 1.0) for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+    # at T != 1 the tail is mean-field: exact when the teacher's tail logits are equal
+    t[:, 4:] = 0.0
+    t[:, :4] = torch.tensor([5.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    got = divergence(name, s.float(), _sparse(t.float(), k), temperature=3.0, reduction="none")
+    ref = torch.tensor([_bucket_brute(name, s[i], t[i], torch.arange(4), 3.0) for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_dense_log_probs_and_argmax():
+    t = torch.tensor([[3.0, 1.0, 0.0, 0.0, 0.0]])  # equal tail logits: the mean-field tail is exact at any T
+    sp = _sparse(t, 2)
+    for T in (1.0, 3.0):
+        torch.testing.assert_close(sp.dense_log_probs(T), torch.log_softmax(t / T, -1))
+    assert sp.argmax().item() == 0
+    full = _sparse(t, 5)
+    torch.testing.assert_close(full.dense_log_probs(2.0), torch.log_softmax(t / 2.0, -1))
+
+
+def test_sorted_l1_matches_brute_force_across_vocab_sizes():
+    s, t = _logits(3, 7).float(), _logits(3, 10, seed=1).float()
+    got = sorted_l1(s, t)
+    for i in range(3):
+        q = sorted(torch.softmax(s[i].double(), -1).tolist(), reverse=True) + [0.0] * 3
+        p = sorted(torch.softmax(t[i].double(), -1).tolist(), reverse=True)
+        assert abs(got[i].item() - sum(abs(a - b) for a, b in zip(p, q))) < 1e-5
+    # sparse with k = V is dense; with k < V a lower bound
+    t2 = _logits(3, 7, seed=2).float()
+    torch.testing.assert_close(sorted_l1(s, _sparse(t2, 7)), sorted_l1(s, t2))
+    assert (sorted_l1(s, _sparse(t2, 3)) <= sorted_l1(s, t2) + 1e-6).all()
 
 
 def test_cross_entropy_ignores_minus_100():

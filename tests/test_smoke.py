@@ -156,3 +156,40 @@ def test_deepspeed_config_is_filled_from_the_run_config():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+
+
+@pytest.fixture(scope="module")
+def xcache(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("xcache")
+    return teacher_cache.run(tiny.cache_cfg(f"out_dir={out}", "cache.store_embeddings=true", name="teacher_cache_xtok.yaml"))
+
+
+@pytest.mark.parametrize("objective,cross", [("dskd", False), ("dskd_v2", False), ("uld", False),
+                                             ("dskd_eta", True), ("dskd_cma", True), ("mined", True)])
+def test_every_objective_trains_from_its_cache(chain, xcache, objective, cross):
+    tiny, cache = chain
+    meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"] if cross else []
+    run_dir = distill.run(tiny.distill_cfg(*meta, f"loss.objective={objective}", "loss.divergence=srkl",
+                                           "train.steps=2", "train.log_every=1", f"out_dir={tiny.root}/objectives"))
+    suffix = "" if objective == "uld" else "_srkl"
+    assert run_dir.name == f"tiny-teacher_to_tiny-student__{objective}{suffix}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    terms = {"dskd": {"t2s_ce", "t2s_kd", "s2t_kd"}, "uld": {"kd"}, "mined": {"kd"}}.get(
+        objective, {"t2s_ce", "t2s_kd", "s2t_kd", "t2s_agreement"})
+    for r in rows:
+        assert {"loss", "ce"} | terms <= set(r), set(r)
+        assert all(isinstance(v, (int, float)) and v == v for v in r.values())
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
+    has_projectors = objective not in ("uld", "mined")
+    assert (run_dir / distill.PROJECTORS_FILE).exists() == has_projectors
+    assert files(run_dir / "final") == CHECKPOINT_FILES
+
+
+def test_objective_and_cache_mismatches_are_refused(chain, tiny, tmp_path):
+    _, cache = chain
+    with pytest.raises(ConfigError, match="for different tokenizers"):
+        distill.run(tiny.distill_cfg("loss.objective=dskd_eta", "run_name=x"))
+    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
+    with pytest.raises(ConfigError, match="store_embeddings"):
+        distill.run(tiny.distill_cfg(f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}",
+                                     "loss.objective=dskd_cma", "run_name=y"))

@@ -1,0 +1,72 @@
+"""`make bench-objectives`: stage-2 step time of every objective relative to `sft`, on the tiny default.
+
+Each objective trains the shipped tiny-default student (configs/tiny/distill.yaml: micro-batch 32, fp32, ZeRO 0)
+from the tiny default's caches for `--steps` steps, one after the other in this process; the step time is taken
+from the run's own metrics.jsonl between step `--warmup` and the last step, so start-up is excluded. Same-tokenizer
+objectives read the shipped cache (runs/tiny/cache, built by `make teacher-cache`); cross-tokenizer ones a cache
+with the SentencePiece-style student tokenizer and the teacher's input embeddings, built here once if missing.
+Ratios are against `sft` on the same cache and student.
+
+    python bench/objectives.py [--steps 40] [--warmup 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.config import DistillConfig, TeacherCacheConfig, load_config  # noqa: E402
+from stages import distill, teacher_cache  # noqa: E402
+
+SAME = ["sft", "kd", "dskd", "dskd_v2", "uld"]
+CROSS = ["sft", "dskd_eta", "dskd_cma", "uld", "mined"]
+
+
+def step_time(cfg: DistillConfig, warmup: int) -> float:
+    run_dir = distill.run(cfg, force=True)
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    last = max(rows)
+    return (rows[last]["elapsed_s"] - rows[warmup]["elapsed_s"]) / (last - warmup)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    if not (ROOT / "runs/tiny/cache/CURRENT").exists():
+        sys.exit("run `make teacher-cache` first (the tiny default's cache)")
+    xtok = load_config(TeacherCacheConfig, ROOT / "configs/tiny/teacher_cache_xtok.yaml", ["cache.store_embeddings=true"])
+    xcache = teacher_cache.run(xtok)
+    out = tempfile.mkdtemp(prefix="bench-objectives-")
+    common = [f"train.steps={args.steps}", f"train.log_every={args.warmup}", f"out_dir={out}"]
+    results = []
+    for pairing, objectives, extra in (
+        ("same tokenizer", SAME, []),
+        ("cross tokenizer", CROSS, [f"cache={xcache}", "student.path=runs/tiny/assets/student-init-metaspace"]),
+    ):
+        times = {}
+        for objective in objectives:
+            cfg = load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml",
+                              [*common, *extra, f"loss.objective={objective}", f"run_name={pairing[:5]}-{objective}"])
+            times[objective] = step_time(cfg, args.warmup)
+        results.append((pairing, times))
+    print(f"\nstage-2 step time on the tiny default (micro-batch 32, fp32, 1 process), steps {args.warmup}-{args.steps}:")
+    print(f"{'cache':<16} {'objective':<10} {'ms/step':>8} {'x sft':>6}")
+    for pairing, times in results:
+        for objective, t in times.items():
+            print(f"{pairing:<16} {objective:<10} {1000 * t:8.1f} {t / times['sft']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

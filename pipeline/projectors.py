@@ -1,0 +1,73 @@
+"""Projectors between the student's and the teacher's hidden spaces, and their initialisation.
+
+Row-vector convention (reference section 5): logits = h @ A with A_S = W_S^T (d_S x V_S), A_T = W_T^T (d_T x V_T).
+- dskd (v1) and dskd_cma: t2s (d_T -> d_S) and s2t (d_S -> d_T) are trained nn.Linear with bias and PyTorch's
+  default init; CMA adds the query projector (2 d_S -> 2 d_T).
+- dskd_v2 / dskd_eta: t2s (no bias) starts at the logit-identity least squares P = A~_T pinv(A~_S) over a shared
+  vocabulary U, so h_T P A~_S reproduces the teacher's logits on U as well as any linear map can; s2t is not a
+  parameter: each step Q = sg(A~_S) pinv(A~_T) is formed from the current (detached) student head and the teacher
+  head's pseudo-inverse, computed once in float32 (the reference stores it in bf16, section 12 #15).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# projector modules per objective; dskd_v2 / dskd_eta derive s2t from the heads instead of learning it
+PROJECTORS = {
+    "dskd": ("t2s", "s2t"),
+    "dskd_v2": ("t2s",),
+    "dskd_eta": ("t2s",),
+    "dskd_cma": ("t2s", "s2t", "query"),
+}
+
+
+def shared_head_columns(
+    student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A~_S (d_S x |U|) and A~_T (d_T x |U|) in float32: the head rows (V, d) of the shared vocabulary U, given as
+    matching id lists (same vocabulary: U = every id; different: token pairs with the same text, in id order)."""
+    return student_head.detach().float()[student_ids].T, teacher_head.detach().float()[teacher_ids].T
+
+
+def logit_identity_t2s(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """P = A~_T pinv(A~_S) (d_T x d_S): the minimum-norm least-squares solution of P A~_S = A~_T, in float32."""
+    return a_t @ torch.linalg.pinv(a_s)
+
+
+class Projectors(nn.Module):
+    """The projector modules of one objective, plus the frozen pieces that derive s2t for dskd_v2 / dskd_eta."""
+
+    def __init__(self, objective: str, d_s: int, d_t: int):
+        super().__init__()
+        names = PROJECTORS.get(objective, ())
+        bias = objective in ("dskd", "dskd_cma")
+        if "t2s" in names:
+            self.t2s = nn.Linear(d_t, d_s, bias=bias)
+        if "s2t" in names:
+            self.s2t = nn.Linear(d_s, d_t, bias=True)
+        if "query" in names:
+            self.query = nn.Linear(2 * d_s, 2 * d_t, bias=True)
+        # dskd_v2 / dskd_eta: pinv(A~_T) (|U| x d_T) and the student ids of U, set by `init_logit_identity`
+        self.register_buffer("teacher_pinv", None, persistent=False)
+        self.register_buffer("student_ids", None, persistent=False)
+
+    def init_logit_identity(
+        self, student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor,
+        *, init_t2s: bool = True,
+    ) -> None:
+        """Set t2s to the logit-identity solution (when `init_t2s`) and keep pinv(A~_T) for the per-step s2t."""
+        a_s, a_t = shared_head_columns(student_head, teacher_head, student_ids, teacher_ids)
+        if init_t2s:
+            with torch.no_grad():
+                self.t2s.weight.copy_(logit_identity_t2s(a_s, a_t).T.to(self.t2s.weight.dtype))
+        self.teacher_pinv = torch.linalg.pinv(a_t)  # (|U|, d_T), float32
+        self.student_ids = student_ids.long()
+
+    def s2t_matrix(self, student_head: torch.Tensor) -> torch.Tensor:
+        """Q = sg(A~_S) pinv(A~_T) (d_S x d_T) from the current student head (V_S, d_S)."""
+        if self.teacher_pinv is None:
+            raise RuntimeError("s2t_matrix needs init_logit_identity first")
+        a_s = student_head.detach().float()[self.student_ids].T
+        return a_s @ self.teacher_pinv.to(a_s.device)
