@@ -119,6 +119,11 @@ def _teacher_target(teacher: TeacherSide, hidden: torch.Tensor | None, sparse: S
     return z, err
 
 
+def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projector on x in the projector's dtype (bf16 under mixed precision), result in float32."""
+    return module(x.to(module.weight.dtype)).float()
+
+
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().max() if x.numel() else x.new_zeros(())
 
@@ -291,7 +296,7 @@ class Objective:
             t2s_y = labels if name == "dskd" else self._sparse(batch).argmax()  # v1: gold; v2: teacher argmax
         # student space: the projected teacher sits at the student positions it is aligned to (zeros elsewhere)
         h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev, dtype=student.hidden.dtype)
-        h_t2s = h_t2s.index_copy(0, s_rows, proj.t2s(h_t[t_rows].to(proj.t2s.weight.dtype)).to(h_t2s.dtype))
+        h_t2s = h_t2s.index_copy(0, s_rows, _apply(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
         y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
         rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
         st = self._student_space(student, labels, h_t2s, y_t2s, rows)
@@ -299,7 +304,7 @@ class Objective:
         te = None
         if c.spaces != "student":
             if name == "dskd":
-                h_s2t = proj.s2t(student.hidden[s_rows].to(proj.s2t.weight.dtype))
+                h_s2t = _apply(proj.s2t, student.hidden[s_rows])
             else:
                 h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(student.head.weight)
             te = self._teacher_space(batch, h_s2t, t_rows)
@@ -337,9 +342,9 @@ class Objective:
         key = key / key.std()
         h_t = batch.teacher_hidden.float()
         e_y = e_t_tab[y_val]
-        value_t = proj.t2s(h_t / h_t.std() + e_y / e_y.std())  # (N_T, d_S)
-        query = proj.query(torch.cat([e_s_tab[s_inputs], e_s_tab[labels]], -1))  # (N, 2 d_T)
-        value_s = proj.s2t(student.hidden.float())  # (N, d_T)
+        value_t = _apply(proj.t2s, h_t / h_t.std() + e_y / e_y.std())  # (N_T, d_S)
+        query = _apply(proj.query, torch.cat([e_s_tab[s_inputs], e_s_tab[labels]], -1))  # (N, 2 d_T)
+        value_s = _apply(proj.s2t, student.hidden)  # (N, d_T)
         h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev)
         h_s2t = torch.zeros(h_t.shape[0], h_t.shape[-1], device=dev)
         scale = math.sqrt(key.shape[-1])

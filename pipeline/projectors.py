@@ -49,9 +49,10 @@ class Projectors(nn.Module):
             self.s2t = nn.Linear(d_s, d_t, bias=True)
         if "query" in names:
             self.query = nn.Linear(2 * d_s, 2 * d_t, bias=True)
-        # dskd_v2 / dskd_eta: pinv(A~_T) (|U| x d_T) and the student ids of U, set by `init_logit_identity`
-        self.register_buffer("teacher_pinv", None, persistent=False)
-        self.register_buffer("student_ids", None, persistent=False)
+        # dskd_v2 / dskd_eta: pinv(A~_T) (|U| x d_T) and the student ids of U, set by `init_logit_identity`. Plain
+        # attributes, not buffers: module.to(bfloat16) and mixed-precision engines must not round the pinv
+        self.teacher_pinv: torch.Tensor | None = None
+        self.student_ids: torch.Tensor | None = None
 
     def init_logit_identity(
         self, student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor,
@@ -69,5 +70,8 @@ class Projectors(nn.Module):
         """Q = sg(A~_S) pinv(A~_T) (d_S x d_T) from the current student head (V_S, d_S)."""
         if self.teacher_pinv is None:
             raise RuntimeError("s2t_matrix needs init_logit_identity first")
+        if self.teacher_pinv.device != student_head.device:
+            self.teacher_pinv = self.teacher_pinv.to(student_head.device)
+            self.student_ids = self.student_ids.to(student_head.device)
         a_s = student_head.detach().float()[self.student_ids].T
-        return a_s @ self.teacher_pinv.to(a_s.device)
+        return a_s @ self.teacher_pinv

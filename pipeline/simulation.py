@@ -50,20 +50,23 @@ def run_one(cfg: SimulationConfig, name: str, shared: bool) -> dict:
     h_t, h_s, w_t, w_s = _problem(cfg, shared, g)
     h_s.requires_grad_()
     z_t = h_t @ w_t  # (r, n, V), fixed
-    steps, loss_mean, loss_std, dist_mean = [], [], [], []
+    steps, loss_mean, loss_std, loss_min, loss_max, dist_mean = [], [], [], [], [], []
     for step in range(cfg.steps + 1):
         per = divergence(name, h_s @ w_s, z_t, reduction="none").mean(-1)  # (r,) mean over points
         if step % cfg.record_every == 0 or step == cfg.steps:
             steps.append(step)
             loss_mean.append(per.mean().item())
             loss_std.append(per.std().item() if cfg.repetitions > 1 else 0.0)
+            loss_min.append(per.min().item())
+            loss_max.append(per.max().item())
             dist_mean.append((h_s.detach() - h_t).norm(dim=-1).mean().item())
         if step == cfg.steps:
             break
         (grad,) = torch.autograd.grad(per.sum(), h_s)
         with torch.no_grad():
             h_s -= cfg.lr * grad
-    return {"steps": steps, "loss_mean": loss_mean, "loss_std": loss_std, "distance_mean": dist_mean}
+    return {"steps": steps, "loss_mean": loss_mean, "loss_std": loss_std, "loss_min": loss_min, "loss_max": loss_max,
+            "distance_mean": dist_mean}
 
 
 def simulate(cfg: SimulationConfig, out_dir: Path, progress=print) -> Path:
@@ -88,8 +91,8 @@ def simulate(cfg: SimulationConfig, out_dir: Path, progress=print) -> Path:
     ]
     for name in cfg.divergences:
         d, s = results[f"{name}/different"], results[f"{name}/shared"]
-        lines.append(f"| {name} | {d['loss_mean'][-1]:.4f} ± {d['loss_std'][-1]:.4f} | {s['loss_mean'][-1]:.4f} ± "
-                     f"{s['loss_std'][-1]:.4f} | {d['distance_mean'][-1]:.3f} | {s['distance_mean'][-1]:.3f} |")
+        lines.append(f"| {name} | {d['loss_mean'][-1]:.4g} ± {d['loss_std'][-1]:.2g} | {s['loss_mean'][-1]:.2g} ± "
+                     f"{s['loss_std'][-1]:.2g} | {d['distance_mean'][-1]:.3f} | {s['distance_mean'][-1]:.2g} |")
     table = out_dir / "simulation.md"
     atomic_write_text(table, "\n".join(lines) + "\n")
     _plot(cfg, results, out_dir / "simulation.png")
@@ -109,11 +112,9 @@ def _plot(cfg: SimulationConfig, results: dict, path: Path) -> None:
     for ax, name in zip(axes.flat, cfg.divergences):
         for label, style in (("different", "tab:red"), ("shared", "tab:blue")):
             r = results[f"{name}/{label}"]
-            ax.plot(r["steps"], r["loss_mean"], color=style, label=f"{label} heads")
-            lo = [m - s for m, s in zip(r["loss_mean"], r["loss_std"])]
-            hi = [m + s for m, s in zip(r["loss_mean"], r["loss_std"])]
-            ax.fill_between(r["steps"], lo, hi, color=style, alpha=0.2)
-        ax.set_title(name)
+            ax.plot(r["steps"], r["loss_mean"], color=style, label=f"{label} head{'s' if label == 'different' else ''}")
+            ax.fill_between(r["steps"], r["loss_min"], r["loss_max"], color=style, alpha=0.2)  # over repetitions
+        ax.set_title(f"{name} (mean, min-max band)")
         ax.set_xlabel("SGD step")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=8)

@@ -96,8 +96,9 @@ def _logits(*shape, scale=3.0, seed=0):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_values_and_gradients_match_float64(name, T):
-    s, t = _logits(3, 4, 11), _logits(3, 4, 11, seed=1)
+@pytest.mark.parametrize("scale", [3.0, 40.0])  # 40: many probabilities far below float32's smallest normal
+def test_values_and_gradients_match_float64(name, T, scale):
+    s, t = _logits(3, 4, 11, scale=scale), _logits(3, 4, 11, scale=scale, seed=1)
     got = divergence(name, s.float(), t.float(), temperature=T, reduction="none")
     torch.testing.assert_close(got.double(), brute(name, s, t, T), atol=1e-5, rtol=1e-5)
     s32 = s.float().requires_grad_()

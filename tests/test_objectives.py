@@ -250,3 +250,25 @@ def test_kd_truncates_a_padded_teacher_head_to_the_shared_ids(same):
     z_s = student.get_output_embeddings()(hidden)
     ref = divergence("fkl", z_s, head.logits(batch.teacher_hidden), temperature=2.0, reduction="sum")
     torch.testing.assert_close(out.terms["kd"], ref / (batch.n_tokens / 2))
+
+
+@pytest.mark.parametrize("objective", ["dskd", "dskd_v2"])
+def test_space_ablations_keep_only_their_terms(same, objective):
+    for spaces, terms in (("student", {"t2s_ce", "t2s_kd"}), ("teacher", {"s2t_kd"}), ("both", {"t2s_ce", "t2s_kd", "s2t_kd"})):
+        cfg = _cfg(objective, spaces=spaces)
+        student, proj = same.models(cfg)
+        out = run_objective(cfg, student, proj, same.cache_side(), same.cache_batch(), backward=False)
+        assert set(out.terms) == {"ce", "kd"} | terms
+        torch.testing.assert_close(out.terms["kd"], sum(out.terms[t] for t in terms))
+        torch.testing.assert_close(out.loss, 0.5 * out.terms["ce"] + 0.5 * out.terms["kd"])
+
+
+@pytest.mark.parametrize("objective", ["dskd", "dskd_v2", "dskd_eta", "dskd_cma"])
+def test_bfloat16_student_and_projectors(request, objective):
+    s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma") else "same")
+    cfg = _cfg(objective)
+    student, proj = s.models(cfg)
+    student, proj = student.to(torch.bfloat16), proj.to(torch.bfloat16)
+    out = run_objective(cfg, student, proj, s.cache_side(), s.cache_batch())
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(g).all() for g in grads(student, proj).values())
