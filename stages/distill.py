@@ -1,8 +1,11 @@
 """Stage 2, `distill`: train the student under DeepSpeed from a teacher cache (or plain SFT from jsonl).
 
-The teacher model is never loaded here: for `kd` its logits are recomputed from the cached hidden states and the
-saved output head, and checked against the cached top-k on every batch. Outputs in <out_dir>/<run name>/:
-config.yaml (resolved), metrics.jsonl, final/ (an HF checkpoint with its tokenizer), done.json (written last).
+The teacher model is never loaded here: every objective (pipeline/objectives.py) reads the teacher's hidden states,
+top-k and alignments from the cache and its head (and input embeddings for CMA) from the files saved with it; dense
+teacher logits are checked against the cached top-k on every batch. The engine trains the student and the
+objective's projectors (their own learning rate). Outputs in <out_dir>/<run name>/: config.yaml (resolved),
+metrics.jsonl, final/ (an HF checkpoint with its tokenizer), projectors.safetensors (DSKD objectives), done.json
+(written last).
 A run whose done.json records the same fingerprint is skipped.
 """
 
