@@ -17,6 +17,7 @@ import yaml
 from pipeline.cache_io import CacheReader
 from pipeline.cache_schema import recompute_tolerance
 from pipeline.head import HEAD_TOLERANCE
+from pipeline.losses import SparseLogits, divergence
 
 
 @dataclass
@@ -37,18 +38,6 @@ class VerifyReport:
     reason: str
 
 
-def sparse_kl(topk_logits: torch.Tensor, lse: torch.Tensor, z: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """KL(stored || recomputed) over the k stored ids plus one tail bucket, per position.
-
-    topk_logits, topk_ids: (N, k); lse: (N,) stored; z: (N, V) recomputed logits."""
-    log_p = topk_logits.double() - lse.double()[:, None]
-    log_q = z.double().gather(-1, topk_ids.long()) - torch.logsumexp(z.double(), -1, keepdim=True)
-    tail_p = (1 - log_p.exp().sum(-1)).clamp(min=0)
-    tail_q = (1 - log_q.exp().sum(-1)).clamp(min=1e-300)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl + torch.where(tail_p > 0, tail_p * (tail_p.clamp(min=1e-300).log() - tail_q.log()), 0.0)
-
-
 def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
     reader = CacheReader(path)  # every shard's sha256 is checked as it is read
     m = reader.manifest
@@ -66,7 +55,8 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
         ids = z.topk(m.top_k, dim=-1).indices
         top1 += int((ids[:, 0] == row.topk_ids[:, 0]).sum())
         overlap += float((ids[:, :, None] == row.topk_ids[:, None, :].long()).any(-1).float().mean(-1).sum())
-        kl = sparse_kl(row.topk_logits, row.lse, z, row.topk_ids)
+        # KL(stored || recomputed) over the k stored ids + the tail bucket: the sparse form of the training loss
+        kl = divergence("fkl", z, SparseLogits(row.topk_ids, row.topk_logits, row.lse, z.shape[-1]), reduction="none")
         kl_sum, kl_max = kl_sum + kl.sum().item(), max(kl_max, kl.max().item())
         positions += z.shape[0]
     worst = max(err_topk, err_lse)

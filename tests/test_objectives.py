@@ -272,3 +272,23 @@ def test_bfloat16_student_and_projectors(request, objective):
     out = run_objective(cfg, student, proj, s.cache_side(), s.cache_batch())
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert all(torch.isfinite(g).all() for g in grads(student, proj).values())
+
+
+def test_dskd_v2_agreement_mask_is_a_local_mean_over_agreeing_positions(same):
+    """t2s_kd = sum_{agree} D / #agree while the local agreement fraction is <= t2s_agreement, else sum D / N-bar."""
+    batch = same.cache_batch()
+    norm = batch.n_tokens / 2
+    for theta in (1.0, -1.0):
+        cfg = _cfg("dskd_v2", t2s_agreement=theta)
+        student, proj = same.models(cfg)
+        out = run_objective(cfg, student, proj, same.cache_side(), batch, backward=False)
+        with torch.no_grad():
+            h_s = decoder_hidden(student, batch.input_ids, batch.attention_mask)[batch.labels != -100]
+            z_s = student.get_output_embeddings()(h_s)
+            z_t2s = proj.t2s(batch.teacher_hidden) @ student.get_output_embeddings().weight.T
+            per = divergence("fkl", z_s, z_t2s, temperature=2.0, reduction="none")
+            agree = z_t2s.argmax(-1) == batch.teacher_topk_ids[:, 0].long()
+        assert 0 < int(agree.sum()) < len(agree)  # the logit-identity init agrees on part of the positions
+        expect = per[agree].sum() / agree.sum() if theta == 1.0 else per.sum() / norm
+        torch.testing.assert_close(out.terms["t2s_kd"], expect, atol=1e-6, rtol=1e-5)
+        assert out.stats["t2s_agreement"] == pytest.approx(float(agree.float().mean()))
