@@ -5,9 +5,10 @@ from the tiny default's caches for `--steps` steps, one after the other in this 
 from the run's own metrics.jsonl between step `--warmup` and the last step, so start-up is excluded. Same-tokenizer
 objectives read the shipped cache (runs/tiny/cache, built by `make teacher-cache`); cross-tokenizer ones a cache
 with the SentencePiece-style student tokenizer and the teacher's input embeddings, built here once if missing.
-Ratios are against `sft` on the same cache and student.
+Ratios are against `sft` on the same cache and student. The objectives run interleaved for `--rounds` rounds and
+each reports its median, so drift of a shared machine hits every objective alike.
 
-    python bench/objectives.py [--steps 40] [--warmup 10]
+    python bench/objectives.py [--steps 40] [--warmup 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     os.chdir(ROOT)
     if not (ROOT / "runs/tiny/cache/CURRENT").exists():
@@ -50,18 +53,26 @@ def main() -> None:
     xcache = teacher_cache.run(xtok)
     out = tempfile.mkdtemp(prefix="bench-objectives-")
     common = [f"train.steps={args.steps}", f"train.log_every={args.warmup}", f"out_dir={out}"]
-    results = []
-    for pairing, objectives, extra in (
-        ("same tokenizer", SAME, []),
-        ("cross tokenizer", CROSS, [f"cache={xcache}", "student.path=runs/tiny/assets/student-init-metaspace"]),
-    ):
-        times = {}
-        for objective in objectives:
+    runs = [
+        ("same tokenizer", objective, [])
+        for objective in SAME
+    ] + [
+        ("cross tokenizer", objective, [f"cache={xcache}", "student.path=runs/tiny/assets/student-init-metaspace"])
+        for objective in CROSS
+    ]
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for pairing, objective, extra in runs:
             cfg = load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml",
                               [*common, *extra, f"loss.objective={objective}", f"run_name={pairing[:5]}-{objective}"])
-            times[objective] = step_time(cfg, args.warmup)
-        results.append((pairing, times))
-    print(f"\nstage-2 step time on the tiny default (micro-batch 32, fp32, 1 process), steps {args.warmup}-{args.steps}:")
+            samples.setdefault((pairing, objective), []).append(step_time(cfg, args.warmup))
+    results: list[tuple[str, dict[str, float]]] = []
+    for (pairing, objective), ts in samples.items():
+        if not results or results[-1][0] != pairing:
+            results.append((pairing, {}))
+        results[-1][1][objective] = statistics.median(ts)
+    print(f"\nstage-2 step time on the tiny default (micro-batch 32, fp32, 1 process), steps {args.warmup}-{args.steps}, "
+          f"median of {args.rounds} interleaved rounds:")
     print(f"{'cache':<16} {'objective':<10} {'ms/step':>8} {'x sft':>6}")
     for pairing, times in results:
         for objective, t in times.items():
