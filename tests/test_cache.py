@@ -285,6 +285,15 @@ def test_head_that_cannot_reproduce_falls_back_to_topk(tiny, tmp_path, monkeypat
     assert not r.ok and "does not reproduce" in r.reason
     result = CliRunner().invoke(cli, ["cache", "verify", str(out)])
     assert result.exit_code != 0 and "verify FAILED" in result.output
+    # stage 2: dense teacher logits are refused; auto (and sparse) train kd from the top-k + tail
+    from pipeline.config import ConfigError
+    from stages import distill
+
+    with pytest.raises(ConfigError, match="top-k \\+ tail only"):
+        distill.run(tiny.distill_cfg(f"cache={out}", "run_name=dense", "loss.teacher_logits=dense"))
+    run = distill.run(tiny.distill_cfg(f"cache={out}", "run_name=auto", "train.steps=1"))
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kd"] > 0 and row["teacher_max_err"] == 0  # nothing recomputed, nothing to check
 
 
 def test_store_embeddings(tiny, tmp_path):
