@@ -292,3 +292,41 @@ def test_dskd_v2_agreement_mask_is_a_local_mean_over_agreeing_positions(same):
         expect = per[agree].sum() / agree.sum() if theta == 1.0 else per.sum() / norm
         torch.testing.assert_close(out.terms["t2s_kd"], expect, atol=1e-6, rtol=1e-5)
         assert out.stats["t2s_agreement"] == pytest.approx(float(agree.float().mean()))
+
+
+@pytest.mark.parametrize("objective", ["kd", "dskd", "dskd_v2", "uld", "dskd_eta", "dskd_cma", "mined"])
+def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
+    """With chunking, forward and backward of an objective never create a (positions x vocabulary) float tensor:
+    every op output whose last dimension is a vocabulary stays within max(chunk, d_S, d_T) x V elements (the heads
+    and the shared-vocabulary matrices are d x V)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self, vocabs):
+            super().__init__()
+            self.vocabs, self.numel, self.op = vocabs, 0, None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[-1] in self.vocabs
+                        and t.numel() > self.numel):
+                    self.numel, self.op = t.numel(), f"{func} {tuple(t.shape)}"
+            return out
+
+    s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma", "mined") else "same")
+    cfg = _cfg(objective)
+    student, proj = s.models(cfg)
+    rows = [s.reader[i] for i in range(32)]
+    batch = collate_cache_rows(rows, s.pad)
+    hidden = decoder_hidden(student, batch.input_ids, batch.attention_mask).detach().requires_grad_()
+    teacher, chunk = s.cache_side(), 8
+    vocab = max(student.config.vocab_size, teacher.head.vocab_size)
+    width = max(chunk, student.config.hidden_size, teacher.head.hidden_size)
+    n = batch.n_tokens
+    assert n * vocab > 2 * width * vocab  # a full (positions x vocabulary) tensor would break the bound
+    obj = Objective(cfg, teacher, proj, chunk_positions=chunk)
+    with Largest({student.config.vocab_size, teacher.head.vocab_size}) as mode:
+        out = obj(batch, student_side(student, batch, hidden), normaliser=n)
+        out.loss.backward()
+    assert mode.numel <= width * vocab, (mode.numel, mode.op, n, vocab)
