@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.head import OutputHead
+from pipeline.models import decoder_hidden
 from pipeline.tokenize import pad, response_positions
 
 
@@ -28,7 +29,7 @@ class TeacherRow:
 def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids, mask = pad([s[:-1] for s in seqs], pad_id)
     device = next(model.parameters()).device
-    h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    h = decoder_hidden(model, ids.to(device), mask.to(device))
     return h, ids, mask
 
 
