@@ -310,5 +310,10 @@ class CacheReader:
         """The whole (checked) Arrow table of one shard, for column-wise inspection."""
         return self._table(shard)
 
+    def lengths(self) -> np.ndarray:
+        """(rows,) student sequence lengths, read from the length column only (for length-grouped batching)."""
+        parts = [pc.list_value_length(self._table(s)["student_ids"]).to_numpy() for s in range(len(self.manifest.shards))]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def ids(self) -> list[str]:
         return [x for s in range(len(self.manifest.shards)) for x in self._table(s)["id"].to_pylist()]

@@ -171,9 +171,6 @@ class TeacherCacheConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Stage: distill (also the SFT path: objective sft, no cache)
 
-DIVERGENCES = ("fkl", "rkl")
-
-
 @dataclass(frozen=True)
 class LossConfig:
     """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD."""
@@ -232,6 +229,14 @@ class TrainConfig:
     projector_lr: float = 1e-3
     # max |recomputed - cached| teacher top-k logit before stage 2 refuses the cache
     teacher_check_tol: float = 1e-2
+    # after warmup: cosine or linear decay from lr to min_lr, or constant lr
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # micro-batches hold rows of similar length (sorted within windows of 64 micro-batches, then shuffled)
+    group_by_length: bool = True
+    # recompute the student's decoder layers in backward instead of keeping their activations
+    gradient_checkpointing: bool = False
+    # extra metric sinks beside metrics.jsonl (each needs its package installed)
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -239,6 +244,69 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ConfigError("train.lr must be > 0 and train.min_lr >= 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Train low-rank adapters (PEFT) instead of the full student; projectors are still trained in full."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # module names to adapt; null = the default of the student's architecture family (pipeline/lora.py)
+    target_modules: list[str] | None = None
+    # the final student: the adapter alone (small; loads onto the base with peft) or merged into full weights
+    save: Literal["adapter", "merged"] = "merged"
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("lora: need r >= 1, alpha > 0 and 0 <= dropout < 1")
+
+
+@dataclass(frozen=True)
+class ValidConfig:
+    """Validation during training: every loss term on a held-out split, and optionally generated Rouge-L."""
+
+    # a teacher cache of the validation split, built like the training cache (distillation objectives) ...
+    cache: str | None = None
+    # ... or the validation examples themselves (plain SFT)
+    data: DataConfig | None = None
+    # every N optimizer steps (and at every checkpoint); 0 = never
+    every: int = 0
+    # use at most this many validation rows (null = all)
+    max_rows: int | None = None
+    # greedy generation on the first N validation rows, scored with Rouge-L (0 = off)
+    generate_rows: int = 0
+    max_new_tokens: int = 64
+    micro_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.data is not None:
+            raise ConfigError("valid: set at most one of `cache` and `data`")
+        if self.every < 0 or self.generate_rows < 0 or self.micro_batch_size < 1:
+            raise ConfigError("valid: every and generate_rows must be >= 0, micro_batch_size >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 and (self.cache is not None or self.data is not None)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Resumable checkpoints in <run>/checkpoints/step-N: student, projectors, optimizer, schedule, RNG, data position."""
+
+    # every N optimizer steps (and always at the end); 0 = only at the end
+    every: int = 0
+    # besides the latest, keep the N best checkpoints by `metric` (needs validation); 0 = the latest only
+    keep_best: int = 0
+    metric: Literal["valid_loss", "valid_rougeL"] = "valid_loss"
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_best < 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_best must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -254,6 +322,9 @@ class DistillConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    valid: ValidConfig = field(default_factory=ValidConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # run directory name under out_dir; default "<teacher>_to_<student>__<objective>"
     run_name: str | None = None
     student_name: str | None = None
@@ -263,6 +334,17 @@ class DistillConfig:
             raise ConfigError("distill: set exactly one of `cache` (distillation) or `data` (plain SFT)")
         if self.cache is None and self.loss.objective != "sft":
             raise ConfigError(f"distill: objective {self.loss.objective!r} needs a teacher cache (`cache`)")
+        v = self.valid
+        if v.every > 0 and (v.cache if self.cache is not None else v.data) is None:
+            need = "valid.cache (a teacher cache of the validation split)" if self.cache is not None else "valid.data"
+            raise ConfigError(f"valid.every is set but {need} is not")
+        if self.cache is None and v.cache is not None:
+            raise ConfigError("valid.cache needs a training cache too; plain SFT validates on valid.data")
+        if self.checkpoint.keep_best > 0 and not v.enabled:
+            raise ConfigError("checkpoint.keep_best ranks checkpoints by a validation metric: set valid.every and "
+                              "valid.cache / valid.data")
+        if self.checkpoint.metric == "valid_rougeL" and self.checkpoint.keep_best > 0 and v.generate_rows == 0:
+            raise ConfigError("checkpoint.metric valid_rougeL needs valid.generate_rows > 0")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ A `ModelRef.path` may be:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -81,10 +83,15 @@ def load_tokenizer(ref: ModelRef):
 
 
 def load_model(ref: ModelRef, *, dtype: str | None = None):
-    """A causal LM in eval mode on CPU, in `dtype` (default: the ref's compute dtype)."""
+    """A causal LM in eval mode on CPU, in `dtype` (default: the ref's compute dtype). A LoRA adapter directory
+    (pipeline/lora.py) loads as its base model with the adapter merged."""
     from transformers import AutoModelForCausalLM
 
     path = _local_or_hub(resolve_path(ref.path))
+    from pipeline.lora import is_adapter_dir, load_merged
+
+    if not ref.gguf_file and is_adapter_dir(path):  # a LoRA student saved as an adapter: base + adapter, merged
+        return load_merged(Path(path), dtype or ref.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype or ref.dtype], **_kwargs(ref))
     except OSError as e:
@@ -137,3 +144,33 @@ class StudentWithProjectors(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return decoder_hidden(self.student, input_ids, attention_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ZeRO-3: parameters are partitioned across ranks and only whole inside their module's forward. Code that reads a
+# weight directly (stop-gradient heads, embeddings, saving) gathers it first; without ZeRO-3 these are no-ops.
+
+
+def _partitioned(params: Iterable) -> list:
+    return [p for p in params if p is not None and hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable) -> Iterator[None]:
+    """The full tensors of ZeRO-3-partitioned `params` inside the block, read-only (collective: every rank)."""
+    parts = _partitioned(params)
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
+
+
+def detached_full(p: torch.Tensor) -> torch.Tensor:
+    """`p.detach()`, whole even under ZeRO-3 (then a copy, since the gathered storage is released afterwards)."""
+    if not _partitioned([p]):
+        return p.detach()
+    with gathered([p]):
+        return p.detach().clone()

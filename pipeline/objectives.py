@@ -41,6 +41,7 @@ from pipeline.losses import (
     divergence_from_log_probs,
     sorted_l1,
 )
+from pipeline.models import detached_full
 from pipeline.projectors import Projectors
 
 OBJECTIVES = ("sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined")
@@ -60,7 +61,7 @@ class StudentSide:
 
     hidden: torch.Tensor  # (N, d_S) last hidden state (after the final norm) at the label positions, row-major
     head: nn.Module  # the output layer, trained
-    embeddings: torch.Tensor | None = None  # (V_S, d_S) input embeddings (dskd_cma), used detached
+    embeddings: nn.Module | None = None  # the input embedding layer (dskd_cma reads its weight, detached)
 
 
 @dataclass
@@ -104,7 +105,8 @@ def _chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
 def _linear_sg(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
     """h @ sg(W)^T (+ sg(b)): the student head applied without training it (projected-teacher logits)."""
     bias = getattr(head, "bias", None)
-    return F.linear(h.to(head.weight.dtype), head.weight.detach(), None if bias is None else bias.detach())
+    w, b = detached_full(head.weight), None if bias is None else detached_full(bias)
+    return F.linear(h.to(w.dtype), w, b)
 
 
 def _teacher_target(teacher: TeacherSide, hidden: torch.Tensor | None, sparse: SparseLogits) -> tuple:
@@ -306,7 +308,7 @@ class Objective:
             if name == "dskd":
                 h_s2t = _apply(proj.s2t, student.hidden[s_rows])
             else:
-                h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(student.head.weight)
+                h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(detached_full(student.head.weight))
             te = self._teacher_space(batch, h_s2t, t_rows)
             self._check(te["max_err"], batch)
         n_rows, n_agree = len(s_rows), float(st["n_agree"])
@@ -334,7 +336,7 @@ class Objective:
         n, dev = len(labels), labels.device
         if t.embeddings is None or student.embeddings is None:
             raise ValueError("dskd_cma needs the teacher's and the student's input embeddings")
-        e_s_tab, e_t_tab = student.embeddings.detach().float(), t.embeddings.float()
+        e_s_tab, e_t_tab = detached_full(student.embeddings.weight).float(), t.embeddings.float()
         s_inputs = batch.input_ids[batch.labels != -100]
         s_row = torch.nonzero(batch.labels != -100)[:, 0]
         y_val = batch.teacher_labels if c.cma_value == "gold" else self._sparse(batch).argmax()
@@ -434,5 +436,4 @@ def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None) 
 
 def student_side(student, batch: Batch, hidden: torch.Tensor) -> StudentSide:
     """hidden (B, L, d_S) from the student's decoder -> the label positions the objectives use."""
-    return StudentSide(hidden[batch.labels != -100], student.get_output_embeddings(),
-                       student.get_input_embeddings().weight)
+    return StudentSide(hidden[batch.labels != -100], student.get_output_embeddings(), student.get_input_embeddings())

@@ -29,6 +29,7 @@ def _load(cls, path, overrides):
 def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for cache tools)
     """Run a stage; errors about the user's input are printed as one line, not a traceback."""
     from pipeline.cache_io import CacheError
+    from pipeline.checkpoint import CheckpointError, TrainingDiverged
     from pipeline.data import DataError
     from pipeline.models import ModelLoadError
     from pipeline.objectives import TeacherMismatch
@@ -36,7 +37,8 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
 
     try:
         return stage_run(cfg, **kwargs)
-    except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch) as e:
+    except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch, CheckpointError,
+            TrainingDiverged) as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
@@ -68,12 +70,15 @@ def teacher_cache(config_path, overrides):
 @main.command()
 @_config
 @_set
-@click.option("--force", is_flag=True, help="re-train even if a finished run with this name exists")
-def distill(config_path, overrides, force):
+@click.option("--force", is_flag=True, help="start over, discarding a finished or checkpointed run with this name")
+@click.option("--resume", is_flag=True, help="continue an unfinished run from its last checkpoint")
+def distill(config_path, overrides, force, resume):
     """Stage 2: train the student from the cache (or SFT from data)."""
     from stages import distill as stage
 
-    _run(stage.run, _load(DistillConfig, config_path, overrides), force=force)
+    if force and resume:
+        raise click.UsageError("--force and --resume exclude each other")
+    _run(stage.run, _load(DistillConfig, config_path, overrides), force=force, resume=resume)
 
 
 @main.command("eval")

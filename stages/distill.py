@@ -13,27 +13,44 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import checkpoint
 from pipeline.alignment import edit_distance_vocab_map
 from pipeline.batch import Batch, collate_cache_rows, collate_examples
 from pipeline.cache_io import CacheReader
-from pipeline.cache_schema import recompute_tolerance
-from pipeline.config import ConfigError, DistillConfig, ModelRef, TrainConfig, config_to_dict, dump_config
-from pipeline.data import load_examples
-from pipeline.distributed import DistInfo, all_reduce_sum, init_distributed
+from pipeline.cache_schema import DATA_FILE, recompute_tolerance
+from pipeline.checkpoint import TrainingDiverged
+from pipeline.config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    GenerateConfig,
+    ModelRef,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+)
+from pipeline.data import Example, load_examples
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from pipeline.generation import generate
 from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
+from pipeline.lora import apply_lora, save_adapter
 from pipeline.losses import token_normaliser
+from pipeline.metrics import rouge_l
 from pipeline.models import (
     StudentWithProjectors,
+    gathered,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -49,10 +66,13 @@ from pipeline.objectives import (
     check_compatible,
     student_side,
 )
-from pipeline.tokenize import encode, special_ids, token_surfaces
+from pipeline.sampler import MicroBatchStream, eval_batches
+from pipeline.tokenize import encode, encode_prompt, special_ids, token_surfaces
+from pipeline.tracking import MetricsLog, peak_memory_mb
 
 DONE = "done.json"
 PROJECTORS_FILE = "projectors.safetensors"
+FINAL_TMP = ".final-tmp"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,7 +95,7 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norms (1-D) and nothing frozen."""
+    """Weight decay on matrices only, not on biases and norm weights (1-D); frozen parameters are left out."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -84,27 +104,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine from lr to min_lr over the remaining steps (a factor of lr)."""
+    """Linear warmup, then cosine or linear decay from lr to min_lr over the remaining steps, or constant (a factor
+    of each group's lr, so the projectors follow the same shape)."""
 
     def f(step: int) -> float:
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
-        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        if train.schedule == "constant":
+            return 1.0
+        progress = min((step - train.warmup_steps) / max(1, train.steps - train.warmup_steps), 1.0)
         floor = train.min_lr / train.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else 1.0 - progress
+        return floor + (1 - floor) * shape
 
     return f
 
 
-def micro_batches(n: int, cfg: TrainConfig, dist: DistInfo, collate: Callable[[list[int]], Batch]) -> Iterator[Batch]:
-    """Endless micro-batches: a seeded permutation per epoch, each rank taking its own slice."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(cfg.seed + epoch)
-        mine = torch.randperm(n, generator=g)[dist.rank :: dist.world_size].tolist()
-        for i in range(0, len(mine) - cfg.micro_batch_size + 1, cfg.micro_batch_size):
-            yield collate(mine[i : i + cfg.micro_batch_size])
-        epoch += 1
+def save_student(model, path: Path, tokenizer, base: ModelRef) -> None:
+    """The student with its tokenizer: full weights (HF format) or, for a LoRA student, the adapter."""
+    if hasattr(model, "peft_config"):
+        save_adapter(model, path, base)
+    else:
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) -> tuple[TeacherSide, np.ndarray | None]:
@@ -134,65 +156,212 @@ def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Data: a cache (teacher side included) or tokenized examples (plain SFT), read by index
 
 
-def run(cfg: DistillConfig, force: bool = False) -> Path:
+@dataclass
+class Source:
+    lengths: np.ndarray  # (rows,) student sequence lengths
+    collate: Callable[[list[int]], Batch]
+    fingerprint: str
+    examples: Callable[[list[int]], list[Example]]  # prompt / response of rows (validation generation)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def cache_source(reader: CacheReader, pad_id: int, limit: int | None = None) -> Source:
+    n = len(reader) if limit is None else min(limit, len(reader))
+
+    def examples(idx: list[int]) -> list[Example]:
+        by_id = {e.id: e for e in load_examples(DataConfig(path=str(reader.dir / DATA_FILE), id_field="id"))}
+        return [by_id[reader[i].id] for i in idx]
+
+    return Source(reader.lengths()[:n], lambda idx: collate_cache_rows([reader[i] for i in idx], pad_id),
+                  reader.manifest.fingerprint, examples)
+
+
+def data_source(data: DataConfig, tokenizer, tok_cfg, pad_id: int, limit: int | None = None) -> Source:
+    examples = load_examples(data)[:limit]
+    encoded = [(e.id, encode(tokenizer, e.prompt, e.response, tok_cfg)) for e in examples]
+    return Source(np.array([len(e.ids) for _, e in encoded], dtype=np.int64),
+                  lambda idx: collate_examples([encoded[i] for i in idx], pad_id),
+                  hash_json([[i, e.ids, e.response_start] for i, e in encoded]),
+                  lambda idx: [examples[i] for i in idx])
+
+
+def _same_teacher(train: CacheReader, valid: CacheReader) -> None:
+    a, b = train.manifest, valid.manifest
+    if (a.head_sha256, a.fingerprint_inputs.get("teacher"), a.same_tokenizer) != (
+        b.head_sha256, b.fingerprint_inputs.get("teacher"), b.same_tokenizer
+    ):
+        raise ConfigError(f"valid.cache {valid.dir} was built with another teacher than the training cache {train.dir}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation: every loss term on the validation rows, and greedy-decoded Rouge-L on the first `generate_rows`
+
+
+def _rank_share(n: int, dist: DistInfo) -> list[int | None]:
+    """Rank r's items r, r + world, ...; padded with None so every rank runs the same number of forwards (ZeRO-3
+    gathers are collective)."""
+    per_rank = -(-n // dist.world_size)
+    return [i if (i := dist.rank + j * dist.world_size) < n else None for j in range(per_rank)]
+
+
+class Validation:
+    def __init__(self, cfg: DistillConfig, source: Source, tokenizer, dist: DistInfo, zero_stage: int):
+        self.cfg, self.source, self.tokenizer, self.dist = cfg.valid, source, tokenizer, dist
+        self.batches = eval_batches(source.lengths, cfg.valid.micro_batch_size)
+        self.n_rows = len(source)
+        self.gen_rows = list(range(min(cfg.valid.generate_rows, len(source))))
+        self.synced = zero_stage == 3 and dist.world_size > 1
+        self.tok_cfg = cfg.tokenize
+        total = int(sum(max(int(source.lengths[i]) - 1, 0) for i in range(len(source))))
+        self.normaliser = token_normaliser(total, len(self.batches), 1)  # each term: its token mean over all rows
+
+    @torch.no_grad()
+    def __call__(self, engine, compute: Objective) -> dict[str, float]:
+        module = engine.module
+        module.eval()
+        sums: dict[str, float] = {}
+        for j in _rank_share(len(self.batches), self.dist):
+            batch = self.source.collate(self.batches[0 if j is None else j]).to(self.dist.device)
+            hidden = module(batch.input_ids, batch.attention_mask)
+            out = compute(batch, student_side(module.student, batch, hidden), self.normaliser)
+            for k, v in [("loss", out.loss), *out.terms.items()]:  # the same names on every rank and batch
+                sums[k] = sums.get(k, 0.0) + (float(v) if j is not None else 0.0)
+        names = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in names], self.dist.device)
+        # sums of (batch sum / N-bar) over all batches, N-bar = tokens / batches: divide by the batch count
+        result = {f"valid_{k}": v / len(self.batches) for k, v in zip(names, reduced)}
+        if self.gen_rows:
+            result["valid_rougeL"] = self._rouge(module.student)
+        module.train()
+        return result
+
+    def _rouge(self, student) -> float:
+        mine = _rank_share(len(self.gen_rows), self.dist)
+        rows = [self.gen_rows[0 if j is None else j] for j in mine]
+        examples = self.source.examples(rows)
+        prompts = [encode_prompt(self.tokenizer, e.prompt, self.tok_cfg) for e in examples]
+        g = GenerateConfig(max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.micro_batch_size)
+        preds = generate(student, self.tokenizer, prompts, g, None, progress=False, synced_gpus=self.synced)
+        local = sum(rouge_l(p, [e.response]) for j, p, e in zip(mine, preds, examples) if j is not None)
+        (total,) = all_reduce_sum([local], self.dist.device)
+        return 100 * total / len(self.gen_rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run directory: skip, refuse, resume or start over
+
+
+def _prepare_run_dir(run_dir: Path, fingerprint: str, force: bool, resume: bool, dist: DistInfo) -> Path | None | str:
+    """'done' when this exact run finished; the checkpoint to resume from; or None to start (the directory is then
+    fresh). Refuses to discard checkpoints unless asked."""
+    done = run_dir / DONE
+    ckpt = checkpoint.latest(run_dir)
+    if not force:
+        if done.exists():
+            if json.loads(done.read_text()).get("fingerprint") == fingerprint:
+                return "done"
+            raise ConfigError(
+                f"{run_dir} holds a finished run with another config or data; set run_name, delete it, or pass --force"
+            )
+        if ckpt is not None:
+            found = checkpoint.read_state(ckpt).get("fingerprint")
+            if not resume:
+                raise ConfigError(f"{run_dir} holds an unfinished run with a checkpoint at {ckpt.name}; pass --resume "
+                                  "to continue it or --force to start over")
+            if found != fingerprint:
+                raise ConfigError(f"{ckpt}: saved by a run with another config, data or student; --resume needs the "
+                                  "same ones (or pass --force to start over)")
+            return ckpt
+    if dist.is_main and run_dir.exists():  # forced, or unfinished without a checkpoint: start over, never append
+        shutil.rmtree(run_dir)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _offload(ds: dict) -> bool:
+    z = ds.get("zero_optimization", {})
+    return any(z.get(k, {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer", "offload_param"))
+
+
+def _optimizer(groups: list[dict], tcfg: TrainConfig, ds: dict):
+    """AdamW; DeepSpeed's CPU Adam when ZeRO offloads the optimizer from a GPU (torch's on a CPU-only machine,
+    where the states are on the CPU anyway and the JIT-built op would only add start-up time)."""
+    if _offload(ds) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=tcfg.lr, betas=(0.9, 0.95), adamw_mode=True)
+    ds["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
+
+
+def _check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) -> None:
+    """Refuse to save non-finite weights (each rank checks its ZeRO-3 partition or the whole tensors)."""
+    bad = [n for n, p in module.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+    (n_bad,) = all_reduce_sum([len(bad)], dist.device)
+    if n_bad:
+        raise TrainingDiverged(f"step {step}: non-finite weights ({bad[:3]}) after the optimizer step; nothing was "
+                               "saved for this step (lower train.lr or check the data)")
+
+
+def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     dist = init_distributed()
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
     _, pad_id = special_ids(tokenizer)
     objective = cfg.loss.objective
     student_name = cfg.student_name or short_name(cfg.student)
+    tok_fp = tokenizer_fingerprint(tokenizer)
 
-    # ---- data source: a teacher cache, or tokenized examples for plain SFT
-    teacher, vmap = None, None
+    # ---- data source: a teacher cache, or tokenized examples for plain SFT; the validation split alike
+    teacher, vmap, valid_source = None, None, None
     if cfg.cache is not None:
-        reader = CacheReader(cfg.cache, expect_student_tokenizer=tokenizer_fingerprint(tokenizer))
-        manifest = reader.manifest
+        reader = CacheReader(cfg.cache, expect_student_tokenizer=tok_fp)
         if NEEDS_TEACHER[objective]:
             teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
-        n_rows = len(reader)
-        source_fp = manifest.fingerprint
-        run_name = cfg.run_name or f"{manifest.teacher_name}_to_{student_name}__{objective}"
-
-        def collate(idx: list[int]) -> Batch:
-            return collate_cache_rows([reader[i] for i in idx], pad_id)
+        source = cache_source(reader, pad_id)
+        run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{objective}"
+        if cfg.valid.enabled:
+            valid_reader = CacheReader(cfg.valid.cache, expect_student_tokenizer=tok_fp)
+            _same_teacher(reader, valid_reader)
+            valid_source = cache_source(valid_reader, pad_id, cfg.valid.max_rows)
     else:
-        if NEEDS_TEACHER[objective]:
-            raise ConfigError(f"objective {objective!r} needs a teacher cache (set cache:)")
-        examples = load_examples(cfg.data)
-        encoded = [(e.id, encode(tokenizer, e.prompt, e.response, cfg.tokenize)) for e in examples]
-        n_rows = len(encoded)
-        source_fp = hash_json([[i, e.ids, e.response_start] for i, e in encoded])
+        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id)
         run_name = cfg.run_name or f"{student_name}__sft"
-
-        def collate(idx: list[int]) -> Batch:
-            return collate_examples([encoded[i] for i in idx], pad_id)
-
+        if cfg.valid.enabled:
+            valid_source = data_source(cfg.valid.data, tokenizer, cfg.tokenize, pad_id, cfg.valid.max_rows)
     if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":
         run_name += f"_{cfg.loss.divergence}"
-    if n_rows < tcfg.micro_batch_size * dist.world_size:
-        raise ConfigError(f"{n_rows} rows cannot fill one micro-batch of {tcfg.micro_batch_size} on {dist.world_size} rank(s)")
+    if len(source) < tcfg.micro_batch_size:
+        raise ConfigError(f"{len(source)} rows cannot fill one micro-batch of {tcfg.micro_batch_size}")
+    stream = MicroBatchStream(source.lengths, tcfg.micro_batch_size, tcfg.seed, group_by_length=tcfg.group_by_length)
 
-    # ---- skip when this exact run already finished
+    # ---- skip, refuse, resume or start
     run_dir = Path(cfg.out_dir) / run_name
-    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "student": model_fingerprint(cfg.student)})
-    done = run_dir / DONE
-    if done.exists() and not force:
-        if json.loads(done.read_text()).get("fingerprint") == fingerprint:
-            if dist.is_main:
-                print(f"distill: up to date ({run_dir})")
-            return run_dir
-        raise ConfigError(
-            f"{run_dir} holds a finished run with another config or data; set run_name, delete it, or pass --force"
-        )
-    if dist.is_main:
-        if run_dir.exists():  # an unfinished or forced run: start over, never append to its files
-            shutil.rmtree(run_dir)
+    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source.fingerprint,
+                             "valid": valid_source.fingerprint if valid_source else None,
+                             "student": model_fingerprint(cfg.student)})
+    start_from = _prepare_run_dir(run_dir, fingerprint, force, resume, dist)
+    if start_from == "done":
+        if dist.is_main:
+            print(f"distill: up to date ({run_dir})")
+        return run_dir
+    barrier()
+    if dist.is_main and start_from is None:
         run_dir.mkdir(parents=True)
         dump_config(cfg, run_dir / "config.yaml")
 
-    # ---- model, optimizer, schedule, engine
+    # ---- model (+ LoRA), projectors, optimizer, schedule, engine
     random.seed(tcfg.seed + dist.rank)
     np.random.seed(tcfg.seed + dist.rank)
     torch.manual_seed(tcfg.seed + dist.rank)
@@ -200,25 +369,56 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
 
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
     projectors = build_projectors(cfg.loss, student, teacher, vmap) if teacher is not None else None
+    if cfg.lora.enabled:
+        student = apply_lora(student, cfg.lora)
+    if tcfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = StudentWithProjectors(student, projectors)
-    groups = param_groups(student, tcfg.weight_decay)
+    groups = [{**g, "lr": tcfg.lr} for g in param_groups(student, tcfg.weight_decay)]
     if projectors is not None:
         groups.append({"params": list(projectors.parameters()), "lr": tcfg.projector_lr, "weight_decay": tcfg.weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
+    ds = deepspeed_config(tcfg, dist.world_size)
+    optimizer = _optimizer(groups, tcfg, ds)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dist.world_size)
-    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds)
     compute = Objective(cfg.loss, teacher, projectors, cfg.loss.chunk_positions)
+    validation = Validation(cfg, valid_source, tokenizer, dist, _zero_stage(ds)) if valid_source else None
 
-    # ---- training loop: batch -> forward -> objective -> backward -> step -> log
-    batches = micro_batches(n_rows, tcfg, dist, collate)
-    metrics = open(run_dir / "metrics.jsonl", "w") if dist.is_main else None
-    bar = tqdm(total=tcfg.steps, desc=f"distill {run_name}", disable=not dist.is_main, mininterval=2.0)
+    first, total = 1, float("nan")
+    if isinstance(start_from, Path):
+        state = checkpoint.load(engine, start_from, dist, strict=not cfg.lora.enabled)
+        first, total = state["step"] + 1, state["metrics"]["train_loss"]
+        if dist.is_main:
+            print(f"distill: resuming {run_name} after step {state['step']} ({start_from})")
+
+    def write_student(where: Path, name: str = "student") -> None:
+        """The student (and projectors) into `where` (collective under ZeRO-3; rank 0 writes)."""
+        with gathered(engine.module.parameters()):
+            if dist.is_main:
+                save_student(engine.module.student, where / name, tokenizer, cfg.student)
+                if projectors is not None:
+                    atomic_save_safetensors(where / PROJECTORS_FILE,
+                                            {k: v.detach().contiguous() for k, v in projectors.state_dict().items()})
+
+    def save_checkpoint(step: int, metrics: dict) -> None:
+        _check_finite_weights(engine.module, step, dist)
+        state = {"fingerprint": fingerprint, "micro_batches": step * tcfg.grad_accum * dist.world_size,
+                 "metrics": metrics}
+        checkpoint.save(engine, run_dir, step, state, dist, write_student, exclude_frozen=cfg.lora.enabled)
+        if dist.is_main:
+            best = checkpoint.prune(run_dir, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
+            if best:
+                write_json(run_dir / "best.json", {"metric": cfg.checkpoint.metric, "checkpoints": [p.name for p in best]})
+
+    # ---- training loop: batch -> forward -> objective -> backward -> step -> log -> validate -> checkpoint
+    log = MetricsLog(run_dir, run_name, config_to_dict(cfg), tcfg.report_to, first - 1 if first > 1 else None) \
+        if dist.is_main else None
+    bar = tqdm(total=tcfg.steps, initial=first - 1, desc=f"distill {run_name}", disable=not dist.is_main, mininterval=2.0)
     t_start = time.perf_counter()
-    for step in range(1, tcfg.steps + 1):
+    for step in range(first, tcfg.steps + 1):
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(tcfg.grad_accum)]
+        micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, tcfg.grad_accum)]
         local_tokens = sum(b.n_tokens for b in micro)
         (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
         normaliser = token_normaliser(int(global_tokens), tcfg.grad_accum, dist.world_size)
@@ -230,8 +430,10 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
             hidden = engine(batch.input_ids, batch.attention_mask)
             out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
             if not torch.isfinite(out.loss):
-                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
-                raise FloatingPointError(f"step {step}: non-finite loss (terms {bad}) in rows {batch.ids[:4]}")
+                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["loss"]
+                raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (rows {batch.ids[:4]}); nothing was "
+                                       "saved for this step" + (f", the last checkpoint is {checkpoint.latest(run_dir)}"
+                                                               if checkpoint.latest(run_dir) else ""))
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             for k, v in [("loss", out.loss), *out.terms.items()]:
@@ -249,25 +451,38 @@ def run(cfg: DistillConfig, force: bool = False) -> Path:
         if "teacher_max_err" in worst:  # this rank's worst recomputation error
             stats["teacher_max_err"] = worst["teacher_max_err"]
         total = per_token["loss"]
-        tok_s = reduced[-1] / (time.perf_counter() - t0)
+        step_s = time.perf_counter() - t0
+        tok_s = reduced[-1] / step_s
+
+        last = step == tcfg.steps
+        ckpt_now = last or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
+        valid = validation(engine, compute) if validation and (ckpt_now or step % cfg.valid.every == 0) else {}
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-        if metrics is not None and (step % tcfg.log_every == 0 or step == 1 or step == tcfg.steps):
-            row = {"step": step, **per_token, **stats, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
-                   "loss_tokens": int(global_tokens), "elapsed_s": time.perf_counter() - t_start}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        if log is not None and (step % tcfg.log_every == 0 or step == 1 or last or valid):
+            log.write({"step": step, **per_token, **stats, **valid, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tok_s, "step_s": step_s, "loss_tokens": int(global_tokens),
+                       **peak_memory_mb(dist.device), "elapsed_s": time.perf_counter() - t_start})
+        if ckpt_now:
+            save_checkpoint(step, {"train_loss": total, **valid})
     bar.close()
+    if log is not None:
+        log.close()
 
-    # ---- checkpoint: an HF directory that from_pretrained loads; done.json last
+    # ---- the final student: an HF directory (or LoRA adapter) that from_pretrained loads; done.json last
+    write_student(run_dir, FINAL_TMP)
     if dist.is_main:
-        metrics.close()
-        final = run_dir / "final"
-        engine.module.student.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        if projectors is not None:  # beside the student: not part of the HF checkpoint
-            atomic_save_safetensors(run_dir / PROJECTORS_FILE, {k: v.contiguous() for k, v in projectors.state_dict().items()})
-        write_json(done, {"fingerprint": fingerprint, "steps": tcfg.steps, "final_loss": total,
-                          "wall_s": time.perf_counter() - t_start})
+        final, tmp = run_dir / "final", run_dir / FINAL_TMP
+        if cfg.lora.enabled and cfg.lora.save == "merged":  # base + the saved adapter, merged: what a user reloads
+            merged = run_dir / f"{FINAL_TMP}-merged"
+            save_student(load_model(ModelRef(path=str(tmp))), merged, tokenizer, cfg.student)
+            shutil.rmtree(tmp)
+            tmp = merged
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_json(run_dir / DONE, {"fingerprint": fingerprint, "steps": tcfg.steps, "final_loss": total,
+                                    "wall_s": time.perf_counter() - t_start})
         print(f"distill: {tcfg.steps} steps, final loss {total:.4f}, student in {final}")
+    barrier()
     return run_dir

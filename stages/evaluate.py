@@ -7,32 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from pipeline.config import EvalConfig, ModelRef, dump_config
 from pipeline.data import load_examples
+from pipeline.generation import generate
 from pipeline.io_utils import write_json
 from pipeline.metrics import score
 from pipeline.models import load_model, load_tokenizer
-from pipeline.tokenize import encode_prompt, pad, special_ids
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, seed: int) -> list[str]:
-    eos, pad_id = special_ids(tokenizer)
-    g = cfg.generate
-    torch.manual_seed(seed)
-    outs = []
-    for i in tqdm(range(0, len(prompts), g.batch_size), desc=f"eval seed {seed}", leave=False):
-        ids, mask = pad(prompts[i : i + g.batch_size], pad_id, side="left")
-        sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": 0} if g.do_sample else {"do_sample": False}
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=g.max_new_tokens, eos_token_id=eos,
-            pad_token_id=pad_id, no_repeat_ngram_size=g.no_repeat_ngram_size, **sampling,
-        )
-        outs += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in gen]
-    return outs
+from pipeline.tokenize import encode_prompt
 
 
 def run(cfg: EvalConfig) -> Path:
@@ -47,7 +28,7 @@ def run(cfg: EvalConfig) -> Path:
 
     per_seed, predictions = {}, []
     for seed in cfg.generate.seeds:
-        preds = generate(model, tokenizer, prompts, cfg, seed)
+        preds = generate(model, tokenizer, prompts, cfg.generate, seed)
         per_seed[seed] = score(preds, references)
         predictions += [{"seed": seed, "id": e.id, "prediction": p, "reference": e.response} for e, p in zip(examples, preds)]
     mean = {k: sum(s[k] for s in per_seed.values()) / len(per_seed) for k in ("rougeL", "exact_match")}

@@ -1,0 +1,164 @@
+"""Resumable stage-2 checkpoints: <run>/checkpoints/step-NNNNNNN/, complete or absent.
+
+A checkpoint holds
+- `student/`: the student as saved by `save_pretrained` (full weights, or the LoRA adapter), with its tokenizer;
+- `projectors.safetensors` (DSKD objectives);
+- `engine/`: DeepSpeed's own checkpoint: module, optimizer (each rank's ZeRO partition), LR scheduler;
+- `rng-rank<r>.pt`: each rank's Python, NumPy, torch (and CUDA) generator states;
+- `state.json` (written last): step, data position, metrics, the run's fingerprint.
+Everything is written under a hidden temporary directory, fsynced, and renamed into place: the rename is the commit.
+A run killed while saving, or a full disk, leaves the previous checkpoint untouched (the temporary is removed on
+error, and by the next save or resume after a kill). The newest complete checkpoint is the one a resume loads; the
+best `keep_best` by a validation metric are kept besides it and older ones are deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier
+from pipeline.io_utils import write_json
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+ENGINE_TAG = "engine"
+_STEP = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names it. Earlier checkpoints are intact."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or the weights became NaN/inf; the message names the step and the term. Nothing was saved after it."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def complete(run_dir: Path) -> list[tuple[int, Path]]:
+    """The committed checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and (p / STATE).is_file()]
+    return sorted(found)
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = complete(run_dir)
+    return found[-1][1] if found else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "disk full"
+    return f"{type(e).__name__}: {e}"
+
+
+def save(engine, run_dir: Path, step: int, state: dict, dist: DistInfo, write_student: Callable[[Path], None],
+         *, exclude_frozen: bool = False) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). `write_student(dir)` writes the student and
+    projectors into dir; it runs on every rank (ZeRO-3 gathers are collective) and writes on rank 0."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if dist.is_main:
+        for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=exclude_frozen)
+        torch.save(rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+        write_student(tmp)
+        if dist.is_main:
+            write_json(tmp / STATE, {**state, "step": step, "world_size": dist.world_size})
+            _fsync_tree(tmp)
+    except OSError as e:  # a full disk, a quota, a vanished mount: keep what was there
+        error = e
+    (failed,) = all_reduce_sum([float(error is not None)], dist.device)
+    if failed:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        why = _reason(error) if error is not None else "another rank failed to write its part"
+        raise CheckpointError(f"writing checkpoint {final}: {why}; nothing was committed and the previous checkpoint "
+                              "is intact (free space, then re-run with --resume)") from error
+    if dist.is_main:
+        if final.exists():  # the same step saved again (a resumed run that repeated it): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the commit
+    barrier()
+    return final
+
+
+def load(engine, ckpt: Path, dist: DistInfo, *, strict: bool = True) -> dict:
+    """Restore engine (module, optimizer, scheduler) and this rank's RNG from `ckpt`; return its state.json."""
+    state = read_state(ckpt)
+    if state["world_size"] != dist.world_size:
+        raise CheckpointError(f"{ckpt}: saved by {state['world_size']} rank(s), this run has {dist.world_size}; "
+                              "resume with the same number of processes")
+    rng = ckpt / f"rng-rank{dist.rank}.pt"
+    if not rng.is_file():
+        raise CheckpointError(f"{rng}: missing")
+    path, _ = engine.load_checkpoint(str(ckpt), tag=ENGINE_TAG, load_module_strict=strict)
+    if path is None:
+        raise CheckpointError(f"{ckpt / ENGINE_TAG}: DeepSpeed could not load it")
+    set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+def prune(run_dir: Path, keep_best: int, metric: str) -> list[Path]:
+    """Delete checkpoints other than the newest and the `keep_best` best by `metric` (lower is better for a loss,
+    higher for Rouge-L). Returns the best ones, best first. Rank 0 only."""
+    found = complete(run_dir)
+    if not found:
+        return []
+    sign = -1.0 if metric.endswith("rougeL") else 1.0
+    scored = [(sign * read_state(p)["metrics"][metric], s, p) for s, p in found
+              if read_state(p).get("metrics", {}).get(metric) is not None]
+    best = [p for _, _, p in sorted(scored)[:keep_best]]
+    keep = {found[-1][1], *best}
+    for _, p in found:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return best
