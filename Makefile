@@ -4,6 +4,9 @@
 #   make distill                    data -> tokenizers/models -> teacher SFT -> teacher-cache -> student (tiny default)
 #   make distill SET="loss.divergence=rkl"   re-trains only the student (the cache is reused when it matches)
 #   make eval                       Rouge-L / exact match of the trained student on the test split
+#   make distill NPROC=2            the same on two processes (torchrun; gloo on CPU, NCCL on GPU)
+#   make distill RESUME=1           continue an interrupted run from its last checkpoint
+#   make sweep DIVERGENCES="fkl rkl" OBJECTIVE=dskd_v2   one student per divergence, all from one cache
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make test                       the test suite (what .ci/run runs)
 #
@@ -18,6 +21,10 @@ CACHE_SET   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 SIM_ARGS    ?=
+NPROC       ?= 1
+RESUME      ?=
+DIVERGENCES ?= fkl rkl js skl srkl akl
+OBJECTIVE   ?= dskd_v2
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -25,8 +32,13 @@ STAMP  := $(VENV)/.installed
 sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
+# stage 2 on NPROC processes: torchrun sets the rank variables that pipeline/distributed.py reads
+TRAIN   = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli,$(DSKD))
+RESUME_FLAG = $(if $(RESUME),--resume)
+VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install assets teacher teacher-cache distill eval simulate test lint clean bench bench-cache bench-objectives
+.PHONY: install assets teacher teacher-cache distill sweep eval simulate test lint clean bench bench-cache bench-objectives \
+	bench-train
 
 install: $(STAMP)
 
@@ -44,11 +56,20 @@ assets: $(STAMP)
 teacher: assets
 	$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml $(call own_set,teacher)
 
+# the training cache, and the validation split's when the config set has one (stage 2's validation reads it)
 teacher-cache: teacher
 	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache.yaml $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache)
+	$(if $(VALID_CACHE_CONFIG),$(DSKD) teacher-cache --config $(VALID_CACHE_CONFIG) $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 
 distill: teacher-cache
-	$(DSKD) distill --config $(CONFIGS)/distill.yaml $(call own_set,distill)
+	$(TRAIN) distill --config $(CONFIGS)/distill.yaml $(RESUME_FLAG) $(call own_set,distill)
+
+# one student per divergence from the one cache (built at most once, by the teacher-cache step)
+sweep: teacher-cache
+	set -e; for d in $(DIVERGENCES); do \
+	  $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(OBJECTIVE) --set loss.divergence=$$d \
+	    $(RESUME_FLAG) $(call own_set,sweep); \
+	done
 
 eval: $(STAMP)
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval)
@@ -61,13 +82,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache bench-objectives
+bench: bench-cache bench-objectives bench-train
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
 
 bench-objectives: teacher-cache
 	$(BIN)/python bench/objectives.py $(BENCH_ARGS)
+
+bench-train: teacher-cache
+	$(BIN)/python bench/train.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

@@ -35,13 +35,18 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
+        added = [k for k in [*defaults, "MASTER_PORT"] if k not in os.environ]
+        os.environ.update({k: defaults.get(k) or str(_free_port()) for k in added})
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        finally:  # this group's rendezvous port is in use now: a child process must not inherit it
+            for k in ("MASTER_ADDR", "MASTER_PORT"):
+                if k in added:
+                    os.environ.pop(k)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

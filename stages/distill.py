@@ -100,7 +100,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # LoRA: adapters only, all matrices (an empty group breaks schedulers)
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
@@ -217,8 +218,9 @@ class Validation:
         self.gen_rows = list(range(min(cfg.valid.generate_rows, len(source))))
         self.synced = zero_stage == 3 and dist.world_size > 1
         self.tok_cfg = cfg.tokenize
-        total = int(sum(max(int(source.lengths[i]) - 1, 0) for i in range(len(source))))
-        self.normaliser = token_normaliser(total, len(self.batches), 1)  # each term: its token mean over all rows
+        mine = [j for j in _rank_share(len(self.batches), dist) if j is not None]
+        (total,) = all_reduce_sum([sum(source.collate(self.batches[j]).n_tokens for j in mine)], dist.device)
+        self.normaliser = token_normaliser(int(total), len(self.batches), 1)  # each term: its token mean over all rows
 
     @torch.no_grad()
     def __call__(self, engine, compute: Objective) -> dict[str, float]:

@@ -40,6 +40,7 @@ class TinyDefault:
         self.assets = root / "assets"
         self.teacher = root / "teachers" / "tiny-teacher__sft"
         self.cache = root / "cache"
+        self.valid_cache = root / "cache-valid"
         self.students = root / "students"
 
     def assets_cfg(self, *extra: str) -> AssetsConfig:
@@ -56,24 +57,32 @@ class TinyDefault:
             CONFIGS / "tiny/teacher_sft.yaml",
             [f"student.path={self.assets}/teacher-init", f"data.path={self.data}/train.jsonl",
              f"out_dir={self.root}/teachers", "train.steps=4", "train.micro_batch_size=16", "train.log_every=2",
-             *TOKENIZE, *extra],
+             f"valid.data.path={self.data}/valid.jsonl", "valid.every=2", "checkpoint.every=2", *TOKENIZE, *extra],
         )
 
     def cache_cfg(self, *extra: str, name: str = "teacher_cache.yaml") -> TeacherCacheConfig:
         student_tok = [f"student_tokenizer.path={self.assets}/tokenizer-metaspace"] if "xtok" in name else []
+        split = "valid" if "valid" in name else "train"
         return load_config(
             TeacherCacheConfig,
             CONFIGS / "tiny" / name,
-            [f"data.path={self.data}/train.jsonl", f"teacher.path={self.teacher}/final", f"out_dir={self.cache}",
+            [f"data.path={self.data}/{split}.jsonl", f"teacher.path={self.teacher}/final", f"out_dir={self.cache}",
              "cache.rows_per_shard=64", "cache.batch_size=16", *student_tok, *TOKENIZE, *extra],
         )
 
+    def valid_cache_cfg(self, *extra: str) -> TeacherCacheConfig:
+        return self.cache_cfg(f"out_dir={self.valid_cache}", *extra, name="teacher_cache_valid.yaml")
+
     def distill_cfg(self, *extra: str) -> DistillConfig:
+        """The shipped distill config, scaled down; validation and intermediate checkpoints off unless asked for
+        (valid.cache points at `valid_cache`, built by `valid_cache_cfg`)."""
         return load_config(
             DistillConfig,
             CONFIGS / "tiny/distill.yaml",
             [f"student.path={self.assets}/student-init", f"cache={self.cache}", f"out_dir={self.students}",
-             "train.steps=4", "train.micro_batch_size=8", "train.grad_accum=2", "train.log_every=2", *TOKENIZE, *extra],
+             "train.steps=4", "train.micro_batch_size=8", "train.grad_accum=2", "train.log_every=2",
+             f"valid.cache={self.valid_cache}", "valid.every=0", "valid.micro_batch_size=8", "valid.generate_rows=0",
+             "checkpoint.every=0", "checkpoint.keep_best=0", *TOKENIZE, *extra],
         )
 
     def eval_cfg(self, run: Path, *extra: str) -> EvalConfig:

@@ -42,17 +42,26 @@ def test_three_stages_write_exactly_their_files(chain, monkeypatch):
         "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow",
     }
 
-    # stage 2 must never construct the teacher: record every model that is loaded
-    loaded = []
+    # stage 2 must never construct the teacher: record every model that is loaded and every model object built
+    # (by any route: from_pretrained, from_config, a constructor), and the process's peak memory is the student's
+    loaded, built = [], []
     real = transformers.AutoModelForCausalLM.from_pretrained
+    real_init = transformers.PreTrainedModel.__init__
 
     def spy(path, *a, **k):
         loaded.append(str(path))
         return real(path, *a, **k)
 
+    def spy_init(self, config, *a, **k):
+        built.append(type(self).__name__)
+        return real_init(self, config, *a, **k)
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", spy_init)
     run_dir = distill.run(tiny.distill_cfg())
     assert loaded == [str(tiny.assets / "student-init")]
+    # the teacher is a Llama, the student a Qwen2 (its causal-LM wrapper and inner model)
+    assert built and all(name.startswith("Qwen2") for name in built), built
     assert run_dir.name == "tiny-teacher_to_tiny-student__kd_fkl"
     assert files(run_dir) == STUDENT_FILES
     assert files(run_dir / "final") == CHECKPOINT_FILES

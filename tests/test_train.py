@@ -1,0 +1,401 @@
+"""Stage 2's trainer: ZeRO stages and processes, LoRA, checkpoints and resume, validation, sweeps and bad states."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from pipeline import checkpoint
+from pipeline.checkpoint import CheckpointError, TrainingDiverged
+from pipeline.config import ConfigError, DistillConfig, dump_config, load_config
+from pipeline.sampler import MicroBatchStream, eval_batches
+from stages import distill, teacher_cache
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def caches(tiny):
+    teacher_cache.run(tiny.cache_cfg())
+    teacher_cache.run(tiny.valid_cache_cfg())
+    return tiny
+
+
+def rows(run_dir):
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_curve(a, b, keys=("loss", "ce", "kd"), rel=1e-6):
+    ra, rb = rows(a), rows(b)
+    assert sorted(ra) == sorted(rb)
+    for step in ra:
+        for k in keys:
+            if k in ra[step]:
+                assert ra[step][k] == pytest.approx(rb[step][k], rel=rel, abs=1e-7), (step, k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Micro-batch stream and schedule (no training)
+
+
+def test_stream_is_deterministic_world_independent_and_covers_each_epoch():
+    lengths = np.random.default_rng(0).integers(5, 90, size=203)
+    s = MicroBatchStream(lengths, 8, seed=3)
+    assert s.per_epoch == 25
+    epoch = [i for b in s.epoch(0) for i in b]
+    assert len(epoch) == len(set(epoch)) == 200  # each row at most once, only the last partial batch dropped
+    assert s.epoch(1) != s.epoch(0) and MicroBatchStream(lengths, 8, seed=3).epoch(1) == s.epoch(1)
+    # the micro-batches of a step do not depend on how they are spread over ranks and accumulation
+    for step in (1, 7, 30):  # 30 crosses into the second epoch
+        one = s.for_step(step, 0, 1, 4)
+        two = [b for r in range(2) for b in s.for_step(step, r, 2, 2)]
+        four = [b for r in range(4) for b in s.for_step(step, r, 4, 1)]
+        assert one == two == four
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(1).integers(5, 200, size=4096)
+
+    def padding(stream):
+        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in stream.epoch(0))
+
+    grouped, flat = MicroBatchStream(lengths, 16, 0), MicroBatchStream(lengths, 16, 0, group_by_length=False)
+    assert padding(grouped) < 0.1 * padding(flat)
+    # grouped batches still come in random order, not sorted by length
+    maxima = [lengths[b].max() for b in grouped.epoch(0)]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    assert sorted(i for b in eval_batches(lengths[:50], 16) for i in b) == list(range(50))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules(tiny, schedule):
+    t = tiny.distill_cfg("train.steps=100", "train.warmup_steps=10", "train.lr=1e-3", "train.min_lr=1e-4",
+                         f"train.schedule={schedule}").train
+    f = distill.lr_lambda(t)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    end = 1.0 if schedule == "constant" else 0.1
+    assert f(100) == pytest.approx(end)
+    mid = {"cosine": 0.55, "linear": 0.55, "constant": 1.0}[schedule]
+    assert f(55) == pytest.approx(mid)
+    assert all(f(i) >= f(i + 1) - 1e-12 for i in range(10, 100))
+
+
+def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny.assets / "student-init")
+    decay, no_decay = distill.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("norm" not in names[id(p)] and not names[id(p)].endswith("bias") for p in decay["params"])
+    assert {names[id(p)].split(".")[-2] for p in no_decay["params"]} >= {"input_layernorm", "q_proj"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_deepspeed_config_is_filled_from_the_run_config(tiny):
+    t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=3", "train.grad_clip=0.5",
+                         "train.deepspeed=configs/deepspeed/zero3_offload.json", "train.precision=bf16").train
+    ds = distill.deepspeed_config(t, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and distill._offload(ds)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def test_zero_stages_train_alike_in_one_process(caches):
+    """ZeRO 0, 2 and 3 (and 2 with optimizer offload) give the same loss curve and the same final weights; dskd_v2
+    reads the student head outside its module (gathered under ZeRO-3)."""
+    runs = {}
+    for ds in ("zero0", "zero2", "zero3", "zero2_offload"):
+        runs[ds] = distill.run(caches.distill_cfg(f"train.deepspeed=configs/deepspeed/{ds}.json", "train.steps=3",
+                                                  "train.log_every=1", "loss.objective=dskd_v2", f"run_name=zero-{ds}"))
+    ref = weights(runs["zero0"])
+    for ds, run_dir in runs.items():
+        assert_same_curve(runs["zero0"], run_dir, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"), rel=1e-5)
+        got = weights(run_dir)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k, ds=ds: f"{ds} {k}: {m}")
+
+
+def _write_config(cfg, path):
+    dump_config(cfg, path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_match_one_process_with_the_same_global_batch(caches, tmp_path):
+    """2 ranks x micro 8 (gloo) and 1 rank x micro 8 x accumulation 2 see the same rows per step: same losses."""
+    common = ["train.deepspeed=configs/deepspeed/zero2.json", "train.steps=3", "train.log_every=1",
+              f"out_dir={tmp_path}", "loss.objective=dskd_v2"]
+    one = distill.run(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=one"))
+    cfg = _write_config(caches.distill_cfg(*common, "train.grad_accum=1", "run_name=two"), tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's own group
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stages.cli", "distill", "--config", cfg],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_curve(one, tmp_path / "two", keys=("loss", "ce", "kd", "t2s_ce", "s2t_kd", "loss_tokens"), rel=1e-5)
+    assert rows(one)[1]["loss_tokens"] == rows(tmp_path / "two")[1]["loss_tokens"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_adapter_and_merged_reload_to_the_trained_student(caches):
+    from peft import PeftModel
+
+    from pipeline.config import ModelRef
+    from pipeline.models import load_model
+
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.steps=3", "train.lr=1e-2"]
+    adapter = distill.run(caches.distill_cfg(*lora, "lora.save=adapter", "run_name=lora-adapter"))
+    merged = distill.run(caches.distill_cfg(*lora, "lora.save=merged", "run_name=lora-merged"))
+    assert (adapter / "final" / "adapter_config.json").is_file() and not (adapter / "final" / "model.safetensors").exists()
+    assert (merged / "final" / "model.safetensors").is_file() and not (merged / "final" / "adapter_config.json").exists()
+    assert_same_curve(adapter, merged)
+
+    base_dir = caches.assets / "student-init"
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        plain = base(ids).logits
+        with_adapter = PeftModel.from_pretrained(base, adapter / "final").eval()(ids).logits
+        full = transformers.AutoModelForCausalLM.from_pretrained(merged / "final").eval()(ids).logits
+        ours = load_model(ModelRef(path=str(adapter / "final")))(ids).logits  # what `dskd eval` loads
+    torch.testing.assert_close(with_adapter, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+    assert (full - plain).abs().max() > 1e-3  # the adapter learned something
+    # only the adapters trained: the merged model differs from the base in the targeted projections only
+    sd_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    sd_merged = transformers.AutoModelForCausalLM.from_pretrained(merged / "final").state_dict()
+    changed = {k.split(".")[-2] for k in sd_base if not torch.equal(sd_base[k], sd_merged[k])}
+    assert changed and changed <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_unknown_target_is_refused(caches):
+    with pytest.raises(ConfigError, match="not found in the student"):
+        distill.run(caches.distill_cfg("lora.enabled=true", "lora.target_modules=[c_attn]", "run_name=lora-bad"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume and bad states
+
+
+def _fail_checkpoint_at(monkeypatch, step, exc):
+    """torch.save raises `exc` while checkpoint `step` is written (DeepSpeed's own files included)."""
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if checkpoint.step_name(step) in str(f):
+            raise exc
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_resume_matches(caches, monkeypatch):
+    common = ["train.steps=6", "train.log_every=1", "checkpoint.every=2", "loss.objective=dskd_v2"]
+    straight = distill.run(caches.distill_cfg(*common, "run_name=straight"))
+    cfg = caches.distill_cfg(*common, "run_name=diskfull")
+    _fail_checkpoint_at(monkeypatch, 4, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint is intact"):
+        distill.run(cfg)
+    monkeypatch.undo()
+    run_dir = caches.students / "diskfull"
+    assert [s for s, _ in checkpoint.complete(run_dir)] == [2]
+    assert not list((run_dir / checkpoint.CHECKPOINTS).glob(".tmp-*")) and not (run_dir / "done.json").exists()
+    state = checkpoint.read_state(run_dir / "checkpoints" / checkpoint.step_name(2))
+    assert state["step"] == 2 and state["micro_batches"] == 4 and state["metrics"]["train_loss"] > 0
+
+    with pytest.raises(ConfigError, match="--resume"):  # never silently start over on top of a checkpoint
+        distill.run(cfg)
+    with pytest.raises(ConfigError, match="another config"):
+        distill.run(caches.distill_cfg(*common, "run_name=diskfull", "train.lr=1e-2"), resume=True)
+    distill.run(cfg, resume=True)
+    assert_same_curve(straight, run_dir, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"))
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(weights(run_dir)[k], v, atol=0, rtol=0)
+    assert [s for s, _ in checkpoint.complete(run_dir)] == [6]  # keep_best 0: only the newest is kept
+
+
+def test_lora_resume_continues_the_same_curve(caches, monkeypatch):
+    common = ["train.steps=4", "train.log_every=1", "checkpoint.every=2", "lora.enabled=true", "lora.r=4",
+              "lora.save=adapter", "train.lr=1e-2"]
+    straight = distill.run(caches.distill_cfg(*common, "run_name=lora-straight"))
+    cfg = caches.distill_cfg(*common, "run_name=lora-resumed")
+    _fail_checkpoint_at(monkeypatch, 4, OSError(errno.EIO, "I/O error"))
+    with pytest.raises(CheckpointError, match="I/O error"):
+        distill.run(cfg)
+    monkeypatch.undo()
+    distill.run(cfg, resume=True)
+    assert_same_curve(straight, caches.students / "lora-resumed")
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pipeline import checkpoint
+    real = checkpoint._fsync_tree
+    def fsync_then_die(path):  # checkpoint 4 is fully written but not yet renamed into place: SIGKILL
+        real(path)
+        if path.name == ".tmp-" + checkpoint.step_name(4):
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint._fsync_tree = fsync_then_die
+    from stages.cli import main
+    main(["distill", "--config", sys.argv[1]])
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(caches, tmp_path):
+    common = ["train.steps=6", "train.log_every=1", "checkpoint.every=2", f"out_dir={tmp_path}"]
+    straight = distill.run(caches.distill_cfg(*common, "run_name=straight"))
+    cfg = caches.distill_cfg(*common, "run_name=killed")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", KILLER, _write_config(cfg, tmp_path / "killed.yaml")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    assert [s for s, _ in checkpoint.complete(run_dir)] == [2]  # the half-committed step 4 is not a checkpoint
+    assert (run_dir / "checkpoints" / f".tmp-{checkpoint.step_name(4)}").is_dir()
+    assert max(rows(run_dir)) == 4  # metrics were logged up to the kill
+
+    distill.run(cfg, resume=True)
+    assert_same_curve(straight, run_dir)
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(weights(run_dir)[k], v, atol=0, rtol=0)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_nan_stops_naming_step_and_term_and_saves_nothing_corrupt(caches, monkeypatch):
+    # lr 1e30: weights ~1e30 after step 1, so step 2's logits overflow
+    with pytest.raises(TrainingDiverged, match=r"step 2: non-finite .*kd"):
+        distill.run(caches.distill_cfg("train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0",
+                                       "train.schedule=constant", "checkpoint.every=1", "run_name=nan"))
+    run_dir = caches.students / "nan"
+    assert [s for s, _ in checkpoint.complete(run_dir)] == [1]
+    assert not (run_dir / "final").exists() and not (run_dir / "done.json").exists()
+    # weights that became inf in an optimizer step are refused before they reach a checkpoint
+    real_step = torch.optim.AdamW.step
+
+    def step_then_inf(self, *a, **k):
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_inf)
+    with pytest.raises(TrainingDiverged, match="step 1: non-finite weights"):
+        distill.run(caches.distill_cfg("checkpoint.every=1", "run_name=inf"))
+    assert checkpoint.complete(caches.students / "inf") == []
+
+
+def test_cache_for_another_student_tokenizer_is_refused(caches):
+    from pipeline.cache_io import CacheError
+
+    with pytest.raises(CacheError, match="another student tokenizer"):
+        distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init-metaspace", "run_name=wrongtok"))
+
+
+def test_valid_cache_from_another_teacher_is_refused(caches, tmp_path):
+    other = teacher_cache.run(caches.cache_cfg(f"out_dir={tmp_path}/other", f"teacher.path={caches.assets}/teacher-init",
+                                               f"data.path={caches.data}/valid.jsonl"))
+    with pytest.raises(ConfigError, match="another teacher"):
+        distill.run(caches.distill_cfg(f"valid.cache={other}", "valid.every=2", "run_name=otherteacher"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation and best-N
+
+
+def test_validation_terms_rouge_and_best_checkpoints(caches):
+    run_dir = distill.run(caches.distill_cfg(
+        "train.steps=6", "train.log_every=3", "valid.every=2", "valid.generate_rows=4", "valid.max_new_tokens=4",
+        "checkpoint.every=2", "checkpoint.keep_best=1", "run_name=valid"))
+    r = rows(run_dir)
+    assert sorted(r) == [1, 2, 3, 4, 6]
+    for step in (2, 4, 6):
+        assert {"valid_loss", "valid_ce", "valid_kd", "valid_rougeL"} <= set(r[step])
+        assert 0 <= r[step]["valid_rougeL"] <= 100
+        assert r[step]["valid_loss"] == pytest.approx(0.5 * r[step]["valid_ce"] + 0.5 * r[step]["valid_kd"])
+        assert r[step]["peak_rss_mb"] > 0 and r[step]["tokens_per_s"] > 0 and r[step]["lr"] > 0
+    assert "valid_loss" not in r[3]
+
+    # the newest and the best by valid_loss are kept; best.json names the best
+    by_loss = min((2, 4, 6), key=lambda s: r[s]["valid_loss"])
+    kept = [s for s, _ in checkpoint.complete(run_dir)]
+    assert kept == sorted({by_loss, 6})
+    assert json.loads((run_dir / "best.json").read_text())["checkpoints"] == [checkpoint.step_name(by_loss)]
+
+    # valid_loss is the token mean of the loss over the whole validation cache (recomputed independently)
+    from pipeline.batch import collate_cache_rows
+    from pipeline.cache_io import CacheReader
+    from pipeline.config import ModelRef
+    from pipeline.models import decoder_hidden, load_model
+    from pipeline.objectives import Objective, TeacherSide, student_side
+
+    cfg = caches.distill_cfg()
+    reader = CacheReader(caches.valid_cache)
+    batch = collate_cache_rows([reader[i] for i in range(len(reader))], 0)
+    student = load_model(ModelRef(path=str(run_dir / "final")))
+    obj = Objective(cfg.loss, TeacherSide(reader.load_head()))
+    with torch.no_grad():
+        out = obj(batch, student_side(student, batch, decoder_hidden(student, batch.input_ids, batch.attention_mask)),
+                  normaliser=batch.n_tokens)
+    assert r[6]["valid_loss"] == pytest.approx(float(out.loss), rel=1e-5)
+
+
+def test_keep_best_without_validation_is_a_config_error(caches):
+    with pytest.raises(ConfigError, match="keep_best"):
+        caches.distill_cfg("checkpoint.keep_best=2")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweep through make
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/bin/dskd").exists(), reason="needs make and .venv")
+def test_make_sweep_trains_one_student_per_divergence_from_one_cache(caches, tmp_path):
+    """`make sweep` with this session's scaled-down configs: every earlier stage is up to date (the cache is not
+    recomputed) and each divergence gets its own run directory."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    dump_config(caches.assets_cfg(), configs / "assets.yaml")
+    dump_config(caches.teacher_sft_cfg(), configs / "teacher_sft.yaml")
+    dump_config(caches.cache_cfg(), configs / "teacher_cache.yaml")
+    dump_config(caches.valid_cache_cfg(), configs / "teacher_cache_valid.yaml")
+    dump_config(caches.distill_cfg("train.steps=2", f"out_dir={tmp_path}/students"), configs / "distill.yaml")
+    def cache_files():  # the cache's own files (CURRENT is re-pointed at it on every up-to-date run)
+        return {p: p.stat().st_mtime_ns for p in caches.cache.rglob("*") if p.is_file() and p.name != "CURRENT"}
+
+    before = cache_files()
+    proc = subprocess.run(["make", "--no-print-directory", "sweep", f"CONFIGS={configs}", "DIVERGENCES=fkl rkl",
+                           "OBJECTIVE=dskd_v2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("teacher-cache: up to date") == 2  # train and valid caches: computed at most once
+    assert cache_files() == before
+    names = sorted(p.name for p in (tmp_path / "students").iterdir())
+    assert names == ["tiny-teacher_to_tiny-student__dskd_v2_fkl", "tiny-teacher_to_tiny-student__dskd_v2_rkl"]
+    for name in names:
+        run_dir = tmp_path / "students" / name
+        assert (run_dir / "done.json").is_file() and (run_dir / "projectors.safetensors").is_file()
+        assert load_config(DistillConfig, run_dir / "config.yaml").loss.divergence == name[-3:]
