@@ -53,6 +53,7 @@ class Projectors(nn.Module):
         # attributes, not buffers: module.to(bfloat16) and mixed-precision engines must not round the pinv
         self.teacher_pinv: torch.Tensor | None = None
         self.student_ids: torch.Tensor | None = None
+        self._q: tuple[tuple, torch.Tensor] | None = None  # s2t_matrix's last result, keyed by the head's version
 
     def init_logit_identity(
         self, student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor,
@@ -73,5 +74,15 @@ class Projectors(nn.Module):
         if self.teacher_pinv.device != student_head.device:
             self.teacher_pinv = self.teacher_pinv.to(student_head.device)
             self.student_ids = self.student_ids.to(student_head.device)
-        a_s = student_head.detach().float()[self.student_ids].T
-        return a_s @ self.teacher_pinv
+        # Q is reused while the head is unchanged (micro-batches of one optimizer step, a frozen head under LoRA)
+        # instead of paying |U| x d_S x d_T again; the key catches in-place updates, and the trainer calls
+        # `head_updated` after each optimizer step for engines that write weights through `.data`
+        key = (student_head.data_ptr(), student_head._version, student_head.shape, student_head.device)
+        if self._q is None or self._q[0] != key:
+            a_s = student_head.detach().float()[self.student_ids].T
+            self._q = (key, a_s @ self.teacher_pinv)
+        return self._q[1]
+
+    def head_updated(self) -> None:
+        """The student head may have changed: the next s2t_matrix recomputes Q."""
+        self._q = None

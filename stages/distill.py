@@ -280,6 +280,8 @@ def _prepare_run_dir(run_dir: Path, fingerprint: str, force: bool, resume: bool,
                                   "same ones (or pass --force to start over)")
             return ckpt
     if dist.is_main and run_dir.exists():  # forced, or unfinished without a checkpoint: start over, never append
+        if resume:
+            print(f"distill: {run_dir} has no checkpoint to resume from; starting over")
         shutil.rmtree(run_dir)
     return None
 
@@ -437,7 +439,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
                                        "saved for this step" + (f", the last checkpoint is {checkpoint.latest(run_dir)}"
                                                                if checkpoint.latest(run_dir) else ""))
             engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            if boundary and projectors is not None:
+                projectors.head_updated()
             for k, v in [("loss", out.loss), *out.terms.items()]:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             for k, v in out.stats.items():
@@ -472,6 +477,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         log.close()
 
     # ---- the final student: an HF directory (or LoRA adapter) that from_pretrained loads; done.json last
+    if dist.is_main:
+        for stale in run_dir.glob(f"{FINAL_TMP}*"):  # left by a run killed while saving its final student
+            shutil.rmtree(stale)
+    barrier()
     write_student(run_dir, FINAL_TMP)
     if dist.is_main:
         final, tmp = run_dir / "final", run_dir / FINAL_TMP

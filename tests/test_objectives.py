@@ -18,7 +18,7 @@ from pipeline.head import OutputHead
 from pipeline.losses import divergence
 from pipeline.models import decoder_hidden, load_model, load_tokenizer
 from pipeline.objectives import Objective, TeacherSide, build_projectors, shared_vocabulary, student_side
-from pipeline.projectors import logit_identity_t2s
+from pipeline.projectors import Projectors, logit_identity_t2s
 from pipeline.teacher import OnlineTeacher
 from pipeline.tokenize import special_ids, token_surfaces
 from stages import teacher_cache
@@ -347,3 +347,18 @@ def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
         out = obj(batch, student_side(student, batch, hidden), normaliser=n)
         out.loss.backward()
     assert mode.numel <= width * vocab, (mode.numel, mode.op, n, vocab)
+
+
+def test_s2t_matrix_is_reused_until_the_head_changes():
+    proj = Projectors("dskd_v2", 4, 3)
+    w_s, w_t, ids = torch.randn(10, 4), torch.randn(10, 3), torch.arange(10)
+    proj.init_logit_identity(w_s, w_t, ids, ids)
+    q1 = proj.s2t_matrix(w_s)
+    assert proj.s2t_matrix(w_s) is q1  # micro-batches of one step
+    w_s.add_(1.0)  # an in-place update (torch optimizers) bumps the version: recomputed
+    q2 = proj.s2t_matrix(w_s)
+    torch.testing.assert_close(q2, w_s[ids].T @ proj.teacher_pinv)
+    w_s.data.mul_(2)  # a write through .data (DeepSpeed) is invisible to the version: the trainer says so
+    assert proj.s2t_matrix(w_s) is q2
+    proj.head_updated()
+    torch.testing.assert_close(proj.s2t_matrix(w_s), w_s[ids].T @ proj.teacher_pinv)
