@@ -194,8 +194,9 @@ class LossConfig:
     t2s_agreement: float = 1.0
     # dskd_cma values: the teacher's gold next-token embedding (v1, the paper; leaks the label) or its argmax (v2)
     cma_value: Literal["gold", "argmax"] = "gold"
-    # positions per chunk when building vocabulary-sized logits (bounds memory; the result does not depend on it)
-    chunk_positions: int = 1024
+    # positions per chunk when building vocabulary-sized logits (bounds memory; the result does not depend on it);
+    # 0 = about 16 MB of float32 logits per chunk (losses.auto_chunk_positions)
+    chunk_positions: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -204,8 +205,8 @@ class LossConfig:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.skew <= 1.0 or not 0.0 <= self.akl_mu <= 1.0:
             raise ConfigError("loss.skew and loss.akl_mu must be in [0, 1]")
-        if self.chunk_positions < 1:
-            raise ConfigError("loss.chunk_positions must be >= 1")
+        if self.chunk_positions < 0:
+            raise ConfigError("loss.chunk_positions must be >= 0 (0 = automatic)")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pipeline.head import OutputHead
 from pipeline.losses import (
     LOG_FLOOR,
     SparseLogits,
+    auto_chunk_positions,
     cross_entropy_sum,
     divergence,
     divergence_from_log_probs,
@@ -139,7 +140,7 @@ class Objective:
 
     def __init__(
         self, cfg: LossConfig, teacher: TeacherSide | None = None, projectors: Projectors | None = None,
-        chunk_positions: int = 1024,
+        chunk_positions: int = 0,
     ):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.objective!r}")
@@ -171,6 +172,9 @@ class Objective:
         """student.hidden holds the N label positions of `batch` (labels != -100, row-major)."""
         labels = batch.labels[batch.labels != -100]
         name = self.cfg.objective
+        if not self.chunk:  # automatic: from the largest vocabulary in play (ZeRO-3 keeps out_features when partitioned)
+            v = getattr(student.head, "out_features", None) or student.head.weight.shape[0]
+            self.chunk = auto_chunk_positions(max(v, self.teacher.head.vocab_size if self.teacher else 0))
         if name == "sft":
             out = _chunked(lambda h, y: {"ce": cross_entropy_sum(student.head(h), y)}, len(labels), self.chunk,
                            student.hidden, labels)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.head import OutputHead
+from pipeline.losses import auto_chunk_positions
 from pipeline.models import decoder_hidden
 from pipeline.tokenize import pad, response_positions
 
@@ -55,7 +56,7 @@ def teacher_forward(
     pad_id: int,
     *,
     head_exact: bool = True,
-    chunk_positions: int = 2048,
+    chunk_positions: int = 0,
 ) -> list[TeacherRow]:
     """Run the teacher on full sequences `seqs` (prompt + response + EOS) and keep what the cache stores.
 
@@ -63,6 +64,7 @@ def teacher_forward(
     at response positions only. Otherwise the model's own full forward gives the logits (top-k and lse stay exact
     for a head the cache cannot reproduce) and its last hidden state is kept beside them."""
     k = min(top_k, head.vocab_size)
+    chunk_positions = chunk_positions or auto_chunk_positions(head.vocab_size)
     spans = [response_positions(len(s), rs) for s, rs in zip(seqs, response_starts)]
     if head_exact:
         h, _, _ = _hidden(model, seqs, pad_id)

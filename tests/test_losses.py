@@ -238,3 +238,14 @@ def test_token_normaliser_gives_global_token_mean():
     counts, sums = [3, 5, 7, 1], [1.5, 2.0, 4.0, 0.5]
     n = token_normaliser(sum(counts), grad_accum=2, world_size=2)
     assert math.isclose(sum(s / n for s in sums) / 4, sum(sums) / sum(counts))
+
+
+def test_auto_chunk_positions_bound_a_chunk_of_logits():
+    from pipeline.losses import CHUNK_ELEMENTS, auto_chunk_positions
+
+    assert auto_chunk_positions(512) == 1024 and auto_chunk_positions(49_152) == 64
+    assert auto_chunk_positions(151_936) == 16 and auto_chunk_positions(10**7) == 16
+    for v in (512, 32_000, 49_152, 128_256, 151_936, 262_144):
+        n = auto_chunk_positions(v)
+        assert n & (n - 1) == 0 and (n * v <= CHUNK_ELEMENTS or n == 16)
+        assert n == 1024 or 2 * n * v > CHUNK_ELEMENTS  # the largest power of two that fits

@@ -399,3 +399,15 @@ def test_make_sweep_trains_one_student_per_divergence_from_one_cache(caches, tmp
         run_dir = tmp_path / "students" / name
         assert (run_dir / "done.json").is_file() and (run_dir / "projectors.safetensors").is_file()
         assert load_config(DistillConfig, run_dir / "config.yaml").loss.divergence == name[-3:]
+
+
+def test_tensorboard_sink_writes_events_or_asks_for_its_package(caches):
+    import importlib.util
+
+    cfg = caches.distill_cfg("train.steps=2", "train.report_to=[tensorboard]", "run_name=tb")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            distill.run(cfg)
+    else:
+        run_dir = distill.run(cfg)
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
