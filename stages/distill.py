@@ -51,6 +51,7 @@ from pipeline.metrics import rouge_l
 from pipeline.models import (
     StudentWithProjectors,
     gathered,
+    keep_freed_memory,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -320,6 +321,8 @@ def _check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) ->
 
 def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     dist = init_distributed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()
     tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
     _, pad_id = special_ids(tokenizer)

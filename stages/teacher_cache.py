@@ -43,6 +43,7 @@ from pipeline.io_utils import atomic_save_npy, atomic_save_safetensors, hash_jso
 from pipeline.losses import divergence
 from pipeline.models import (
     checkpoint_dtype,
+    keep_freed_memory,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -120,6 +121,8 @@ def _identity(x):
 def run(cfg: TeacherCacheConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
     dist = local_or_distributed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()
     teacher_tok = load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
     student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
     s_fp, t_fp = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
