@@ -82,7 +82,8 @@ def distill_cfg(cache: Path, objective: str, steps: int, micro: int, name: str, 
         f"student.path={OUT}/student", f"cache={cache}", f"out_dir={OUT}/students", f"run_name={name}",
         "valid.every=0", "checkpoint.every=0", "checkpoint.keep_best=0", "tokenize.max_prompt_length=192",
         "tokenize.max_length=320", f"loss.objective={objective}", f"train.steps={steps}",
-        f"train.micro_batch_size={micro}", "train.log_every=1", "train.warmup_steps=0", *extra])
+        f"train.micro_batch_size={micro}", "train.log_every=1", "train.warmup_steps=0", "train.group_by_length=true",
+        *extra])
 
 
 def worker(variant: str, cache: Path, steps: int, micro: int, name: str) -> None:

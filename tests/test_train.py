@@ -139,10 +139,13 @@ def _write_config(cfg, path):
 
 
 @pytest.mark.slow
-def test_zero2_two_processes_match_one_process_with_the_same_global_batch(caches, tmp_path):
-    """2 ranks x micro 8 (gloo) and 1 rank x micro 8 x accumulation 2 see the same rows per step: same losses."""
-    common = ["train.deepspeed=configs/deepspeed/zero2.json", "train.steps=3", "train.log_every=1",
-              f"out_dir={tmp_path}", "loss.objective=dskd_v2"]
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_match_one_process_with_the_same_global_batch(caches, tmp_path, zero):
+    """2 ranks x micro 8 (gloo) and 1 rank x micro 8 x accumulation 2 see the same rows per step: same losses, and
+    the same validation loss (batches and generation sharded over the ranks, padded to equal counts for ZeRO-3)."""
+    common = [f"train.deepspeed=configs/deepspeed/{zero}.json", "train.steps=3", "train.log_every=1",
+              f"out_dir={tmp_path}", "loss.objective=dskd_v2", "valid.every=3", "valid.generate_rows=3",
+              "valid.max_new_tokens=4"]
     one = distill.run(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=one"))
     cfg = _write_config(caches.distill_cfg(*common, "train.grad_accum=1", "run_name=two"), tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -152,8 +155,14 @@ def test_zero2_two_processes_match_one_process_with_the_same_global_batch(caches
                            "-m", "stages.cli", "distill", "--config", cfg],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_curve(one, tmp_path / "two", keys=("loss", "ce", "kd", "t2s_ce", "s2t_kd", "loss_tokens"), rel=1e-5)
-    assert rows(one)[1]["loss_tokens"] == rows(tmp_path / "two")[1]["loss_tokens"]
+    two = tmp_path / "two"
+    assert_same_curve(one, two, keys=("loss", "ce", "kd", "t2s_ce", "s2t_kd", "loss_tokens", "valid_loss", "valid_kd"),
+                      rel=1e-5)
+    assert rows(one)[1]["loss_tokens"] == rows(two)[1]["loss_tokens"]
+    assert 0 <= rows(two)[3]["valid_rougeL"] <= 100
+    assert (two / "final" / "model.safetensors").is_file() and (two / "projectors.safetensors").is_file()
+    for k, v in weights(one).items():  # ZeRO-3 saves the gathered weights, not the rank's partition
+        torch.testing.assert_close(weights(two)[k], v, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------
