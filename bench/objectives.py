@@ -52,7 +52,9 @@ def main() -> None:
     xtok = load_config(TeacherCacheConfig, ROOT / "configs/tiny/teacher_cache_xtok.yaml", ["cache.store_embeddings=true"])
     xcache = teacher_cache.run(xtok)
     out = tempfile.mkdtemp(prefix="bench-objectives-")
-    common = [f"train.steps={args.steps}", f"train.log_every={args.warmup}", f"out_dir={out}"]
+    # step time only: no validation passes or intermediate checkpoints inside the timed steps
+    common = [f"train.steps={args.steps}", f"train.log_every={args.warmup}", f"out_dir={out}", "valid.every=0",
+              "checkpoint.every=0", "checkpoint.keep_best=0"]
     runs = [
         ("same tokenizer", objective, [])
         for objective in SAME
