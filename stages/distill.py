@@ -174,9 +174,11 @@ class Source:
 
 def cache_source(reader: CacheReader, pad_id: int, limit: int | None = None) -> Source:
     n = len(reader) if limit is None else min(limit, len(reader))
+    by_id: dict[str, Example] = {}
 
-    def examples(idx: list[int]) -> list[Example]:
-        by_id = {e.id: e for e in load_examples(DataConfig(path=str(reader.dir / DATA_FILE), id_field="id"))}
+    def examples(idx: list[int]) -> list[Example]:  # the cache's own copy of its data, read on first use
+        if not by_id:
+            by_id.update((e.id, e) for e in load_examples(DataConfig(path=str(reader.dir / DATA_FILE), id_field="id")))
         return [by_id[reader[i].id] for i in idx]
 
     return Source(reader.lengths()[:n], lambda idx: collate_cache_rows([reader[i] for i in idx], pad_id),
@@ -438,9 +440,9 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
             out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
             if not torch.isfinite(out.loss):
                 bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["loss"]
+                last_ckpt = checkpoint.latest(run_dir)
                 raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (rows {batch.ids[:4]}); nothing was "
-                                       "saved for this step" + (f", the last checkpoint is {checkpoint.latest(run_dir)}"
-                                                               if checkpoint.latest(run_dir) else ""))
+                                       "saved for this step" + (f", the last checkpoint is {last_ckpt}" if last_ckpt else ""))
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only

@@ -221,15 +221,27 @@ def _fail_checkpoint_at(monkeypatch, step, exc):
     monkeypatch.setattr(torch, "save", save)
 
 
-def test_disk_full_keeps_the_previous_checkpoint_and_resume_matches(caches, monkeypatch):
-    common = ["train.steps=6", "train.log_every=1", "checkpoint.every=2", "loss.objective=dskd_v2"]
-    straight = distill.run(caches.distill_cfg(*common, "run_name=straight"))
-    cfg = caches.distill_cfg(*common, "run_name=diskfull")
-    _fail_checkpoint_at(monkeypatch, 4, OSError(errno.ENOSPC, "No space left on device"))
-    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint is intact"):
+def _straight_and_interrupted(caches, monkeypatch, common, name, exc):
+    """An uninterrupted run, and the same config failing with `exc` while checkpoint 4 is written."""
+    straight = distill.run(caches.distill_cfg(*common, f"run_name={name}-straight"))
+    cfg = caches.distill_cfg(*common, f"run_name={name}")
+    _fail_checkpoint_at(monkeypatch, 4, exc)
+    with pytest.raises(CheckpointError) as failed:
         distill.run(cfg)
     monkeypatch.undo()
-    run_dir = caches.students / "diskfull"
+    return straight, cfg, caches.students / name, str(failed.value)
+
+
+def assert_same_weights(a, b):
+    for k, v in weights(a).items():
+        torch.testing.assert_close(weights(b)[k], v, atol=0, rtol=0)
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_resume_matches(caches, monkeypatch):
+    common = ["train.steps=6", "train.log_every=1", "checkpoint.every=2", "loss.objective=dskd_v2"]
+    straight, cfg, run_dir, error = _straight_and_interrupted(caches, monkeypatch, common, "diskfull",
+                                                              OSError(errno.ENOSPC, "No space left on device"))
+    assert "disk full" in error and "previous checkpoint is intact" in error
     assert [s for s, _ in checkpoint.complete(run_dir)] == [2]
     assert not list((run_dir / checkpoint.CHECKPOINTS).glob(".tmp-*")) and not (run_dir / "done.json").exists()
     state = checkpoint.read_state(run_dir / "checkpoints" / checkpoint.step_name(2))
@@ -241,22 +253,18 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_matches(caches, monk
         distill.run(caches.distill_cfg(*common, "run_name=diskfull", "train.lr=1e-2"), resume=True)
     distill.run(cfg, resume=True)
     assert_same_curve(straight, run_dir, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"))
-    for k, v in weights(straight).items():
-        torch.testing.assert_close(weights(run_dir)[k], v, atol=0, rtol=0)
+    assert_same_weights(straight, run_dir)
     assert [s for s, _ in checkpoint.complete(run_dir)] == [6]  # keep_best 0: only the newest is kept
 
 
 def test_lora_resume_continues_the_same_curve(caches, monkeypatch):
     common = ["train.steps=4", "train.log_every=1", "checkpoint.every=2", "lora.enabled=true", "lora.r=4",
               "lora.save=adapter", "train.lr=1e-2"]
-    straight = distill.run(caches.distill_cfg(*common, "run_name=lora-straight"))
-    cfg = caches.distill_cfg(*common, "run_name=lora-resumed")
-    _fail_checkpoint_at(monkeypatch, 4, OSError(errno.EIO, "I/O error"))
-    with pytest.raises(CheckpointError, match="I/O error"):
-        distill.run(cfg)
-    monkeypatch.undo()
+    straight, cfg, run_dir, error = _straight_and_interrupted(caches, monkeypatch, common, "lora-resumed",
+                                                              OSError(errno.EIO, "I/O error"))
+    assert "I/O error" in error
     distill.run(cfg, resume=True)
-    assert_same_curve(straight, caches.students / "lora-resumed")
+    assert_same_curve(straight, run_dir)
 
 
 KILLER = textwrap.dedent("""
@@ -289,8 +297,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(caches, tmp_path):
 
     distill.run(cfg, resume=True)
     assert_same_curve(straight, run_dir)
-    for k, v in weights(straight).items():
-        torch.testing.assert_close(weights(run_dir)[k], v, atol=0, rtol=0)
+    assert_same_weights(straight, run_dir)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
