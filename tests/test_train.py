@@ -133,6 +133,15 @@ def test_zero_stages_train_alike_in_one_process(caches):
             torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k, ds=ds: f"{ds} {k}: {m}")
 
 
+def test_gradient_checkpointing_changes_memory_not_the_curve(caches):
+    common = ["train.steps=3", "train.log_every=1", "loss.objective=dskd_v2"]
+    plain = distill.run(caches.distill_cfg(*common, "run_name=gc-off"))
+    recomputed = distill.run(caches.distill_cfg(*common, "train.gradient_checkpointing=true", "run_name=gc-on"))
+    assert_same_curve(plain, recomputed, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"), rel=1e-5)
+    for k, v in weights(plain).items():
+        torch.testing.assert_close(weights(recomputed)[k], v, atol=1e-6, rtol=1e-5)
+
+
 def _write_config(cfg, path):
     dump_config(cfg, path)
     return str(path)
