@@ -66,7 +66,27 @@ def resolve_cache_dir(path: str | Path) -> Path:
     current = path / CURRENT
     if current.exists():
         return path / current.read_text().strip()
+    if any(path.glob("shard-*.arrow")):
+        raise CacheError(f"{path}: the shards are here but {MANIFEST} is lost; rebuild it with "
+                         f"`dskd cache verify --repair {path}` (or re-run teacher-cache)")
     raise CacheError(f"{path}: neither a teacher cache (no {MANIFEST}) nor a cache root (no {CURRENT}); run teacher-cache")
+
+
+# Arrow schema metadata every shard carries, so that a lost manifest can be rebuilt from the shards themselves
+SHARD_META_FINGERPRINT, SHARD_META_INDEX = b"dskd_fingerprint", b"dskd_shard"
+
+
+def shard_metadata(path: Path) -> dict[bytes, bytes] | None:
+    """The schema metadata of a shard file, or None when it cannot be opened as Arrow IPC (truncated, garbage)."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_file(source).schema.metadata or {}
+    except (pa.ArrowInvalid, OSError):
+        return None
+
+
+def _recover_hint(cache_dir: Path) -> str:
+    return f"repair it with `dskd cache verify --repair {cache_dir}` (recomputes only the bad shards)"
 
 
 class CacheWriter:
@@ -78,17 +98,51 @@ class CacheWriter:
         self.fingerprint = fingerprint
 
     def status(self) -> str:
-        """'done' (finished), 'resume' (unfinished) or 'new'. Raises CacheError when the directory is not ours."""
+        """'done' (finished), 'resume' (unfinished), 'orphan' (shards of this cache without a manifest: the
+        manifest is rebuilt) or 'new'. Raises CacheError when the directory is not ours."""
         for marker in (MANIFEST, PROGRESS):
             path = self.dir / marker
             if path.exists():
-                found = json.loads(path.read_text()).get("fingerprint")
-                if found != self.fingerprint:  # only a hash-prefix collision or a hand-made directory gets here
-                    raise CacheError(f"{path}: fingerprint {str(found)[:12]} is not {self.fingerprint[:12]}; refusing to mix")
-                return "done" if marker == MANIFEST else "resume"
-        if self.dir.exists() and any(self.dir.iterdir()):
-            raise CacheError(f"{self.dir} is not empty and holds no cache; refusing to write into it")
-        return "new"
+                try:
+                    found = json.loads(path.read_text()).get("fingerprint")
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                    found = None  # unreadable: judged by the shards below
+                else:
+                    if found != self.fingerprint:  # only a hash-prefix collision or a hand-made directory
+                        raise CacheError(f"{path}: fingerprint {str(found)[:12]} is not {self.fingerprint[:12]}; "
+                                         f"refusing to mix (remove {self.dir} or choose another out_dir)")
+                    return "done" if marker == MANIFEST else "resume"
+        if not self.dir.exists() or not any(self.dir.iterdir()):
+            return "new"
+        fingerprints = {(shard_metadata(p) or {}).get(SHARD_META_FINGERPRINT) for p in self.dir.glob("shard-*.arrow")}
+        if self.fingerprint.encode() in fingerprints:
+            return "orphan"
+        other = sorted(f.decode()[:12] for f in fingerprints if f)
+        what = f"shards of another cache ({', '.join(other)})" if other else "no cache of this fingerprint"
+        raise CacheError(f"{self.dir} is not empty and holds {what}; refusing to write into it (remove it or choose "
+                         "another out_dir)")
+
+    def shard_problems(self, manifest: Manifest, *, deep: bool) -> dict[int, str]:
+        """Shards of a finished cache that are not what its manifest says: missing or of another size (always),
+        or of another sha256 (`deep`). Index -> reason."""
+        bad = {}
+        for i, info in enumerate(manifest.shards):
+            path = self.dir / info.file
+            if not path.is_file():
+                bad[i] = "missing"
+            elif path.stat().st_size != info.bytes:
+                bad[i] = f"{path.stat().st_size} bytes, the manifest says {info.bytes}"
+            elif deep and sha256_file(path) != info.sha256:
+                bad[i] = "sha256 mismatch"
+        return bad
+
+    def reopen(self, drop: list[int]) -> None:
+        """Turn a finished cache back into an unfinished one: remove the shards in `drop`, then the manifest (in
+        this order, so a run killed in between finds the manifest and the same problems again)."""
+        for i in drop:
+            (self.dir / SHARD_PATTERN.format(i)).unlink(missing_ok=True)
+        write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint})
+        (self.dir / MANIFEST).unlink(missing_ok=True)
 
     def begin(self) -> None:
         """Prepare the directory (rank 0 only, before any rank writes): progress marker, stale temporaries gone."""
@@ -97,14 +151,36 @@ class CacheWriter:
         for stale in self.dir.glob(".shard-*.tmp*"):  # a shard that was being written when the run was killed
             stale.unlink()
 
-    def complete_shards(self) -> set[int]:
+    def present_shards(self) -> set[int]:
         return {int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.arrow")}
+
+    def complete_shards(self, n_shards: int | None = None) -> set[int]:
+        """Shards on disk that are complete and this cache's own: readable, and their metadata names this
+        fingerprint and their index (a shard that fails is deleted, to be recomputed)."""
+        done = set()
+        for p in self.dir.glob("shard-*.arrow"):
+            try:
+                index = int(p.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            meta = shard_metadata(p)
+            ours = meta is not None and meta.get(SHARD_META_FINGERPRINT) == self.fingerprint.encode() \
+                and meta.get(SHARD_META_INDEX) == str(index).encode() and (n_shards is None or index < n_shards)
+            if ours:
+                done.add(index)
+            else:
+                p.unlink(missing_ok=True)
+        return done
 
     def write_shard(self, index: int, table: pa.Table) -> Path:
         """Write to a hidden temporary name, fsync, rename: a reader (or a resumed run) never sees half a shard.
-        A full disk or any other I/O error removes the temporary and raises CacheError naming the shard."""
+        The shard's schema metadata names the cache's fingerprint and its index. A full disk or any other I/O
+        error removes the temporary and raises CacheError naming the shard."""
         final = self.dir / SHARD_PATTERN.format(index)
         tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
+        meta = {**(table.schema.metadata or {}), SHARD_META_FINGERPRINT: self.fingerprint.encode(),
+                SHARD_META_INDEX: str(index).encode()}
+        table = table.replace_schema_metadata(meta)
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
@@ -120,7 +196,7 @@ class CacheWriter:
 
     def finish(self, manifest_fields: dict, n_shards: int) -> Manifest:
         """Check that shards 0..n_shards-1 are all present, write the manifest, then point CURRENT at this cache."""
-        missing = sorted(set(range(n_shards)) - self.complete_shards())
+        missing = sorted(set(range(n_shards)) - self.present_shards())
         if missing:
             raise CacheError(f"{self.dir}: shard(s) {missing[:5]} missing after the run; re-run to complete them")
         shards = []
@@ -190,7 +266,8 @@ def read_manifest(cache_dir: Path) -> Manifest:
     raw = json.loads(path.read_text())
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(
-            f"{path}: schema version {raw.get('schema_version')} is not {SCHEMA_VERSION}; rebuild the cache with this version"
+            f"{path}: schema version {raw.get('schema_version')} is not {SCHEMA_VERSION} (built by another version of "
+            f"dskd); rebuild it: `dskd teacher-cache --config {path.parent / 'config.yaml'}` (a new directory beside it)"
         )
     try:
         manifest = Manifest.from_dict(raw)
@@ -235,9 +312,12 @@ class CacheReader:
             info = self.manifest.shards[shard]
             path = self.dir / info.file
             if not path.exists():
-                raise CacheError(f"{path}: shard listed in the manifest is missing")
+                raise CacheError(f"{path}: shard listed in the manifest is missing; {_recover_hint(self.dir)}")
+            if path.stat().st_size != info.bytes:
+                raise CacheError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.bytes} (truncated or "
+                                 f"replaced); {_recover_hint(self.dir)}")
             if self.verify and sha256_file(path) != info.sha256:
-                raise CacheError(f"{path}: sha256 mismatch (shard corrupted or replaced)")
+                raise CacheError(f"{path}: sha256 mismatch (shard corrupted or replaced); {_recover_hint(self.dir)}")
             table = _open_table(path)
             if table.num_rows != info.rows:
                 raise CacheError(f"{path}: {table.num_rows} rows, manifest says {info.rows}")
@@ -286,7 +366,8 @@ class CacheReader:
         """The teacher output head saved with the cache, checked against the manifest's sha256."""
         path = self.dir / HEAD_FILE
         if not path.exists() or (self.verify and sha256_file(path) != self.manifest.head_sha256):
-            raise CacheError(f"{path}: missing or sha256 mismatch (head corrupted or replaced)")
+            raise CacheError(f"{path}: missing or sha256 mismatch (head corrupted or replaced); "
+                             f"{_recover_hint(self.dir)}")
         return OutputHead.load(path).to(device)
 
     def load_embeddings(self) -> torch.Tensor:
@@ -297,7 +378,8 @@ class CacheReader:
         if self.manifest.embeddings_sha256 is None:
             raise CacheError(f"{self.dir}: built without teacher input embeddings (set cache.store_embeddings: true)")
         if not path.exists() or (self.verify and sha256_file(path) != self.manifest.embeddings_sha256):
-            raise CacheError(f"{path}: missing or sha256 mismatch (embeddings corrupted or replaced)")
+            raise CacheError(f"{path}: missing or sha256 mismatch (embeddings corrupted or replaced); "
+                             f"{_recover_hint(self.dir)}")
         return load_file(str(path))["weight"]
 
     def vocab_map(self) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"
@@ -143,10 +143,10 @@ class Manifest:
     # false, stage 2 must use the stored top-k + tail instead of recomputing logits
     head_exact: bool
     head_max_error: float
-    # compact mode: KL(exact || recomputed from int8) in nats per position (mean, max) and the max |logit error| at
-    # the top-k and of the log-sum-exp, measured while building on up to 128 positions of every shard's first
-    # batch; null in exact mode
-    compact_kl: dict | None
+    # what storing the hidden states in `hidden_encoding` costs, measured while building (see `StorageError`):
+    # the max |logit error| of the recomputed top-k (every position) and log-sum-exp, the KL(exact || recomputed),
+    # and the largest |logit|; the one tolerance stage 2 and `cache verify` accept derives from it
+    storage_error: dict
     # the student and teacher tokenizers encode identically (same ids): same-vocabulary objectives apply; otherwise
     # the rows carry exact token alignments and `vocab_map.npy` maps teacher ids to student ids (-1 = none)
     same_tokenizer: bool
@@ -171,9 +171,46 @@ class Manifest:
         return cls(**d)
 
 
-def recompute_tolerance(manifest: Manifest, base: float) -> float:
-    """Largest |recomputed - cached| teacher logit a reader should accept: `base` for exact hidden states; a compact
-    cache adds headroom over the int8 error measured when it was built (stage 1 samples one batch per shard)."""
-    if manifest.compact_kl is None:
-        return base
-    return max(base, 4 * manifest.compact_kl["max_logit_error"])
+# rounding of the head's own matmul output, relative to the largest logit: recomputing on another device or batch
+# shape may differ by this much even from lossless hidden states (float32: summation order; half: one output ulp)
+HEAD_ROUNDING = {"float32": 1e-6, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+# absolute floor of the tolerance (float32 summation order over d terms)
+TOLERANCE_FLOOR = 1e-3
+
+
+@dataclass
+class StorageError:
+    """Accumulates, over the positions of a build, how far logits recomputed from the stored (encoded, then
+    decoded) hidden states are from the cached ones: top-k on every position, log-sum-exp and KL on a sample."""
+
+    topk_max: float = 0.0
+    lse_max: float = 0.0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    kl_positions: int = 0
+    max_abs_logit: float = 0.0
+
+    def merge(self, d: dict) -> None:
+        self.topk_max, self.lse_max = max(self.topk_max, d["topk_max"]), max(self.lse_max, d["lse_max"])
+        self.kl_sum, self.kl_max = self.kl_sum + d["kl_sum"], max(self.kl_max, d["kl_max"])
+        self.kl_positions += d["kl_positions"]
+        self.max_abs_logit = max(self.max_abs_logit, d["max_abs_logit"])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> dict:
+        """What the manifest records."""
+        return {"topk_max_error": self.topk_max, "lse_max_error": self.lse_max,
+                "kl_mean": self.kl_sum / max(self.kl_positions, 1), "kl_max": self.kl_max,
+                "kl_positions": self.kl_positions, "max_abs_logit": self.max_abs_logit}
+
+
+def recompute_tolerance(manifest: Manifest, head_dtype: str) -> float:
+    """THE largest |recomputed - cached| teacher logit (top-k and log-sum-exp) that stage 2 and `cache verify`
+    accept, derived from how the cache was stored: twice the error measured on the stored hidden states while
+    building (0 for lossless float32; bf16 rounding of a real model's hidden states moves logits by ~0.1), plus the
+    rounding of the head's matmul in `head_dtype` at the largest logit, plus a float32 floor."""
+    e = manifest.storage_error
+    measured = max(e["topk_max_error"], e["lse_max_error"])
+    return 2 * measured + HEAD_ROUNDING[head_dtype] * e["max_abs_logit"] + TOLERANCE_FLOOR

@@ -113,7 +113,7 @@ def save(engine, run_dir: Path, step: int, state: dict, dist: DistInfo, write_st
         if dist.is_main:
             write_json(tmp / STATE, {**state, "step": step, "world_size": dist.world_size})
             _fsync_tree(tmp)
-    except OSError as e:  # a full disk, a quota, a vanished mount: keep what was there
+    except Exception as e:  # a full disk, a quota, a model that cannot be serialized: keep what was there
         error = e
     (failed,) = all_reduce_sum([float(error is not None)], dist.device)
     if failed:
@@ -121,8 +121,10 @@ def save(engine, run_dir: Path, step: int, state: dict, dist: DistInfo, write_st
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         why = _reason(error) if error is not None else "another rank failed to write its part"
+        fix = "free space, then re-run with --resume" if isinstance(error, OSError) or error is None else \
+            "fix the cause, then re-run with --resume"
         raise CheckpointError(f"writing checkpoint {final}: {why}; nothing was committed and the previous checkpoint "
-                              "is intact (free space, then re-run with --resume)") from error
+                              f"is intact ({fix})") from error
     if dist.is_main:
         if final.exists():  # the same step saved again (a resumed run that repeated it): replace it whole
             shutil.rmtree(final)

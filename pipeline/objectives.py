@@ -71,7 +71,8 @@ class TeacherSide:
 
     head: OutputHead
     dense: bool = True  # logits = cached hidden x head; False: top-k + tail from the cache
-    check_tol: float = 1e-2
+    check_tol: float = 1e-2  # derived from how the cache was stored (cache_schema.recompute_tolerance)
+    check_source: str = "the cache"  # named when the check fails
     embeddings: torch.Tensor | None = None  # (V_T, d_T), dskd_cma
     mined_map: torch.Tensor | None = None  # (V_T,) long teacher id -> student id (mined)
 
@@ -239,8 +240,10 @@ class Objective:
         e = float(err)
         if not e <= self.teacher.check_tol:  # also catches NaN
             raise TeacherMismatch(
-                f"teacher logits recomputed from the cache differ from the cached top-k by {e:.3g} "
-                f"(> {self.teacher.check_tol:g}) in rows {batch.ids[:4]}...; the head does not reproduce the teacher"
+                f"teacher logits recomputed from cached hidden states x head differ from the cached top-k by {e:.3g} "
+                f"in rows {batch.ids[:4]}..., more than the {self.teacher.check_tol:.3g} allowed for "
+                f"{self.teacher.check_source}: the rows' hidden states, top-k or head do not belong together "
+                "(check with `dskd cache verify`; loss.teacher_logits: sparse trains from the top-k alone)"
             )
 
     # ---- the two spaces of DSKD

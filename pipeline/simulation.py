@@ -116,6 +116,7 @@ def _plot(cfg: SimulationConfig, results: dict, path: Path) -> None:
             ax.fill_between(r["steps"], r["loss_min"], r["loss_max"], color=style, alpha=0.2)  # over repetitions
         ax.set_title(f"{name} (mean, min-max band)")
         ax.set_xlabel("SGD step")
+        ax.set_ylabel(f"{name}(teacher, student) per point")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:

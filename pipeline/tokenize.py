@@ -31,6 +31,9 @@ class Encoded:
     offsets: np.ndarray | None = field(default=None, compare=False)
     # the appended EOS survived truncation (False too when the tokenizer has no EOS)
     eos_kept: bool = False
+    # tokens of the prompt and of the response (+ EOS) before truncation (see `Truncation`)
+    prompt_tokens: int = 0
+    response_tokens: int = 0
 
     @property
     def n_response(self) -> int:
@@ -68,7 +71,8 @@ def encode(
     the first response token. With `with_offsets`, also the response tokens' character offsets (fast tokenizers
     only), which the exact token alignment needs."""
     eos, _ = special_ids(tokenizer, require_eos=require_eos)
-    p = tokenizer.encode(prompt, add_special_tokens=False)[: cfg.max_prompt_length]
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    n_prompt, p = len(p), p[: cfg.max_prompt_length]
     if not p:
         raise TokenizerError("the prompt encodes to no tokens, so nothing predicts the first response token")
     if with_offsets:
@@ -90,12 +94,60 @@ def encode(
         response_start=len(p),
         offsets=None if offsets is None else offsets[:kept_text_tokens],
         eos_kept=eos is not None and len(ids) == len(full),
+        prompt_tokens=n_prompt,
+        response_tokens=len(full) - len(p),
     )
 
 
-def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig) -> list[int]:
-    """Prompt ids for generation, truncated as in `encode`."""
-    return tokenizer.encode(prompt, add_special_tokens=False)[: cfg.max_prompt_length]
+def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig, truncation: Truncation | None = None,
+                  row: str = "") -> list[int]:
+    """Prompt ids for generation, truncated as in `encode` (counted in `truncation` when given)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if truncation is not None:
+        truncation.add(row, len(ids), cfg.max_prompt_length, response_cut=False)
+    return ids[: cfg.max_prompt_length]
+
+
+@dataclass
+class Truncation:
+    """How many rows a stage cut, to be reported once (a 100k-character prompt is not cut silently)."""
+
+    rows: int = 0
+    prompts: int = 0
+    responses: int = 0
+    longest_prompt: int = 0
+    first: str | None = None  # the first row that was cut
+
+    def add(self, row: str, prompt_tokens: int, max_prompt: int, response_cut: bool) -> None:
+        self.rows += 1
+        cut = prompt_tokens > max_prompt
+        self.prompts += cut
+        self.responses += response_cut
+        self.longest_prompt = max(self.longest_prompt, prompt_tokens)
+        if (cut or response_cut) and self.first is None:
+            self.first = row
+
+    def add_encoded(self, row: str, enc: Encoded, cfg: TokenizeConfig) -> None:
+        kept_response = len(enc.ids) - enc.response_start
+        self.add(row, enc.prompt_tokens, cfg.max_prompt_length, kept_response < enc.response_tokens)
+
+    def merge(self, other: Truncation) -> None:
+        self.rows, self.prompts, self.responses = self.rows + other.rows, self.prompts + other.prompts, \
+            self.responses + other.responses
+        self.longest_prompt = max(self.longest_prompt, other.longest_prompt)
+        self.first = self.first or other.first
+
+    def message(self, cfg: TokenizeConfig, side: str = "") -> str | None:
+        """One line for people, or None when nothing was cut."""
+        if not self.prompts and not self.responses:
+            return None
+        parts = []
+        if self.prompts:
+            parts.append(f"{self.prompts} of {self.rows} prompt(s) longer than tokenize.max_prompt_length="
+                         f"{cfg.max_prompt_length} tokens were cut to their first tokens (longest {self.longest_prompt:,})")
+        if self.responses:
+            parts.append(f"{self.responses} response(s) were cut to fit tokenize.max_length={cfg.max_length}")
+        return f"{side + ': ' if side else ''}{'; '.join(parts)} (first: row {self.first!r})"
 
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

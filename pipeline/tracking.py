@@ -24,6 +24,19 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
+_SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_sinks(report_to: list[str]) -> None:
+    """Every asked-for metric sink has its package (checked before a run directory is made)."""
+    import importlib.util
+
+    for sink in report_to:
+        if importlib.util.find_spec(_SINK_PACKAGES[sink]) is None:
+            raise ConfigError(f"train.report_to: {sink} needs the `{_SINK_PACKAGES[sink]}` package "
+                              f"(pip install {_SINK_PACKAGES[sink]})")
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, run_name: str, config: dict, report_to: list[str], resume_step: int | None):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -31,7 +44,6 @@ class MetricsLog:
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
-        self.file = open(self.path, "a")
         self.tb = self.wandb = None
         if "tensorboard" in report_to:
             try:
@@ -45,6 +57,7 @@ class MetricsLog:
             except ImportError:
                 raise ConfigError("train.report_to: wandb needs the `wandb` package (pip install wandb)") from None
             self.wandb = wandb.init(project="dskd", name=run_name, config=config, dir=str(run_dir), resume="allow")
+        self.file = open(self.path, "a")  # last: a sink that fails leaves no empty metrics file
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -60,11 +61,21 @@ def assets(config_path, overrides):
 @main.command("teacher-cache")
 @_config
 @_set
-def teacher_cache(config_path, overrides):
+@click.option("--repair", is_flag=True, help="also check a finished cache's shards by sha256 (not only by size) and "
+              "recompute the bad ones")
+def teacher_cache(config_path, overrides, repair):
     """Stage 1: run the teacher once and write the sharded cache."""
+    from pipeline import stamps
+
+    cfg = _load(TeacherCacheConfig, config_path, overrides)
+    if not repair and (done := stamps.teacher_cache_up_to_date(cfg)) is not None:  # without importing torch
+        if int(os.environ.get("RANK", "0")) == 0:
+            stamps.mark_current(done)
+            click.echo(f"teacher-cache: up to date ({done})")
+        return
     from stages import teacher_cache as stage
 
-    _run(stage.run, _load(TeacherCacheConfig, config_path, overrides))
+    _run(stage.run, cfg, repair=repair)
 
 
 @main.command()
@@ -74,11 +85,18 @@ def teacher_cache(config_path, overrides):
 @click.option("--resume", is_flag=True, help="continue an unfinished run from its last checkpoint")
 def distill(config_path, overrides, force, resume):
     """Stage 2: train the student from the cache (or SFT from data)."""
-    from stages import distill as stage
+    from pipeline import stamps
 
     if force and resume:
         raise click.UsageError("--force and --resume exclude each other")
-    _run(stage.run, _load(DistillConfig, config_path, overrides), force=force, resume=resume)
+    cfg = _load(DistillConfig, config_path, overrides)
+    if not force and (done := stamps.distill_up_to_date(cfg)) is not None:  # without importing torch
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"distill: up to date ({done})")
+        return
+    from stages import distill as stage
+
+    _run(stage.run, cfg, force=force, resume=resume)
 
 
 @main.command("eval")
@@ -107,6 +125,7 @@ def simulate(out_dir, steps, repetitions, vocab, points, divergences):
                            vocab=vocab, points=points)
     table = run_simulation(cfg, out_dir)
     click.echo(table.read_text())
+    click.echo(f"simulate: wrote {table}, {table.with_suffix('.png')} (curves) and {table.with_suffix('.json')}")
 
 
 @main.group()
@@ -116,15 +135,22 @@ def cache() -> None:
 
 @cache.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--tolerance", type=float, default=None, help="max accepted logit error (default: by hidden dtype)")
+@click.option("--tolerance", type=float, default=None,
+              help="max accepted logit error (default: the one stage 2 uses, derived from how the cache was stored)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def verify(path, tolerance, as_json):
+@click.option("--repair", is_flag=True, help="first recompute what is missing or bad (shards by sha256, the "
+              "manifest, the once-per-cache files) with the teacher and data the cache was built from")
+def verify(path, tolerance, as_json, repair):
     """Re-derive teacher logits from stored hidden states and head; compare with the stored top-k."""
     import json
 
     from pipeline.cache_inspect import report_dict
     from pipeline.cache_inspect import verify as run_verify
 
+    if repair:
+        from stages import teacher_cache as stage
+
+        path = _run(stage.repair, path)
     r = _run(run_verify, path, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(report_dict(r), indent=2))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, stamps
 from pipeline.alignment import edit_distance_vocab_map
 from pipeline.batch import Batch, collate_cache_rows, collate_examples
 from pipeline.cache_io import CacheReader
@@ -42,7 +42,7 @@ from pipeline.config import (
     dump_config,
 )
 from pipeline.data import Example, load_examples
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, env_rank_world, init_distributed
 from pipeline.generation import generate
 from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
 from pipeline.lora import apply_lora, save_adapter
@@ -50,6 +50,7 @@ from pipeline.losses import token_normaliser
 from pipeline.metrics import rouge_l
 from pipeline.models import (
     StudentWithProjectors,
+    check_model_ref,
     gathered,
     keep_freed_memory,
     load_model,
@@ -68,8 +69,8 @@ from pipeline.objectives import (
     student_side,
 )
 from pipeline.sampler import MicroBatchStream, eval_batches
-from pipeline.tokenize import encode, encode_prompt, special_ids, token_surfaces
-from pipeline.tracking import MetricsLog, peak_memory_mb
+from pipeline.tokenize import Truncation, encode, encode_prompt, special_ids, token_surfaces
+from pipeline.tracking import MetricsLog, check_sinks, peak_memory_mb
 
 DONE = "done.json"
 PROJECTORS_FILE = "projectors.safetensors"
@@ -81,12 +82,20 @@ FINAL_TMP = ".final-tmp"
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON template with batch, accumulation, clipping and precision filled from the run config."""
-    ds = json.loads(Path(train.deepspeed).read_text())
+    """The DeepSpeed JSON template with batch, accumulation, clipping and precision filled from the run config. The
+    global batch is micro_batch_size x grad_accum whatever the number of processes: each takes grad_accum / world
+    of the accumulation."""
+    path = Path(train.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed: {path} not found (templates: configs/deepspeed/*.json)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: {path} is not JSON ({e})") from None
     ds.update(
         train_micro_batch_size_per_gpu=train.micro_batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        train_batch_size=train.micro_batch_size * train.grad_accum * world_size,
+        gradient_accumulation_steps=train.grad_accum // world_size,
+        train_batch_size=train.micro_batch_size * train.grad_accum,
         gradient_clipping=train.grad_clip,
         steps_per_print=10**9,
     )
@@ -134,20 +143,15 @@ def save_student(model, path: Path, tokenizer, base: ModelRef) -> None:
 def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) -> tuple[TeacherSide, np.ndarray | None]:
     """The teacher's frozen pieces from the cache, after checking the cache can serve the objective."""
     m, objective = reader.manifest, cfg.loss.objective
-    where = str(reader.dir)
-    try:
-        check_compatible(objective, m.same_tokenizer, m.embeddings_sha256 is not None, where)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    mode = cfg.loss.teacher_logits
-    if mode == "dense" and not m.head_exact:
-        raise ConfigError(f"{where}: the teacher's head could not be reproduced when the cache was built, so it holds "
-                          "top-k + tail only; set loss.teacher_logits: sparse (or auto)")
+    where, mode = str(reader.dir), cfg.loss.teacher_logits
     vmap = None if m.same_tokenizer else reader.vocab_map()
+    head = reader.load_head(device)
     teacher = TeacherSide(
-        head=reader.load_head(device),
+        head=head,
         dense=m.head_exact if mode == "auto" else mode == "dense",
-        check_tol=recompute_tolerance(m, cfg.train.teacher_check_tol),
+        check_tol=recompute_tolerance(m, head_dtype := str(head.weight.dtype).removeprefix("torch.")),
+        check_source=f"a {m.hidden_encoding} cache ({where}; {head_dtype} head; logit error measured when it was "
+                     f"built {max(m.storage_error['topk_max_error'], m.storage_error['lse_max_error']):.3g})",
         embeddings=reader.load_embeddings().to(device) if objective in NEEDS_EMBEDDINGS else None,
     )
     if objective == "mined":
@@ -185,9 +189,16 @@ def cache_source(reader: CacheReader, pad_id: int, limit: int | None = None) -> 
                   reader.manifest.fingerprint, examples)
 
 
-def data_source(data: DataConfig, tokenizer, tok_cfg, pad_id: int, limit: int | None = None) -> Source:
+def data_source(data: DataConfig, tokenizer, tok_cfg, pad_id: int, limit: int | None = None, where: str = "") -> Source:
     examples = load_examples(data)[:limit]
-    encoded = [(e.id, encode(tokenizer, e.prompt, e.response, tok_cfg)) for e in examples]
+    cut = Truncation()
+    encoded = []
+    for e in examples:
+        enc = encode(tokenizer, e.prompt, e.response, tok_cfg)
+        cut.add_encoded(e.id, enc, tok_cfg)
+        encoded.append((e.id, enc))
+    if where and (msg := cut.message(tok_cfg, f"{where} ({data.path})")):
+        print(msg)
     return Source(np.array([len(e.ids) for _, e in encoded], dtype=np.int64),
                   lambda idx: collate_examples([encoded[i] for i in idx], pad_id),
                   hash_json([[i, e.ids, e.response_start] for i, e in encoded]),
@@ -261,32 +272,54 @@ class Validation:
 # Run directory: skip, refuse, resume or start over
 
 
-def _prepare_run_dir(run_dir: Path, fingerprint: str, force: bool, resume: bool, dist: DistInfo) -> Path | None | str:
-    """'done' when this exact run finished; the checkpoint to resume from; or None to start (the directory is then
-    fresh). Refuses to discard checkpoints unless asked."""
+def _prepare_run_dir(run_dir: Path, fingerprint: str, cfg: DistillConfig, force: bool, resume: bool) -> Path | None | str:
+    """'done' when this exact run finished; the checkpoint to resume from; or None to start (the caller then
+    removes what is there). Refuses to discard checkpoints or a finished run unless asked, naming what changed."""
     done = run_dir / DONE
     ckpt = checkpoint.latest(run_dir)
-    if not force:
-        if done.exists():
-            if json.loads(done.read_text()).get("fingerprint") == fingerprint:
-                return "done"
-            raise ConfigError(
-                f"{run_dir} holds a finished run with another config or data; set run_name, delete it, or pass --force"
-            )
-        if ckpt is not None:
-            found = checkpoint.read_state(ckpt).get("fingerprint")
-            if not resume:
-                raise ConfigError(f"{run_dir} holds an unfinished run with a checkpoint at {ckpt.name}; pass --resume "
-                                  "to continue it or --force to start over")
-            if found != fingerprint:
-                raise ConfigError(f"{ckpt}: saved by a run with another config, data or student; --resume needs the "
-                                  "same ones (or pass --force to start over)")
-            return ckpt
-    if dist.is_main and run_dir.exists():  # forced, or unfinished without a checkpoint: start over, never append
-        if resume:
-            print(f"distill: {run_dir} has no checkpoint to resume from; starting over")
-        shutil.rmtree(run_dir)
+    if force:
+        return None
+    if done.exists():
+        if json.loads(done.read_text()).get("fingerprint") == fingerprint:
+            return "done"
+        raise ConfigError(f"{run_dir} holds a finished run with another {_what_changed(run_dir, cfg)}; set run_name, "
+                          "delete it, or start over with --force (make: FORCE=1)")
+    if ckpt is not None:
+        found = checkpoint.read_state(ckpt).get("fingerprint")
+        if not resume:
+            raise ConfigError(f"{run_dir} holds an unfinished run with a checkpoint at {ckpt.name}; pass --resume "
+                              "to continue it (make: RESUME=1) or --force to start over (make: FORCE=1)")
+        if found != fingerprint:
+            raise ConfigError(f"{ckpt}: saved by a run with another {_what_changed(run_dir, cfg)}; --resume needs the "
+                              "same ones (or start over with --force; make: FORCE=1)")
+        return ckpt
+    if resume and run_dir.exists():
+        print(f"distill: {run_dir} has no checkpoint to resume from; starting over")
     return None
+
+
+def _what_changed(run_dir: Path, cfg: DistillConfig) -> str:
+    """'config (train.steps 300 -> 500)' from the run's saved config.yaml, or 'data or student' when the config is
+    the same (then the cache, the data or the student's weights changed)."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "config, data or student"
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(old)), dict(flat(config_to_dict(cfg)))
+    diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diff:
+        return "data, cache or student weights (same config)"
+    return f"config ({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,49 +355,74 @@ def _check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) ->
 
 
 def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
-    dist = init_distributed()
-    if dist.device.type == "cpu":
-        keep_freed_memory()
     tcfg = cfg.train
+    # ---- checks that need no model and no process group, so that a mistake or an up-to-date run costs seconds:
+    # processes, engine template, metric sinks, tokenizer, caches and data, the student's files, the run directory
+    rank, world = env_rank_world()
+    if tcfg.grad_accum % world:
+        raise ConfigError(f"train.grad_accum {tcfg.grad_accum} is not divisible by {world} processes: the global batch "
+                          f"is micro_batch_size x grad_accum on any number of processes, each takes grad_accum / "
+                          f"{world} of the accumulation (set train.grad_accum to a multiple of {world})")
+    accum = tcfg.grad_accum // world
+    ds = deepspeed_config(tcfg, world)
+    check_sinks(tcfg.report_to)
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
     _, pad_id = special_ids(tokenizer)
     objective = cfg.loss.objective
     student_name = cfg.student_name or short_name(cfg.student)
     tok_fp = tokenizer_fingerprint(tokenizer)
-
-    # ---- data source: a teacher cache, or tokenized examples for plain SFT; the validation split alike
-    teacher, vmap, valid_source = None, None, None
+    reader = valid_reader = None
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache, expect_student_tokenizer=tok_fp)
-        if NEEDS_TEACHER[objective]:
-            teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
-        source = cache_source(reader, pad_id)
+        try:
+            check_compatible(objective, reader.manifest.same_tokenizer, reader.manifest.embeddings_sha256 is not None,
+                             str(reader.dir))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.loss.teacher_logits == "dense" and not reader.manifest.head_exact:
+            raise ConfigError(f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so "
+                              "it holds top-k + tail only; set loss.teacher_logits: sparse (or auto)")
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{objective}"
         if cfg.valid.enabled:
             valid_reader = CacheReader(cfg.valid.cache, expect_student_tokenizer=tok_fp)
             _same_teacher(reader, valid_reader)
-            valid_source = cache_source(valid_reader, pad_id, cfg.valid.max_rows)
+        source_fp, valid_fp = reader.manifest.fingerprint, valid_reader.manifest.fingerprint if valid_reader else None
     else:
-        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id)
+        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id, where="distill")
+        valid_source = data_source(cfg.valid.data, tokenizer, cfg.tokenize, pad_id, cfg.valid.max_rows,
+                                   where="distill valid") if cfg.valid.enabled else None
         run_name = cfg.run_name or f"{student_name}__sft"
-        if cfg.valid.enabled:
-            valid_source = data_source(cfg.valid.data, tokenizer, cfg.tokenize, pad_id, cfg.valid.max_rows)
+        source_fp, valid_fp = source.fingerprint, valid_source.fingerprint if valid_source else None
     if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":
         run_name += f"_{cfg.loss.divergence}"
+    check_model_ref(cfg.student)
+    run_dir = Path(cfg.out_dir) / run_name
+    # the run's identity; not the number of processes, which does not change the result (same global batch)
+    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "valid": valid_fp,
+                             "student": model_fingerprint(cfg.student)})
+    start_from = _prepare_run_dir(run_dir, fingerprint, cfg, force, resume)
+    if start_from == "done":
+        if rank == 0:
+            stamps.record(Path(cfg.out_dir), stamps.quick_key(cfg, stamps.distill_inputs(cfg)),
+                          {"dir": run_name, "fingerprint": fingerprint})
+            print(f"distill: up to date ({run_dir})")
+        return run_dir
+
+    dist = init_distributed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()
+    if dist.is_main and start_from is None and run_dir.exists():  # forced, or unfinished without a checkpoint
+        shutil.rmtree(run_dir)  # start over, never append
+    teacher, vmap, valid_source = None, None, valid_source if cfg.cache is None else None
+    if reader is not None:
+        if NEEDS_TEACHER[objective]:
+            teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
+        source = cache_source(reader, pad_id)
+        if valid_reader is not None:
+            valid_source = cache_source(valid_reader, pad_id, cfg.valid.max_rows)
     if len(source) < tcfg.micro_batch_size:
         raise ConfigError(f"{len(source)} rows cannot fill one micro-batch of {tcfg.micro_batch_size}")
     stream = MicroBatchStream(source.lengths, tcfg.micro_batch_size, tcfg.seed, group_by_length=tcfg.group_by_length)
-
-    # ---- skip, refuse, resume or start
-    run_dir = Path(cfg.out_dir) / run_name
-    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source.fingerprint,
-                             "valid": valid_source.fingerprint if valid_source else None,
-                             "student": model_fingerprint(cfg.student)})
-    start_from = _prepare_run_dir(run_dir, fingerprint, force, resume, dist)
-    if start_from == "done":
-        if dist.is_main:
-            print(f"distill: up to date ({run_dir})")
-        return run_dir
     barrier()
     if dist.is_main and start_from is None:
         run_dir.mkdir(parents=True)
@@ -386,7 +444,6 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     groups = [{**g, "lr": tcfg.lr} for g in param_groups(student, tcfg.weight_decay)]
     if projectors is not None:
         groups.append({"params": list(projectors.parameters()), "lr": tcfg.projector_lr, "weight_decay": tcfg.weight_decay})
-    ds = deepspeed_config(tcfg, dist.world_size)
     optimizer = _optimizer(groups, tcfg, ds)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -412,7 +469,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
 
     def save_checkpoint(step: int, metrics: dict) -> None:
         _check_finite_weights(engine.module, step, dist)
-        state = {"fingerprint": fingerprint, "micro_batches": step * tcfg.grad_accum * dist.world_size,
+        state = {"fingerprint": fingerprint, "micro_batches": step * tcfg.grad_accum,
                  "metrics": metrics}
         checkpoint.save(engine, run_dir, step, state, dist, write_student, exclude_frozen=cfg.lora.enabled)
         if dist.is_main:
@@ -427,10 +484,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     t_start = time.perf_counter()
     for step in range(first, tcfg.steps + 1):
         t0 = time.perf_counter()
-        micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, tcfg.grad_accum)]
+        micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, accum)]
         local_tokens = sum(b.n_tokens for b in micro)
         (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
-        normaliser = token_normaliser(int(global_tokens), tcfg.grad_accum, dist.world_size)
+        normaliser = token_normaliser(int(global_tokens), accum, dist.world_size)
         sums: dict[str, float] = {}
         worst: dict[str, float] = {}
         seen_tokens = 0
@@ -457,7 +514,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         # each term is (sum over the micro-batch) / N-bar: their mean over micro-batches and ranks is a token mean
         names, stat_names = sorted(sums), sorted(k for k in worst if k != "teacher_max_err")
         reduced = all_reduce_sum([sums[k] for k in names] + [worst[k] for k in stat_names] + [seen_tokens], dist.device)
-        n_micro = tcfg.grad_accum * dist.world_size
+        n_micro = tcfg.grad_accum
         per_token = {k: v / n_micro for k, v in zip(names, reduced)}
         stats = {k: v / n_micro for k, v in zip(stat_names, reduced[len(names) :])}
         if "teacher_max_err" in worst:  # this rank's worst recomputation error
@@ -486,19 +543,34 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         for stale in run_dir.glob(f"{FINAL_TMP}*"):  # left by a run killed while saving its final student
             shutil.rmtree(stale)
     barrier()
-    write_student(run_dir, FINAL_TMP)
+    final, error = run_dir / "final", None
+    try:
+        write_student(run_dir, FINAL_TMP)
+        if dist.is_main:
+            tmp = run_dir / FINAL_TMP
+            if cfg.lora.enabled and cfg.lora.save == "merged":  # base + the saved adapter, merged: what a user reloads
+                merged = run_dir / f"{FINAL_TMP}-merged"
+                save_student(load_model(ModelRef(path=str(tmp))), merged, tokenizer, cfg.student)
+                shutil.rmtree(tmp)
+                tmp = merged
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except Exception as e:  # any error: no temporary is left, the last checkpoint stays the way back
+        error = e
+    (failed,) = all_reduce_sum([float(error is not None)], dist.device)
+    if failed:
+        if dist.is_main:
+            for stale in run_dir.glob(f"{FINAL_TMP}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+        raise checkpoint.CheckpointError(f"writing the final student {final}: {why}; nothing was left half-written "
+                                         f"and {checkpoint.latest(run_dir)} is intact") from error
     if dist.is_main:
-        final, tmp = run_dir / "final", run_dir / FINAL_TMP
-        if cfg.lora.enabled and cfg.lora.save == "merged":  # base + the saved adapter, merged: what a user reloads
-            merged = run_dir / f"{FINAL_TMP}-merged"
-            save_student(load_model(ModelRef(path=str(tmp))), merged, tokenizer, cfg.student)
-            shutil.rmtree(tmp)
-            tmp = merged
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         write_json(run_dir / DONE, {"fingerprint": fingerprint, "steps": tcfg.steps, "final_loss": total,
                                     "wall_s": time.perf_counter() - t_start})
+        stamps.record(Path(cfg.out_dir), stamps.quick_key(cfg, stamps.distill_inputs(cfg)),
+                      {"dir": run_name, "fingerprint": fingerprint})
         print(f"distill: {tcfg.steps} steps, final loss {total:.4f}, student in {final}")
     barrier()
     return run_dir

@@ -13,7 +13,7 @@ from pipeline.generation import generate
 from pipeline.io_utils import write_json
 from pipeline.metrics import score
 from pipeline.models import load_model, load_tokenizer
-from pipeline.tokenize import encode_prompt
+from pipeline.tokenize import Truncation, encode_prompt
 
 
 def run(cfg: EvalConfig) -> Path:
@@ -21,9 +21,13 @@ def run(cfg: EvalConfig) -> Path:
     model_dir = run_dir / "final" if (run_dir / "final").is_dir() else run_dir
     out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
     ref = ModelRef(path=str(model_dir))
-    model, tokenizer = load_model(ref), load_tokenizer(ref)
-    examples = load_examples(cfg.data)
-    prompts = [encode_prompt(tokenizer, e.prompt, cfg.tokenize) for e in examples]
+    examples = load_examples(cfg.data)  # data errors before the model loads
+    tokenizer = load_tokenizer(ref)
+    cut = Truncation()
+    prompts = [encode_prompt(tokenizer, e.prompt, cfg.tokenize, cut, e.id) for e in examples]
+    if msg := cut.message(cfg.tokenize, f"eval ({cfg.data.path})"):
+        print(msg)
+    model = load_model(ref)
     references = [[e.response] for e in examples]
 
     per_seed, predictions = {}, []
@@ -40,7 +44,9 @@ def run(cfg: EvalConfig) -> Path:
     write_jsonl(out / "predictions.jsonl", predictions)
     write_json(out / "results.json", results)
     dump_config(cfg, out / "config.yaml")
-    print(f"\n{'model':<48} {'n':>5} {'Rouge-L':>8} {'EM':>7}")
-    print(f"{str(model_dir)[-48:]:<48} {len(examples):>5} {mean['rougeL']:>8.2f} {mean['exact_match']:>7.2f}")
-    print(f"results: {out / 'results.json'}")
+    name = run_dir.resolve().name  # the run's name, never cut
+    width = max(len(name), len("run"))
+    print(f"\n{'run':<{width}} {'n':>5} {'Rouge-L':>8} {'EM':>7}")
+    print(f"{name:<{width}} {len(examples):>5} {mean['rougeL']:>8.2f} {mean['exact_match']:>7.2f}")
+    print(f"model: {model_dir}\nresults: {out / 'results.json'}")
     return out

@@ -9,10 +9,13 @@ unfinished one is resumed (shards already on disk are skipped); another fingerpr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +24,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline import stamps
 from pipeline.alignment import aligned_labels, encode_pair, tokenizer_vocab_map
-from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name
+from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
 from pipeline.cache_schema import (
     CHANNEL_SCALE_FILE,
+    CURRENT,
     DATA_FILE,
     EMBEDDINGS_FILE,
     SCHEMA_VERSION,
+    SHARD_PATTERN,
     VOCAB_MAP_FILE,
+    StorageError,
     arrow_schema,
     decode_hidden,
     encode_hidden,
     fit_channel_scale,
     list_column,
 )
-from pipeline.config import TeacherCacheConfig, TokenizeConfig, config_to_dict, dump_config
+from pipeline.config import (
+    DataConfig,
+    TeacherCacheConfig,
+    TokenizeConfig,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from pipeline.data import Example, load_examples, write_jsonl
-from pipeline.distributed import barrier, local_or_distributed
+from pipeline.distributed import all_reduce_sum, barrier, local_or_distributed
 from pipeline.head import HEAD_FILE, HEAD_TOLERANCE, OutputHead
 from pipeline.io_utils import atomic_save_npy, atomic_save_safetensors, hash_json, sha256_file, write_json
 from pipeline.losses import divergence
@@ -51,7 +65,7 @@ from pipeline.models import (
     tokenizer_fingerprint,
 )
 from pipeline.teacher import check_head, teacher_forward
-from pipeline.tokenize import Encoded, TokenizerError, encode, special_ids
+from pipeline.tokenize import Encoded, TokenizerError, Truncation, encode, special_ids
 
 # this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
 STATS_FILE = "build_stats.json"
@@ -59,6 +73,8 @@ STATS_FILE = "build_stats.json"
 KL_SAMPLE = 128
 # rows of the data the head check runs on
 HEAD_CHECK_ROWS = 8
+# shard schema metadata: this shard's StorageError (JSON), gathered into the manifest
+STORAGE_META = b"dskd_storage_error"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,6 +89,7 @@ class PreparedShard:
     student: list[Encoded]
     alignments: list[np.ndarray] | None  # per row (K, 2) label positions, cross-tokenizer only
     batches: list[list[int]]  # row indices per teacher forward, sorted by teacher length
+    truncation: dict[str, Truncation] = field(default_factory=dict)  # "teacher" / "student" rows cut to fit
     error: str | None = None
 
 
@@ -98,16 +115,19 @@ def prepare_shard(
 ) -> PreparedShard:
     aligned = student_tok is not None
     t_enc, s_enc, alignments = [], [], [] if aligned else None
+    cut = {"teacher": Truncation(), **({"student": Truncation()} if aligned else {})}
     for e in rows:
         t, s, pairs = encode_pair(e, teacher_tok, student_tok, tok_cfg)
         t_enc.append(t)
         s_enc.append(s)
+        cut["teacher"].add_encoded(e.id, t, tok_cfg)
         if aligned:
             alignments.append(pairs)
+            cut["student"].add_encoded(e.id, s, tok_cfg)
     # batches of similar length waste little compute on padding; rows are written back in data order
     order = sorted(range(len(rows)), key=lambda i: len(t_enc[i].ids))
     batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-    return PreparedShard(index, rows, t_enc, s_enc, alignments, batches)
+    return PreparedShard(index, rows, t_enc, s_enc, alignments, batches, cut)
 
 
 def _identity(x):
@@ -118,26 +138,16 @@ def _identity(x):
 # Stage
 
 
-def run(cfg: TeacherCacheConfig) -> Path:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
-    dist = local_or_distributed()
-    if dist.device.type == "cpu":
-        keep_freed_memory()
-    teacher_tok = load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
-    student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
-    s_fp, t_fp = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
-    same = s_fp == t_fp
-    _, t_pad = special_ids(teacher_tok, require_eos=False)
-    special_ids(student_tok)  # a student tokenizer without EOS is an error here, before any work
-    examples = load_examples(cfg.data)
+def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok, student_tok) -> dict:
+    """What identifies a cache: every input that changes its rows."""
     encoding = "int8" if cfg.cache.mode == "compact" else (
         cfg.teacher.dtype if cfg.cache.hidden_dtype == "auto" else cfg.cache.hidden_dtype
     )
-    fingerprint_inputs = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "teacher": model_fingerprint(cfg.teacher),
-        "teacher_tokenizer": t_fp,
-        "student_tokenizer": s_fp,
+        "teacher_tokenizer": tokenizer_fingerprint(teacher_tok),
+        "student_tokenizer": tokenizer_fingerprint(student_tok),
         "data": hash_json([[e.id, e.prompt, e.response] for e in examples]),
         "tokenize": config_to_dict(cfg.tokenize),
         "top_k": cfg.cache.top_k,
@@ -145,13 +155,38 @@ def run(cfg: TeacherCacheConfig) -> Path:
         "store_embeddings": cfg.cache.store_embeddings,
         "rows_per_shard": cfg.cache.rows_per_shard,
     }
+
+
+def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | None = None) -> Path:
+    """Build (or resume, or repair) the cache of `cfg`; return its directory. With `repair`, a finished cache's
+    shards are checked by sha256 (not only by size) and the bad ones recomputed; `expect_dir` refuses to build any
+    other directory (`repair_cache`)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
+    dist = local_or_distributed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()
+    # cheap checks first: the data, then the tokenizers (a converted GGUF vocabulary loads in about a second)
+    examples = load_examples(cfg.data)
+    teacher_tok = load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
+    student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
+    _, t_pad = special_ids(teacher_tok, require_eos=False)
+    special_ids(student_tok)  # a student tokenizer without EOS is an error here, before any work
+    fingerprint_inputs = fingerprint_of(cfg, examples, teacher_tok, student_tok)
     fingerprint = hash_json(fingerprint_inputs)
+    s_fp, t_fp = fingerprint_inputs["student_tokenizer"], fingerprint_inputs["teacher_tokenizer"]
+    same, encoding = s_fp == t_fp, fingerprint_inputs["hidden_encoding"]
     teacher_name = cfg.teacher_name or short_name(cfg.teacher)
     writer = CacheWriter(Path(cfg.out_dir), cache_dir_name(teacher_name, fingerprint), fingerprint)
     out = writer.dir
-    if writer.status() == "done":
+    if expect_dir is not None and out.resolve() != Path(expect_dir).resolve():
+        raise CacheError(f"{expect_dir}: its config.yaml no longer reproduces it (the teacher, the tokenizers or the "
+                         f"data changed: it would build {out.name}); rebuild with `dskd teacher-cache`")
+    work = _plan(writer, cfg, repair) if dist.is_main else False
+    (work,) = all_reduce_sum([float(work)], dist.device)
+    if not work:
         if dist.is_main:
             writer.mark_current()
+            _record(cfg, writer, read_manifest(out))
             print(f"teacher-cache: up to date ({out})")
         return out
 
@@ -169,26 +204,28 @@ def run(cfg: TeacherCacheConfig) -> Path:
             f"{head_err:.3g}); falling back to top-k + tail from the model's own logits (stage 2 cannot recompute them)"
         )
     vmap = None if same else tokenizer_vocab_map(teacher_tok, student_tok)
-    if dist.is_main:
+    if dist.is_main:  # the once-per-cache files (deterministic: a resume or a repair writes the same bytes)
         writer.begin()
         head.save(out / HEAD_FILE)
         if cfg.cache.store_embeddings:
             _save_embeddings(model, out / EMBEDDINGS_FILE)
         if vmap is not None:
             atomic_save_npy(out / VOCAB_MAP_FILE, vmap)
-        teacher_tok.save_pretrained(out / "teacher_tokenizer")
-        student_tok.save_pretrained(out / "student_tokenizer")
+        _save_tokenizer(teacher_tok, out / "teacher_tokenizer")
+        _save_tokenizer(student_tok, out / "student_tokenizer")
         write_jsonl(out / DATA_FILE, [{"id": e.id, "prompt": e.prompt, "response": e.response} for e in examples])
-        dump_config(cfg, out / "config.yaml")
+        if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
+            dump_config(cfg, out / "config.yaml")
         if encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
             sample = teacher_forward(model, head, check_rows, [1] * len(check_rows), 1, t_pad)  # every position
             atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(torch.cat([r.hidden for r in sample])))
+        writer.complete_shards((len(examples) + cfg.cache.rows_per_shard - 1) // cfg.cache.rows_per_shard)
     barrier()
     channel_scale = np.load(out / CHANNEL_SCALE_FILE) if encoding == "int8" else None
 
     R = cfg.cache.rows_per_shard
     n_shards = (len(examples) + R - 1) // R
-    done = writer.complete_shards()
+    done = writer.present_shards()  # checked by rank 0 above: readable, and this cache's own
     todo = [i for i in range(n_shards) if i % dist.world_size == dist.rank and i not in done]
     if done and dist.is_main:
         print(f"teacher-cache: resuming, {len(done)} of {n_shards} shard(s) already complete")
@@ -203,18 +240,21 @@ def run(cfg: TeacherCacheConfig) -> Path:
                disable=not dist.is_main)
     tokens, t0 = 0, time.perf_counter()
     pending: Future | None = None
+    cut: dict[str, Truncation] = {}
     with ThreadPoolExecutor(max_workers=1) as pool:
         for prep in loader:
             if prep.error:
                 raise TokenizerError(prep.error)
+            for side, t in prep.truncation.items():
+                cut.setdefault(side, Truncation()).merge(t)
             outputs: list = [None] * len(prep.rows)
-            kl = None
+            err = StorageError()
             for b, idx in enumerate(prep.batches):
                 seqs = [prep.teacher[i].ids for i in idx]
                 starts = [prep.teacher[i].response_start for i in idx]
                 results = teacher_forward(model, head, seqs, starts, k, t_pad, head_exact=head_exact)
-                if b == 0 and encoding == "int8":  # a bounded sample: two extra head passes cost a few percent
-                    kl = _compact_kl(head, torch.cat([r.hidden for r in results])[:KL_SAMPLE], channel_scale)
+                if head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
+                    err.merge(_storage_error(head, results, encoding, channel_scale, sample=b == 0))
                 for i, r in zip(idx, results):
                     outputs[i] = r
                 tokens += sum(len(s) - 1 for s in seqs)
@@ -223,7 +263,7 @@ def run(cfg: TeacherCacheConfig) -> Path:
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
             pending = pool.submit(
-                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, kl
+                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, err
             )
         if pending is not None:
             pending.result()
@@ -233,6 +273,10 @@ def run(cfg: TeacherCacheConfig) -> Path:
         write_json(out / STATS_FILE, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                                       "world_size": dist.world_size, "shards": len(todo)})
     barrier()
+    for side, t in cut.items():  # once, for people: a 100k-character prompt is not cut silently
+        if msg := t.message(cfg.tokenize, f"teacher-cache[{dist.rank}] {side}" if dist.world_size > 1 else
+                            f"teacher-cache: {side}" if len(cut) > 1 else "teacher-cache"):
+            print(msg)
     if not dist.is_main:
         return out
 
@@ -247,7 +291,7 @@ def run(cfg: TeacherCacheConfig) -> Path:
             "top_k": k,
             "head_exact": head_exact,
             "head_max_error": float(head_err),
-            "compact_kl": _gather_kl(writer.dir) if encoding == "int8" else None,
+            "storage_error": _gather_storage_error(writer.dir, n_shards),
             "same_tokenizer": same,
             "student_tokenizer_fingerprint": s_fp,
             "teacher_tokenizer_fingerprint": t_fp,
@@ -257,12 +301,90 @@ def run(cfg: TeacherCacheConfig) -> Path:
         },
         n_shards,
     )
+    _record(cfg, writer, manifest)
     size = sum(s.bytes for s in manifest.shards)
     print(
         f"teacher-cache: {manifest.rows} rows, {manifest.response_tokens} response tokens, {len(manifest.shards)} "
         f"shard(s), {size / max(manifest.response_tokens, 1):.0f} bytes/response token -> {out}"
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Up to date, resume, or repair
+
+
+def _plan(writer: CacheWriter, cfg: TeacherCacheConfig, repair: bool) -> bool:
+    """Rank 0: is there work? A finished cache is re-checked (shard sizes and the once-per-cache files always,
+    sha256 with `repair`); what is bad is removed, so the run recomputes only that. Shards without a manifest
+    are adopted when their own metadata names this cache."""
+    status = writer.status()
+    if status == "orphan":
+        print(f"teacher-cache: {writer.dir} holds shards of this cache but no manifest; rebuilding it")
+        return True
+    if status != "done":
+        return True
+    try:
+        manifest = read_manifest(writer.dir)
+    except CacheError as e:
+        print(f"teacher-cache: {e}; rebuilding the manifest from the shards")
+        writer.reopen([])
+        return True
+    bad = writer.shard_problems(manifest, deep=repair)
+    files = _file_problems(writer.dir, manifest, cfg, deep=repair)
+    if not bad and not files:
+        return False
+    what = [f"shard {i} {why}" for i, why in sorted(bad.items())] + files
+    print(f"teacher-cache: {writer.dir}: {'; '.join(what[:4])}{' ...' if len(what) > 4 else ''}; recomputing "
+          f"{len(bad)} of {len(manifest.shards)} shard(s)")
+    writer.reopen(sorted(bad))
+    return True
+
+
+def _once_files(manifest) -> dict[str, str | None]:
+    """The files a finished cache holds besides its shards -> their sha256 where the manifest records one."""
+    need = {HEAD_FILE: manifest.head_sha256, DATA_FILE: None, "config.yaml": None,
+            "teacher_tokenizer/tokenizer.json": None, "student_tokenizer/tokenizer.json": None}
+    if manifest.embeddings_sha256:
+        need[EMBEDDINGS_FILE] = manifest.embeddings_sha256
+    if not manifest.same_tokenizer:
+        need[VOCAB_MAP_FILE] = None
+    if manifest.hidden_encoding == "int8":
+        need[CHANNEL_SCALE_FILE] = None
+    return need
+
+
+def _record(cfg: TeacherCacheConfig, writer: CacheWriter, manifest) -> None:
+    """The quick up-to-date check's record (pipeline/stamps.py)."""
+    stamps.record(writer.root, stamps.teacher_cache_key(cfg),
+                  {"dir": writer.dir.name, "fingerprint": manifest.fingerprint, "files": sorted(_once_files(manifest))})
+
+
+def _file_problems(out: Path, manifest, cfg: TeacherCacheConfig, deep: bool) -> list[str]:
+    """The once-per-cache files that are missing (or, `deep`, whose sha256 differs from the manifest's)."""
+    problems = []
+    for name, sha in _once_files(manifest).items():
+        if not (out / name).is_file():
+            problems.append(f"{name} missing")
+        elif deep and sha is not None and sha256_file(out / name) != sha:
+            problems.append(f"{name} sha256 mismatch")
+    return problems
+
+
+def repair(path: str | Path) -> Path:
+    """`dskd cache verify --repair`: re-run stage 1 for the cache at `path` (a cache directory or a cache root)
+    from its own config.yaml and its own copy of the data, recomputing only what is missing or bad."""
+    d = Path(path)
+    if not (d / "config.yaml").is_file() and (d / CURRENT).is_file():
+        d = d / (d / CURRENT).read_text().strip()
+    if not (d / "config.yaml").is_file():
+        raise CacheError(f"{d}: no config.yaml, so the teacher that built it is unknown; re-run `dskd teacher-cache` "
+                         "with the config it was built from (it adopts the shards that are still good)")
+    cfg = load_config(TeacherCacheConfig, d / "config.yaml")
+    cfg = dataclasses.replace(cfg, out_dir=str(d.parent))
+    if (d / DATA_FILE).is_file():  # exactly the rows it was built from, wherever the original data is now
+        cfg = dataclasses.replace(cfg, data=DataConfig(path=str(d / DATA_FILE), id_field="id"))
+    return run(cfg, repair=True, expect_dir=d)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,34 +395,52 @@ def _save_embeddings(model, path: Path) -> None:
     atomic_save_safetensors(path, {"weight": model.get_input_embeddings().weight.detach().cpu()})
 
 
-def _compact_kl(head: OutputHead, hidden: torch.Tensor, channel_scale: np.ndarray) -> tuple[float, float, int, float]:
-    """(sum, max, count) over positions of KL(exact teacher distribution || recomputed from the int8 encoding), and
-    the max |logit error| at the exact top-k and of the log-sum-exp (what stage 2's teacher check compares)."""
-    values, scale = encode_hidden(hidden.cpu(), "int8", channel_scale)
-    approx = decode_hidden(values, scale, "int8", channel_scale).to(hidden.device)
-    z, z_approx = head.logits(hidden), head.logits(approx)
-    kl = divergence("fkl", z_approx, z, reduction="none")  # KL(exact || approx)
-    top = z.topk(min(32, z.shape[-1]), dim=-1).indices
-    err = max(
-        (z.gather(-1, top) - z_approx.gather(-1, top)).abs().max().item(),
-        (torch.logsumexp(z, -1) - torch.logsumexp(z_approx, -1)).abs().max().item(),
-    )
-    return float(kl.sum()), float(kl.max()), int(kl.numel()), float(err)
+def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale: np.ndarray | None,
+                   sample: bool) -> dict:
+    """How far logits recomputed from the stored hidden states (encoded, then decoded) are from the cached ones:
+    the max |error| of the top-k at every position (k * d per position through `OutputHead.logits_at`), and on up
+    to KL_SAMPLE positions (`sample`) the log-sum-exp error and KL(exact || recomputed)."""
+    hidden = torch.cat([r.hidden for r in results])
+    ids, top, lse = (torch.cat([getattr(r, f) for r in results]) for f in ("topk_ids", "topk_logits", "lse"))
+    out = StorageError()
+    if hidden.numel():
+        out.max_abs_logit = max(float(top.abs().max()), float(lse.abs().max()))
+    if not hidden.numel() or encoding == str(hidden.dtype).removeprefix("torch."):  # lossless
+        return out.to_dict()
+    device = head.weight.device
+    values, scale = encode_hidden(hidden.cpu(), encoding, channel_scale)
+    approx = decode_hidden(values, scale, encoding, channel_scale).to(device)
+    for part in range(0, len(approx), 256):
+        z = head.logits_at(approx[part : part + 256], ids[part : part + 256].to(device))
+        out.topk_max = max(out.topk_max, float((z.cpu() - top[part : part + 256]).abs().max()))
+    if sample:
+        n = min(KL_SAMPLE, len(approx))
+        z, z_approx = head.logits(hidden[:n].to(device)), head.logits(approx[:n])
+        kl = divergence("fkl", z_approx, z, reduction="none").clamp(min=0)  # KL(exact || approx)
+        out.lse_max = float((torch.logsumexp(z_approx, -1).cpu() - lse[:n]).abs().max())
+        out.kl_sum, out.kl_max, out.kl_positions = float(kl.sum()), float(kl.max()), n
+    return out.to_dict()
 
 
-def _gather_kl(cache_dir: Path) -> dict:
-    total, worst, n, err = 0.0, 0.0, 0, 0.0
-    for path in sorted(cache_dir.glob("shard-*.arrow")):
-        meta = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema.metadata or {}
-        total += float(meta[b"compact_kl_sum"])
-        worst = max(worst, float(meta[b"compact_kl_max"]))
-        n += int(meta[b"compact_kl_positions"])
-        err = max(err, float(meta[b"compact_logit_error"]))
-    return {"mean": total / max(n, 1), "max": worst, "positions": n, "max_logit_error": err}
+def _gather_storage_error(cache_dir: Path, n_shards: int) -> dict:
+    total = StorageError()
+    for i in range(n_shards):
+        meta = shard_metadata(cache_dir / SHARD_PATTERN.format(i)) or {}
+        total.merge(json.loads(meta[STORAGE_META]))
+    return total.summary()
+
+
+def _save_tokenizer(tok, dest: Path) -> None:
+    """save_pretrained writes several files: into a temporary directory, then renamed (a kill leaves no half)."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
-                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, kl: tuple | None) -> None:
+                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, err: StorageError) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     hidden = torch.cat([o.hidden for o in outputs])
     values, scale = encode_hidden(hidden, encoding, channel_scale)
@@ -329,13 +469,6 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
         cols["align_teacher"] = list_column([p[:, 1] for p in prep.alignments], schema.field("align_teacher").type)
         cols["align_label"] = list_column(labels, schema.field("align_label").type)
         cols["align_ratio"] = pa.array(ratios, pa.float32())
-    meta = None
-    if kl is not None:
-        meta = {
-            "compact_kl_sum": repr(kl[0]),
-            "compact_kl_max": repr(kl[1]),
-            "compact_kl_positions": str(kl[2]),
-            "compact_logit_error": repr(kl[3]),
-        }
+    meta = {STORAGE_META: json.dumps(err.to_dict())}
     table = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema.with_metadata(meta))
     writer.write_shard(prep.index, table)

@@ -105,7 +105,7 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny):
 
 
 def test_deepspeed_config_is_filled_from_the_run_config(tiny):
-    t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=3", "train.grad_clip=0.5",
+    t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=6", "train.grad_clip=0.5",
                          "train.deepspeed=configs/deepspeed/zero3_offload.json", "train.precision=bf16").train
     ds = distill.deepspeed_config(t, world_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
@@ -150,13 +150,14 @@ def _write_config(cfg, path):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(caches, tmp_path, zero):
-    """2 ranks x micro 8 (gloo) and 1 rank x micro 8 x accumulation 2 see the same rows per step: same losses, and
-    the same validation loss (batches and generation sharded over the ranks, padded to equal counts for ZeRO-3)."""
+    """The same config (micro 8 x grad_accum 2) on 1 rank and on 2 ranks (gloo, each taking one micro-batch of the
+    accumulation) sees the same rows per step: same losses, and the same validation loss (batches and generation
+    sharded over the ranks, padded to equal counts for ZeRO-3)."""
     common = [f"train.deepspeed=configs/deepspeed/{zero}.json", "train.steps=3", "train.log_every=1",
               f"out_dir={tmp_path}", "loss.objective=dskd_v2", "valid.every=3", "valid.generate_rows=3",
               "valid.max_new_tokens=4"]
     one = distill.run(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=one"))
-    cfg = _write_config(caches.distill_cfg(*common, "train.grad_accum=1", "run_name=two"), tmp_path / "two.yaml")
+    cfg = _write_config(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=two"), tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's own group
         env.pop(k, None)
