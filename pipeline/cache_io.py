@@ -39,7 +39,7 @@ from pipeline.cache_schema import (
     decode_hidden,
 )
 from pipeline.head import HEAD_FILE, OutputHead
-from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json
+from pipeline.io_utils import hash_json, sha256_file, write_json, write_text_if_changed
 
 
 class CacheError(RuntimeError):
@@ -228,7 +228,7 @@ class CacheWriter:
         return manifest
 
     def mark_current(self) -> None:
-        atomic_write_text(self.root / CURRENT, self.dir.name + "\n")
+        write_text_if_changed(self.root / CURRENT, self.dir.name + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def file_sha256(path: Path) -> str:
 
 
 def entry_dir(gguf: Path) -> Path:
-    return cache_root() / f"{gguf.name.split('.')[0]}-{file_sha256(gguf)[:16]}"
+    """One directory per GGUF content and transformers version (which decides how GGUF is read)."""
+    from importlib.metadata import version
+
+    return cache_root() / f"{gguf.name.split('.')[0]}-{file_sha256(gguf)[:16]}-transformers{version('transformers')}"
 
 
 def _commit(tmp: Path, final: Path, gguf: Path) -> Path:

@@ -55,21 +55,17 @@ class OutputHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> float32 logits (..., V), computed in the head's dtype as the model does."""
-        z = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
-        if self.logit_scale is not None:
-            z = z * self.logit_scale
-        if self.final_logit_softcapping is not None:
-            c = self.final_logit_softcapping
-            z = torch.tanh(z / c) * c
-        return z.float()
+        return self._finish(torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias))
 
     def logits_at(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """hidden (n, d), ids (n, k) -> float32 logits (n, k) of those ids only, the same function as `logits` at
         k * d per position instead of V * d (summation order aside)."""
         w = self.weight[ids.long()]  # (n, k, d)
         z = torch.einsum("nd,nkd->nk", hidden.to(w.dtype), w)
-        if self.bias is not None:
-            z = z + self.bias[ids.long()]
+        return self._finish(z if self.bias is None else z + self.bias[ids.long()])
+
+    def _finish(self, z: torch.Tensor) -> torch.Tensor:
+        """The scale and the soft-cap the architecture applies after the matmul; float32."""
         if self.logit_scale is not None:
             z = z * self.logit_scale
         if self.final_logit_softcapping is not None:

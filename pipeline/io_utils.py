@@ -33,6 +33,17 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def write_text_if_changed(path: Path, text: str) -> Path:
+    """Atomically write `text` unless the file already holds it (its modification time then stays: quick
+    up-to-date checks key on it)."""
+    try:
+        if path.read_text() == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    return atomic_write_text(path, text)
+
+
 def atomic_save_npy(path: Path, array) -> Path:
     import io
 
@@ -44,9 +55,20 @@ def atomic_save_npy(path: Path, array) -> Path:
 
 
 def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save
+    """Written by safetensors straight to a temporary file (never the whole file as bytes in memory: a 262k x 640
+    float32 head is 671 MB), fsynced, renamed."""
+    from safetensors.torch import save_file
 
-    return atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_json(path: Path, obj: Any) -> Path:

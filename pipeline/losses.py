@@ -86,10 +86,16 @@ def _safe_log(w: float) -> float:
     return math.log(w) if w > 0 else LOG_FLOOR
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits / T (no copy at T = 1 for float32 input: at a 262k vocabulary each copy is 1 MB per position)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p teacher, log q student) over a common support, float32, floored: the V entries (dense teacher) or the
     k + 1 buckets (sparse teacher; the student's tail bucket is its exact mass outside the teacher's top-k ids)."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=LOG_FLOOR)
+    log_q = F.log_softmax(_scaled(student_logits, temperature), dim=-1).clamp(min=LOG_FLOOR)
     if isinstance(teacher, SparseLogits):
         ids = teacher.ids.long()
         top = log_q.gather(-1, ids)
@@ -98,8 +104,9 @@ def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: f
             top = torch.cat([top, tail], dim=-1)
         log_p = teacher.bucket_log_probs(temperature)
         return log_p.clamp(min=LOG_FLOOR), top.clamp(min=LOG_FLOOR)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return log_p.clamp(min=LOG_FLOOR), log_q
+    log_p = F.log_softmax(_scaled(teacher, temperature), dim=-1)
+    # the target never needs its own graph here: floor it in place (one vocabulary-sized tensor less)
+    return (log_p.clamp_(min=LOG_FLOOR) if not log_p.requires_grad else log_p.clamp(min=LOG_FLOOR)), log_q
 
 
 def _kl(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
@@ -110,11 +117,11 @@ def divergence_from_log_probs(
     name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, skew: float = 0.1, akl_mu: float = 0.5
 ) -> torch.Tensor:
     """Per-position divergence (...) from floored teacher log p and student log q over the same support (..., V)."""
-    p, q = log_p.exp(), log_q.exp()
-    if name == "fkl":
-        return _kl(p, log_p, log_q)
+    if name == "fkl":  # only p: each vocabulary-sized temporary counts at a 262k vocabulary
+        return _kl(log_p.exp(), log_p, log_q)
     if name == "rkl":
-        return _kl(q, log_q, log_p)
+        return _kl(log_q.exp(), log_q, log_p)
+    p, q = log_p.exp(), log_q.exp()
     if name == "js":
         log_m = torch.logaddexp(log_p, log_q) - math.log(2)
         return 0.5 * (_kl(p, log_p, log_m) + _kl(q, log_q, log_m))
@@ -199,16 +206,18 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
-# one chunk of vocabulary-sized logits holds at most this many float32 values (256 MB)
-CHUNK_ELEMENTS = 1 << 26
+# one chunk of vocabulary-sized logits holds at most this many float32 values (64 MB). A divergence keeps about ten
+# such tensors alive at once (logits of both sides, their log-softmax, probabilities, products, gradients), so a
+# chunk costs about 0.7 GB whatever the vocabulary
+CHUNK_ELEMENTS = 1 << 24
 
 
 def auto_chunk_positions(vocab_size: int) -> int:
-    """Positions per chunk such that one chunk's (positions x vocabulary) float32 logits stay within 256 MB, a power
-    of two in [16, 1024] (1024 up to V = 65,536; 256 for V = 151,936). Up to that size a chunk is not checkpointed,
-    so larger chunks avoid recomputing the heads in backward: measured on 2 CPU cores at V = 49,152 and 950
-    positions, kd (top-k + tail) forward + backward took 1.9 s in one chunk and 2.9 s in chunks of 64 (sft 1.6 s),
-    with the CPU allocator keeping freed memory (`models.keep_freed_memory`)."""
+    """Positions per chunk such that one chunk's (positions x vocabulary) float32 logits stay within 64 MB, a power
+    of two in [16, 1024] (1024 up to V = 16,384; 256 for SmolLM2's 49,152; 64 for Gemma-3's 262,144). A micro-batch
+    with more label positions than that is chunked and each chunk's heads are recomputed in backward: at 262k the
+    256-position chunks of a 256 MB budget made dskd_eta's stage 2 peak at 9.0 GB, 64-position chunks at 7.1 GB
+    (SmolLM2-135M student, micro-batch 4; `make bench-memory`)."""
     n = max(CHUNK_ELEMENTS // max(vocab_size, 1), 1)
     return int(min(1024, max(16, 1 << (n.bit_length() - 1))))
 

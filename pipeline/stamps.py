@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import ModelRef, config_to_dict
-from pipeline.io_utils import atomic_write_text, hash_json
+from pipeline.io_utils import atomic_write_text, hash_json, write_text_if_changed
 
 STAMPS = ".dskd-stamps.json"
 # bump when what a fingerprint covers changes, so older quick keys stop matching
@@ -71,13 +71,17 @@ def quick_key(cfg, inputs: list[Path | ModelRef | None]) -> str | None:
     return hash_json({"version": _VERSION, "config": config_to_dict(cfg), "inputs": states})
 
 
-def recorded(root: Path, key: str | None) -> dict | None:
-    if key is None:
-        return None
+def _read(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing or unreadable."""
     try:
-        return json.loads((Path(root) / STAMPS).read_text()).get(key)
-    except (OSError, json.JSONDecodeError, AttributeError):
+        got = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return got if isinstance(got, dict) else None
+
+
+def recorded(root: Path, key: str | None) -> dict | None:
+    return None if key is None else (_read(Path(root) / STAMPS) or {}).get(key)
 
 
 def record(root: Path, key: str | None, value: dict) -> None:
@@ -85,10 +89,7 @@ def record(root: Path, key: str | None, value: dict) -> None:
     if key is None:
         return
     path = Path(root) / STAMPS
-    try:
-        stamps = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        stamps = {}
+    stamps = _read(path) or {}
     stamps.pop(key, None)
     stamps[key] = value
     atomic_write_text(path, json.dumps(dict(list(stamps.items())[-64:]), indent=1))
@@ -111,11 +112,8 @@ def teacher_cache_up_to_date(cfg) -> Path | None:
     if got is None:
         return None
     d = root / got["dir"]
-    try:
-        manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("fingerprint") != got["fingerprint"]:
+    manifest = _read(d / "manifest.json")
+    if manifest is None or manifest.get("fingerprint") != got["fingerprint"]:
         return None
     for shard in manifest.get("shards", []):
         p = d / shard["file"]
@@ -128,9 +126,7 @@ def teacher_cache_up_to_date(cfg) -> Path | None:
 
 def mark_current(cache_dir: Path) -> None:
     """Point the cache root's CURRENT at `cache_dir` (what stage 1 does when it finds its cache up to date)."""
-    current = cache_dir.parent / "CURRENT"
-    if not current.is_file() or current.read_text().strip() != cache_dir.name:
-        atomic_write_text(current, cache_dir.name + "\n")
+    write_text_if_changed(cache_dir.parent / "CURRENT", cache_dir.name + "\n")
 
 
 def distill_inputs(cfg) -> list:
@@ -155,8 +151,5 @@ def distill_up_to_date(cfg) -> Path | None:
     if got is None:
         return None
     run_dir = root / got["dir"]
-    try:
-        done = json.loads((run_dir / "done.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return run_dir if done.get("fingerprint") == got["fingerprint"] else None
+    done = _read(run_dir / "done.json")
+    return run_dir if done is not None and done.get("fingerprint") == got["fingerprint"] else None

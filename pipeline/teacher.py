@@ -19,6 +19,12 @@ from pipeline.models import decoder_hidden
 from pipeline.tokenize import pad, response_positions
 
 
+def stage1_chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk of stage 1's vocabulary-sized logits: no backward here, so small chunks cost nothing (a
+    quarter of stage 2's automatic size: 16 positions, 16 MB, at a 262k vocabulary)."""
+    return max(auto_chunk_positions(vocab_size) // 4, 16)
+
+
 @dataclass
 class TeacherRow:
     hidden: torch.Tensor  # (n_resp, d), compute dtype
@@ -64,8 +70,7 @@ def teacher_forward(
     at response positions only. Otherwise the model's own full forward gives the logits (top-k and lse stay exact
     for a head the cache cannot reproduce) and its last hidden state is kept beside them."""
     k = min(top_k, head.vocab_size)
-    # no backward here, so small chunks cost nothing: a quarter of stage 2's automatic size
-    chunk_positions = chunk_positions or max(auto_chunk_positions(head.vocab_size) // 4, 16)
+    chunk_positions = chunk_positions or stage1_chunk_positions(head.vocab_size)
     spans = [response_positions(len(s), rs) for s, rs in zip(seqs, response_starts)]
     if head_exact:
         h, _, _ = _hidden(model, seqs, pad_id)
@@ -94,15 +99,18 @@ HEAD_CHECK_POSITIONS = 64
 
 @torch.no_grad()
 def check_head(model, head: OutputHead, seqs: list[list[int]], pad_id: int) -> float:
-    """Max |head(hidden) - model logits| over the first HEAD_CHECK_POSITIONS positions of each of `seqs`, one row
-    at a time (memory: HEAD_CHECK_POSITIONS x V logits, twice)."""
-    worst = 0.0
+    """Max |head(hidden) - model logits| over the first HEAD_CHECK_POSITIONS positions of `seqs` (real positions
+    only), in batches whose (rows x positions x V) logits stay within about 64 MB at any vocabulary."""
+    rows = [s[:HEAD_CHECK_POSITIONS] for s in seqs]
+    per_batch = max(1, (1 << 24) // (HEAD_CHECK_POSITIONS * head.vocab_size))
     device = next(model.parameters()).device
-    for s in seqs:
-        ids = torch.tensor([s[:HEAD_CHECK_POSITIONS]], device=device)
-        mask = torch.ones_like(ids)
-        h = decoder_hidden(model, ids, mask)[0]
-        own = model(input_ids=ids, attention_mask=mask).logits[0].float()
+    worst = 0.0
+    for b in range(0, len(rows), per_batch):
+        ids, mask = pad(rows[b : b + per_batch], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        keep = mask.bool()
+        h = decoder_hidden(model, ids, mask)[keep]
+        own = model(input_ids=ids, attention_mask=mask).logits[keep].float()
         worst = max(worst, (head.logits(h) - own).abs().max().item())
         del own
     return worst

@@ -16,9 +16,23 @@ from pipeline.config import ConfigError
 from pipeline.io_utils import atomic_write_text
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process's own address space: Linux's VmHWM. Not getrusage's ru_maxrss, which
+    also counts the parent's memory that a spawned process carried until its exec (a stage launched from a test or
+    bench process that holds models would report theirs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Peak resident memory of this process (CPU) and, on GPU, the peak allocated by torch on the device."""
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

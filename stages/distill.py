@@ -371,7 +371,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     objective = cfg.loss.objective
     student_name = cfg.student_name or short_name(cfg.student)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    reader = valid_reader = None
+    reader = valid_reader = source = valid_source = None
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache, expect_student_tokenizer=tok_fp)
         try:
@@ -388,9 +388,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
             _same_teacher(reader, valid_reader)
         source_fp, valid_fp = reader.manifest.fingerprint, valid_reader.manifest.fingerprint if valid_reader else None
     else:
-        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id, where="distill")
+        say = rank == 0  # truncation is reported once, by rank 0
+        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id, where="distill" if say else "")
         valid_source = data_source(cfg.valid.data, tokenizer, cfg.tokenize, pad_id, cfg.valid.max_rows,
-                                   where="distill valid") if cfg.valid.enabled else None
+                                   where="distill valid" if say else "") if cfg.valid.enabled else None
         run_name = cfg.run_name or f"{student_name}__sft"
         source_fp, valid_fp = source.fingerprint, valid_source.fingerprint if valid_source else None
     if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":
@@ -413,7 +414,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         keep_freed_memory()
     if dist.is_main and start_from is None and run_dir.exists():  # forced, or unfinished without a checkpoint
         shutil.rmtree(run_dir)  # start over, never append
-    teacher, vmap, valid_source = None, None, valid_source if cfg.cache is None else None
+    teacher, vmap = None, None
     if reader is not None:
         if NEEDS_TEACHER[objective]:
             teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
@@ -482,61 +483,63 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         if dist.is_main else None
     bar = tqdm(total=tcfg.steps, initial=first - 1, desc=f"distill {run_name}", disable=not dist.is_main, mininterval=2.0)
     t_start = time.perf_counter()
-    for step in range(first, tcfg.steps + 1):
-        t0 = time.perf_counter()
-        micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, accum)]
-        local_tokens = sum(b.n_tokens for b in micro)
-        (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
-        normaliser = token_normaliser(int(global_tokens), accum, dist.world_size)
-        sums: dict[str, float] = {}
-        worst: dict[str, float] = {}
-        seen_tokens = 0
-        for batch in micro:
-            batch = batch.to(dist.device)
-            hidden = engine(batch.input_ids, batch.attention_mask)
-            out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
-            if not torch.isfinite(out.loss):
-                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["loss"]
-                last_ckpt = checkpoint.latest(run_dir)
-                raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (rows {batch.ids[:4]}); nothing was "
-                                       "saved for this step" + (f", the last checkpoint is {last_ckpt}" if last_ckpt else ""))
-            engine.backward(out.loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            if boundary and projectors is not None:
-                projectors.head_updated()
-            for k, v in [("loss", out.loss), *out.terms.items()]:
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            for k, v in out.stats.items():
-                worst[k] = max(worst.get(k, v), v) if k == "teacher_max_err" else worst.get(k, 0.0) + v
-            seen_tokens += int(batch.attention_mask.sum())
+    try:  # the bar and the metrics file are closed whatever happens (no stray bar after an error)
+        for step in range(first, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, accum)]
+            local_tokens = sum(b.n_tokens for b in micro)
+            (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
+            normaliser = token_normaliser(int(global_tokens), accum, dist.world_size)
+            sums: dict[str, float] = {}
+            worst: dict[str, float] = {}
+            seen_tokens = 0
+            for batch in micro:
+                batch = batch.to(dist.device)
+                hidden = engine(batch.input_ids, batch.attention_mask)
+                out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
+                if not torch.isfinite(out.loss):
+                    bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["loss"]
+                    last_ckpt = checkpoint.latest(run_dir)
+                    raise TrainingDiverged(f"step {step}: non-finite {', '.join(bad)} (rows {batch.ids[:4]}); nothing was "
+                                           "saved for this step" + (f", the last checkpoint is {last_ckpt}" if last_ckpt else ""))
+                engine.backward(out.loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                if boundary and projectors is not None:
+                    projectors.head_updated()
+                for k, v in [("loss", out.loss), *out.terms.items()]:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in out.stats.items():
+                    worst[k] = max(worst.get(k, v), v) if k == "teacher_max_err" else worst.get(k, 0.0) + v
+                seen_tokens += int(batch.attention_mask.sum())
 
-        # each term is (sum over the micro-batch) / N-bar: their mean over micro-batches and ranks is a token mean
-        names, stat_names = sorted(sums), sorted(k for k in worst if k != "teacher_max_err")
-        reduced = all_reduce_sum([sums[k] for k in names] + [worst[k] for k in stat_names] + [seen_tokens], dist.device)
-        n_micro = tcfg.grad_accum
-        per_token = {k: v / n_micro for k, v in zip(names, reduced)}
-        stats = {k: v / n_micro for k, v in zip(stat_names, reduced[len(names) :])}
-        if "teacher_max_err" in worst:  # this rank's worst recomputation error
-            stats["teacher_max_err"] = worst["teacher_max_err"]
-        total = per_token["loss"]
-        step_s = time.perf_counter() - t0
-        tok_s = reduced[-1] / step_s
+            # each term is (sum over the micro-batch) / N-bar: their mean over micro-batches and ranks is a token mean
+            names, stat_names = sorted(sums), sorted(k for k in worst if k != "teacher_max_err")
+            reduced = all_reduce_sum([sums[k] for k in names] + [worst[k] for k in stat_names] + [seen_tokens], dist.device)
+            n_micro = tcfg.grad_accum
+            per_token = {k: v / n_micro for k, v in zip(names, reduced)}
+            stats = {k: v / n_micro for k, v in zip(stat_names, reduced[len(names) :])}
+            if "teacher_max_err" in worst:  # this rank's worst recomputation error
+                stats["teacher_max_err"] = worst["teacher_max_err"]
+            total = per_token["loss"]
+            step_s = time.perf_counter() - t0
+            tok_s = reduced[-1] / step_s
 
-        last = step == tcfg.steps
-        ckpt_now = last or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
-        valid = validation(engine, compute) if validation and (ckpt_now or step % cfg.valid.every == 0) else {}
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-        if log is not None and (step % tcfg.log_every == 0 or step == 1 or last or valid):
-            log.write({"step": step, **per_token, **stats, **valid, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tok_s, "step_s": step_s, "loss_tokens": int(global_tokens),
-                       **peak_memory_mb(dist.device), "elapsed_s": time.perf_counter() - t_start})
-        if ckpt_now:
-            save_checkpoint(step, {"train_loss": total, **valid})
-    bar.close()
-    if log is not None:
-        log.close()
+            last = step == tcfg.steps
+            ckpt_now = last or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
+            valid = validation(engine, compute) if validation and (ckpt_now or step % cfg.valid.every == 0) else {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+            if log is not None and (step % tcfg.log_every == 0 or step == 1 or last or valid):
+                log.write({"step": step, **per_token, **stats, **valid, "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tok_s, "step_s": step_s, "loss_tokens": int(global_tokens),
+                           **peak_memory_mb(dist.device), "elapsed_s": time.perf_counter() - t_start})
+            if ckpt_now:
+                save_checkpoint(step, {"train_loss": total, **valid})
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
 
     # ---- the final student: an HF directory (or LoRA adapter) that from_pretrained loads; done.json last
     if dist.is_main:

@@ -64,8 +64,9 @@ from pipeline.models import (
     short_name,
     tokenizer_fingerprint,
 )
-from pipeline.teacher import check_head, teacher_forward
+from pipeline.teacher import check_head, stage1_chunk_positions, teacher_forward
 from pipeline.tokenize import Encoded, TokenizerError, Truncation, encode, special_ids
+from pipeline.tracking import peak_memory_mb
 
 # this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
 STATS_FILE = "build_stats.json"
@@ -241,7 +242,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     tokens, t0 = 0, time.perf_counter()
     pending: Future | None = None
     cut: dict[str, Truncation] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:  # the bar closes on errors too
         for prep in loader:
             if prep.error:
                 raise TokenizerError(prep.error)
@@ -268,10 +269,10 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
         if pending is not None:
             pending.result()
     elapsed = time.perf_counter() - t0
-    bar.close()
     if dist.is_main:  # throughput of this run's loop (first preparation and last write included), for people and bench
         write_json(out / STATS_FILE, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                                      "world_size": dist.world_size, "shards": len(todo)})
+                                      "world_size": dist.world_size, "shards": len(todo),
+                                      **peak_memory_mb(dist.device)})
     barrier()
     for side, t in cut.items():  # once, for people: a 100k-character prompt is not cut silently
         if msg := t.message(cfg.tokenize, f"teacher-cache[{dist.rank}] {side}" if dist.world_size > 1 else
@@ -413,12 +414,16 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
     for part in range(0, len(approx), 256):
         z = head.logits_at(approx[part : part + 256], ids[part : part + 256].to(device))
         out.topk_max = max(out.topk_max, float((z.cpu() - top[part : part + 256]).abs().max()))
-    if sample:
+    if sample:  # a chunk of positions at a time: (positions x V) float32 logits, several alive in the KL
+        chunk = stage1_chunk_positions(head.vocab_size)
         n = min(KL_SAMPLE, len(approx))
-        z, z_approx = head.logits(hidden[:n].to(device)), head.logits(approx[:n])
-        kl = divergence("fkl", z_approx, z, reduction="none").clamp(min=0)  # KL(exact || approx)
-        out.lse_max = float((torch.logsumexp(z_approx, -1).cpu() - lse[:n]).abs().max())
-        out.kl_sum, out.kl_max, out.kl_positions = float(kl.sum()), float(kl.max()), n
+        for part in range(0, n, chunk):
+            rows = slice(part, min(part + chunk, n))
+            z, z_approx = head.logits(hidden[rows].to(device)), head.logits(approx[rows])
+            kl = divergence("fkl", z_approx, z, reduction="none").clamp(min=0)  # KL(exact || approx)
+            out.lse_max = max(out.lse_max, float((torch.logsumexp(z_approx, -1).cpu() - lse[rows]).abs().max()))
+            out.kl_sum, out.kl_max = out.kl_sum + float(kl.sum()), max(out.kl_max, float(kl.max()))
+        out.kl_positions = n
     return out.to_dict()
 
 

@@ -123,3 +123,13 @@ def tiny(tmp_path_factory) -> TinyDefault:
     assets.run(t.assets_cfg())
     distill.run(t.teacher_sft_cfg())
     return t
+
+
+@pytest.fixture(scope="module")
+def caches(tiny) -> TinyDefault:
+    """The tiny default with its training and validation caches built (stage 2's inputs)."""
+    from stages import teacher_cache
+
+    teacher_cache.run(tiny.cache_cfg())
+    teacher_cache.run(tiny.valid_cache_cfg())
+    return tiny

@@ -180,6 +180,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, where, n):
     assert [(s.file, s.rows, s.sha256) for s in a.manifest.shards] == [(s.file, s.rows, s.sha256) for s in b.manifest.shards]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need a device each (one GPU here)")
 def test_two_ranks_equal_one(tiny, cache, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -387,3 +388,79 @@ def test_bad_rows_name_file_row_and_field(tiny, tmp_path):
 def test_row_values_do_not_depend_on_loader_workers(tiny, cache, tmp_path):
     inline = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'i'}", "cache.loader_workers=0"))
     assert [s.sha256 for s in CacheReader(inline).manifest.shards] == [s.sha256 for s in CacheReader(cache).manifest.shards]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Repair: a re-run re-checks what it claims is complete and recomputes only what is missing or bad
+
+
+def _copy_root(cache, tmp_path):
+    """A copy of `cache` inside its own cache root, and a config that builds exactly that cache there."""
+    root = tmp_path / "root"
+    shutil.copytree(cache, root / cache.name)
+    return root / cache.name
+
+
+def _mtimes(d):
+    return {p.name: p.stat().st_mtime_ns for p in d.glob("shard-*.arrow")}
+
+
+def test_a_truncated_shard_is_recomputed_by_a_plain_rerun(tiny, cache, tmp_path, capsys):
+    copy = _copy_root(cache, tmp_path)
+    shard = copy / "shard-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CacheError, match=r"shard-00001\.arrow: 1000 bytes, the manifest says .*cache verify --repair"):
+        CacheReader(copy)[64]
+    before = _mtimes(copy)
+    assert teacher_cache.run(tiny.cache_cfg(f"out_dir={copy.parent}")) == copy
+    out = capsys.readouterr().out
+    assert "shard 1 1000 bytes, the manifest says" in out and "recomputing 1 of 3 shard(s)" in out
+    after = _mtimes(copy)
+    assert after["shard-00000.arrow"] == before["shard-00000.arrow"]  # only the bad shard was rewritten
+    assert after["shard-00002.arrow"] == before["shard-00002.arrow"]
+    assert shard.read_bytes() == (cache / "shard-00001.arrow").read_bytes()  # byte-identical to the original
+    assert (copy / MANIFEST).read_text() == (cache / MANIFEST).read_text()
+
+
+def test_a_flipped_byte_is_found_and_recomputed_by_repair(cache, tmp_path, capsys):
+    copy = _copy_root(cache, tmp_path)
+    shard = copy / "shard-00002.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"sha256 mismatch \(shard corrupted or replaced\); repair it with "
+                                         rf"`dskd cache verify --repair {copy}`"):
+        CacheReader(copy)[150]
+    result = CliRunner().invoke(cli, ["cache", "verify", "--repair", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "shard 2 sha256 mismatch; recomputing 1 of 3 shard(s)" in result.output and "verify: ok" in result.output
+    assert shard.read_bytes() == (cache / "shard-00002.arrow").read_bytes()
+    CacheReader(copy)[150]
+
+
+def test_a_lost_manifest_is_rebuilt_from_the_shards_own_metadata(tiny, cache, tmp_path, monkeypatch, capsys):
+    copy = _copy_root(cache, tmp_path)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(CacheError, match=rf"the shards are here but manifest.json is lost; rebuild it with "
+                                         rf"`dskd cache verify --repair {copy}`"):
+        CacheReader(copy)
+    monkeypatch.setattr(teacher_cache, "teacher_forward", lambda *a, **k: pytest.fail("a good shard recomputed"))
+    teacher_cache.run(tiny.cache_cfg(f"out_dir={copy.parent}"))
+    assert "holds shards of this cache but no manifest; rebuilding it" in capsys.readouterr().out
+    assert json.loads((copy / MANIFEST).read_text()) == json.loads((cache / MANIFEST).read_text())
+    # a lost once-per-cache file comes back the same, the shards untouched
+    (copy / HEAD_FILE).unlink()
+    teacher_cache.run(tiny.cache_cfg(f"out_dir={copy.parent}"))
+    assert "teacher_head.safetensors missing; recomputing 0 of 3 shard(s)" in capsys.readouterr().out
+    assert (copy / HEAD_FILE).read_bytes() == (cache / HEAD_FILE).read_bytes()
+
+
+def test_shards_of_another_cache_are_refused_with_what_to_do(tiny, cache, tmp_path):
+    other = tmp_path / "root" / cache.name.replace(cache.name[-12:], "0" * 12)
+    other.mkdir(parents=True)
+    shutil.copy(cache / "shard-00000.arrow", other / "shard-00000.arrow")
+    from pipeline.cache_io import CacheWriter
+
+    with pytest.raises(CacheError, match=rf"holds shards of another cache \({cache.name[-12:]}\); refusing to write "
+                                         "into it \\(remove it or choose another out_dir\\)"):
+        CacheWriter(other.parent, other.name, "0" * 64).status()

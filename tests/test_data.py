@@ -58,11 +58,23 @@ def test_other_field_names(tmp_path):
 
 def test_duplicate_ids_and_missing_file(tmp_path):
     rec = json.dumps({"prompt": "Q", "response": "A", "id": "x"})
-    p = jsonl(tmp_path, [rec, rec])
-    with pytest.raises(DataError, match="duplicate id 'x'"):
+    p = jsonl(tmp_path, [rec, "", rec])  # a blank line between: file lines 1 and 3, not rows 0 and 1
+    with pytest.raises(DataError, match=r"train\.jsonl:3: duplicate id 'x' \(first at .*train\.jsonl:1\)"):
         load_examples(DataConfig(path=str(p), id_field="id"))
     with pytest.raises(DataError, match="not found"):
         load_examples(DataConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(GOOD.encode() + b"\n" + json.dumps({"prompt": "caf", "response": "A"}).encode().replace(
+        b"caf", b"caf\xe9") + b"\n")
+    with pytest.raises(DataError) as e:
+        load_examples(DataConfig(path=str(p)))
+    assert str(e.value).startswith(f"{p}:2: not valid UTF-8 (byte 0xe9 at column ") and "\n" not in str(e.value)
+    # a UTF-8 byte-order mark on the first line is not an error
+    p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    assert load_examples(DataConfig(path=str(p)))[0].prompt == json.loads(GOOD)["prompt"]
 
 
 def test_real_minillm_format():

@@ -243,8 +243,9 @@ def test_token_normaliser_gives_global_token_mean():
 def test_auto_chunk_positions_bound_a_chunk_of_logits():
     from pipeline.losses import CHUNK_ELEMENTS, auto_chunk_positions
 
-    assert auto_chunk_positions(512) == 1024 and auto_chunk_positions(49_152) == 1024
-    assert auto_chunk_positions(151_936) == 256 and auto_chunk_positions(10**8) == 16
+    assert auto_chunk_positions(512) == 1024 and auto_chunk_positions(49_152) == 256
+    assert auto_chunk_positions(151_936) == 64 and auto_chunk_positions(262_144) == 64
+    assert auto_chunk_positions(10**8) == 16
     for v in (512, 32_000, 49_152, 128_256, 151_936, 262_144):
         n = auto_chunk_positions(v)
         assert n & (n - 1) == 0 and (n * v <= CHUNK_ELEMENTS or n == 16)

@@ -10,9 +10,10 @@ import pytest
 from tests.conftest import ROOT
 
 
-def dry_run(*args: str) -> list[str]:
+def dry_run(*args: str, checks: bool = False) -> list[str]:
+    """The `dskd` command lines make would run: the stages', or (`checks`) the config checks that come first."""
     out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if "dskd " in line]
+    return [line for line in out.splitlines() if "dskd " in line and ("dskd check " in line) == checks]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
@@ -35,6 +36,26 @@ def test_set_goes_to_the_named_stage_only():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_configs_and_set_are_checked_before_the_first_stage(tmp_path):
+    out = subprocess.run(["make", "-n", "distill", "SET=loss.divergence=rkl", "FORCE=1"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    first_stage = next(i for i, line in enumerate(out) if "dskd assets" in line)
+    checks = [i for i, line in enumerate(out) if "dskd check " in line]
+    assert checks and max(checks) < first_stage
+    (distill_check,) = [out[i] for i in checks if "configs/tiny/distill.yaml" in out[i]]
+    assert "--set loss.divergence=rkl" in distill_check
+    # FORCE reaches the student's run only, not the teacher's SFT run
+    (teacher,) = [line for line in out if "teacher_sft.yaml" in line and "dskd check" not in line]
+    (student,) = [line for line in out if "configs/tiny/distill.yaml" in line and "dskd check" not in line]
+    assert "--force" in student and "--force" not in teacher
+    # a typo in SET fails in the check, in well under the seconds a stage takes
+    bad = subprocess.run([str(ROOT / ".venv/bin/dskd"), "check", "--stage", "distill", "--config",
+                          str(ROOT / "configs/tiny/distill.yaml"), "--set", "loss.divergenc=rkl"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown key 'loss.divergenc'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_sweep_nproc_and_resume_reach_stage_2():
     out = subprocess.run(["make", "-n", "sweep", "DIVERGENCES=fkl js", "OBJECTIVE=dskd", "NPROC=2", "RESUME=1",
                           "SET=train.steps=3"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -43,4 +64,5 @@ def test_sweep_nproc_and_resume_reach_stage_2():
     assert "torchrun --standalone --nproc_per_node=2 -m stages.cli distill --config configs/tiny/distill.yaml" in loop
     assert "--set loss.objective=dskd --set loss.divergence=$d" in loop and "--resume" in loop
     assert "--set train.steps=3" in loop
-    assert "train.steps" not in out[: out.index("for d in")]  # SET reaches the sweep's runs only
+    stages = [line for line in out[: out.index("for d in")].splitlines() if "dskd check" not in line]
+    assert stages and not any("train.steps" in line for line in stages)  # SET reaches the sweep's runs only

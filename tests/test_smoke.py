@@ -150,8 +150,8 @@ def test_teacher_check_tolerance_is_derived_from_how_the_cache_was_stored(tiny, 
     """float16 hidden states reproduce the top-k only to ~1e-3. Stage 2 and `cache verify` accept them with one
     tolerance, derived from the error stage 1 measured on the stored hidden states; below the real error, stage 2
     stops and names the cause."""
-    from pipeline.cache_io import CacheReader
     from pipeline.cache_inspect import verify
+    from pipeline.cache_io import CacheReader
     from pipeline.cache_schema import recompute_tolerance
     from pipeline.objectives import TeacherMismatch
 

@@ -69,3 +69,22 @@ def test_pad_right_and_left():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_truncation_is_counted_and_reported_once(gpt2):
+    from pipeline.tokenize import Truncation, encode_prompt
+
+    cfg = TokenizeConfig(max_prompt_length=8, max_length=12)
+    cut = Truncation()
+    long_prompt = "word " * 20_000  # 100k characters
+    for row, (prompt, response) in enumerate([("short prompt", "ok"), (long_prompt, "ok"),
+                                              ("short prompt", "a much longer response than the twelve tokens that this tiny setting allows")]):
+        cut.add_encoded(f"r{row}", encode(gpt2, prompt, response, cfg), cfg)
+    assert (cut.rows, cut.prompts, cut.responses, cut.first) == (3, 1, 1, "r1")
+    assert cut.longest_prompt >= 20_000
+    msg = cut.message(cfg, "teacher-cache")
+    assert msg.startswith("teacher-cache: 1 of 3 prompt(s) longer than tokenize.max_prompt_length=8 tokens were cut")
+    assert "1 response(s) were cut to fit tokenize.max_length=12" in msg and "row 'r1'" in msg
+    assert Truncation().message(cfg) is None  # nothing cut: nothing said
+    gen = Truncation()
+    assert len(encode_prompt(gpt2, long_prompt, cfg, gen, "g")) == 8 and gen.prompts == 1

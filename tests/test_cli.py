@@ -1,0 +1,103 @@
+"""What a new user trips over: errors that arrive before anything heavy, quick up-to-date checks, messages that say
+what to run, and output that names what it wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cache_io import CacheError
+from pipeline.config import ConfigError, dump_config
+from pipeline.data import DataError
+from stages import distill, teacher_cache
+from stages.cli import main as cli
+from tests.conftest import ROOT
+
+
+def _no(what):
+    def fail(*a, **k):
+        pytest.fail(f"{what} before the error")
+    return fail
+
+
+def test_stage1_reports_bad_data_before_loading_tokenizers_or_the_teacher(caches, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": "\xff", "response": "r"}\n')
+    monkeypatch.setattr(teacher_cache, "load_tokenizer", _no("a tokenizer loaded"))
+    monkeypatch.setattr(teacher_cache, "load_model", _no("the teacher loaded"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        teacher_cache.run(caches.cache_cfg(f"out_dir={tmp_path / 'o'}", f"data.path={bad}"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_stage2_reports_a_missing_cache_and_bad_settings_before_the_engine_starts(caches, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, "init_distributed", _no("DeepSpeed initialised"))
+    monkeypatch.setattr(distill, "load_model", _no("the student loaded"))
+    with pytest.raises(CacheError, match=r"nope: neither a teacher cache"):
+        distill.run(caches.distill_cfg(f"cache={tmp_path / 'nope'}"))
+    with pytest.raises(ConfigError, match=r"train\.deepspeed: configs/deepspeed/zero9\.json not found"):
+        distill.run(caches.distill_cfg("train.deepspeed=configs/deepspeed/zero9.json"))
+    with pytest.raises(ConfigError, match=r"objective 'dskd_eta' is for different tokenizers"):
+        distill.run(caches.distill_cfg("loss.objective=dskd_eta"))
+    with pytest.raises(ConfigError, match="train.report_to: wandb needs the `wandb` package"):
+        distill.run(caches.distill_cfg("train.report_to=[wandb]", f"out_dir={tmp_path / 'runs'}"))
+    assert not (tmp_path / "runs").exists()  # no run directory with an empty metrics file
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train\.grad_accum 1 is not divisible by 2 processes: the global batch"):
+        distill.run(caches.distill_cfg("train.grad_accum=1"))
+
+
+def test_a_changed_setting_names_itself_and_the_make_flag(caches):
+    run_dir = distill.run(caches.distill_cfg("run_name=changed", "train.steps=2"))
+    with pytest.raises(ConfigError, match=r"another config \(train\.steps 2 -> 3\).*--force \(make: FORCE=1\)"):
+        distill.run(caches.distill_cfg("run_name=changed", "train.steps=3"))
+    assert distill.run(caches.distill_cfg("run_name=changed", "train.steps=3"), force=True) == run_dir
+
+
+QUICK = """
+import sys, time
+t0 = time.perf_counter()
+from stages.cli import main
+main(sys.argv[1:], standalone_mode=False)
+print(f"torch imported: {'torch' in sys.modules}; {time.perf_counter() - t0:.2f} s")
+"""
+
+
+def test_up_to_date_stages_answer_in_about_a_second_without_torch(caches, tmp_path):
+    cache_cfg = dump_config(caches.cache_cfg(), tmp_path / "cache.yaml")
+    run_cfg = caches.distill_cfg("run_name=quick", "train.steps=1")
+    distill.run(run_cfg)
+    teacher_cache.run(caches.cache_cfg())
+    for args in (["teacher-cache", "--config", str(cache_cfg)],
+                 ["distill", "--config", str(dump_config(run_cfg, tmp_path / "distill.yaml"))]):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", QUICK, *args], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+        assert "up to date" in out and "torch imported: False" in out, out
+        assert time.perf_counter() - t0 < 5  # the interpreter start included; the check itself well under 1 s
+    # a changed input file is noticed (the full check then runs)
+    from pipeline import stamps
+
+    assert stamps.distill_up_to_date(run_cfg) is not None
+    data = caches.data / "train.jsonl"
+    data.touch()
+    assert stamps.teacher_cache_up_to_date(caches.cache_cfg()) is None
+
+
+def test_eval_names_the_run_whole_and_simulate_names_its_files(caches, tmp_path):
+    run_dir = distill.run(caches.distill_cfg("run_name=a-rather-long-run-name_to_show__that_it_is_never_cut_kd_fkl",
+                                             "train.steps=1"))
+    result = CliRunner().invoke(cli, ["eval", "--config", str(dump_config(caches.eval_cfg(run_dir),
+                                                                         tmp_path / "eval.yaml"))])
+    assert result.exit_code == 0, result.output
+    assert "\na-rather-long-run-name_to_show__that_it_is_never_cut_kd_fkl " in result.output
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["n"] == 16
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "sim"), "--steps", "2", "--repetitions",
+                                      "1", "--vocab", "20", "--points", "2", "--divergences", "fkl"])
+    assert result.exit_code == 0, result.output
+    assert f"simulate: wrote {tmp_path / 'sim' / 'simulation.md'}, {tmp_path / 'sim' / 'simulation.png'}" in result.output
