@@ -294,15 +294,20 @@ class CacheReader:
         m = self.manifest
         if expect_fingerprint is not None and m.fingerprint != expect_fingerprint:
             raise CacheError(f"{self.dir}: fingerprint {m.fingerprint[:12]} is not the expected {expect_fingerprint[:12]}")
-        if expect_student_tokenizer is not None and m.student_tokenizer_fingerprint != expect_student_tokenizer:
-            raise CacheError(
-                f"{self.dir}: the cache was built for another student tokenizer "
-                f"({m.student_tokenizer_fingerprint[:12]} vs this student's {expect_student_tokenizer[:12]})"
-            )
+        if expect_student_tokenizer is not None:
+            self.check_student_tokenizer(expect_student_tokenizer)
         self.verify = verify
         self.channel_scale = np.load(self.dir / CHANNEL_SCALE_FILE) if m.hidden_encoding == "int8" else None
         self._tables: dict[int, pa.Table] = {}
         self._starts = np.cumsum([0] + [s.rows for s in m.shards])
+
+    def check_student_tokenizer(self, fingerprint: str) -> None:
+        m = self.manifest
+        if m.student_tokenizer_fingerprint != fingerprint:
+            raise CacheError(
+                f"{self.dir}: the cache was built for another student tokenizer "
+                f"({m.student_tokenizer_fingerprint[:12]} vs this student's {fingerprint[:12]})"
+            )
 
     def __len__(self) -> int:
         return int(self._starts[-1])

@@ -141,7 +141,7 @@ def save_student(model, path: Path, tokenizer, base: ModelRef) -> None:
 
 
 def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) -> tuple[TeacherSide, np.ndarray | None]:
-    """The teacher's frozen pieces from the cache, after checking the cache can serve the objective."""
+    """The teacher's frozen pieces from the cache (whether it can serve the objective was checked before)."""
     m, objective = reader.manifest, cfg.loss.objective
     where, mode = str(reader.dir), cfg.loss.teacher_logits
     vmap = None if m.same_tokenizer else reader.vocab_map()
@@ -189,15 +189,15 @@ def cache_source(reader: CacheReader, pad_id: int, limit: int | None = None) -> 
                   reader.manifest.fingerprint, examples)
 
 
-def data_source(data: DataConfig, tokenizer, tok_cfg, pad_id: int, limit: int | None = None, where: str = "") -> Source:
-    examples = load_examples(data)[:limit]
+def data_source(examples: list[Example], tokenizer, tok_cfg, pad_id: int, where: str = "") -> Source:
+    """Tokenized examples (plain SFT); truncation reported once under `where` (empty: not reported)."""
     cut = Truncation()
     encoded = []
     for e in examples:
         enc = encode(tokenizer, e.prompt, e.response, tok_cfg)
         cut.add_encoded(e.id, enc, tok_cfg)
         encoded.append((e.id, enc))
-    if where and (msg := cut.message(tok_cfg, f"{where} ({data.path})")):
+    if where and (msg := cut.message(tok_cfg, where)):
         print(msg)
     return Source(np.array([len(e.ids) for _, e in encoded], dtype=np.int64),
                   lambda idx: collate_examples([encoded[i] for i in idx], pad_id),
@@ -366,14 +366,20 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     accum = tcfg.grad_accum // world
     ds = deepspeed_config(tcfg, world)
     check_sinks(tcfg.report_to)
+    # the caches' manifests or the data first (a wrong path or a bad row is the commonest mistake), then the
+    # student's tokenizer
+    reader = CacheReader(cfg.cache) if cfg.cache is not None else None
+    valid_reader = CacheReader(cfg.valid.cache) if reader is not None and cfg.valid.enabled else None
+    examples = load_examples(cfg.data) if reader is None else None
+    valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] if reader is None and cfg.valid.enabled else None
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
     _, pad_id = special_ids(tokenizer)
     objective = cfg.loss.objective
     student_name = cfg.student_name or short_name(cfg.student)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    reader = valid_reader = source = valid_source = None
-    if cfg.cache is not None:
-        reader = CacheReader(cfg.cache, expect_student_tokenizer=tok_fp)
+    source = valid_source = None
+    if reader is not None:
+        reader.check_student_tokenizer(tok_fp)
         try:
             check_compatible(objective, reader.manifest.same_tokenizer, reader.manifest.embeddings_sha256 is not None,
                              str(reader.dir))
@@ -383,15 +389,16 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
             raise ConfigError(f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so "
                               "it holds top-k + tail only; set loss.teacher_logits: sparse (or auto)")
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{objective}"
-        if cfg.valid.enabled:
-            valid_reader = CacheReader(cfg.valid.cache, expect_student_tokenizer=tok_fp)
+        if valid_reader is not None:
+            valid_reader.check_student_tokenizer(tok_fp)
             _same_teacher(reader, valid_reader)
         source_fp, valid_fp = reader.manifest.fingerprint, valid_reader.manifest.fingerprint if valid_reader else None
     else:
         say = rank == 0  # truncation is reported once, by rank 0
-        source = data_source(cfg.data, tokenizer, cfg.tokenize, pad_id, where="distill" if say else "")
-        valid_source = data_source(cfg.valid.data, tokenizer, cfg.tokenize, pad_id, cfg.valid.max_rows,
-                                   where="distill valid" if say else "") if cfg.valid.enabled else None
+        source = data_source(examples, tokenizer, cfg.tokenize, pad_id, f"distill ({cfg.data.path})" if say else "")
+        if valid_examples is not None:
+            valid_source = data_source(valid_examples, tokenizer, cfg.tokenize, pad_id,
+                                       f"distill valid ({cfg.valid.data.path})" if say else "")
         run_name = cfg.run_name or f"{student_name}__sft"
         source_fp, valid_fp = source.fingerprint, valid_source.fingerprint if valid_source else None
     if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":

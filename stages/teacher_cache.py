@@ -161,7 +161,7 @@ def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok
 def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | None = None) -> Path:
     """Build (or resume, or repair) the cache of `cfg`; return its directory. With `repair`, a finished cache's
     shards are checked by sha256 (not only by size) and the bad ones recomputed; `expect_dir` refuses to build any
-    other directory (`repair_cache`)."""
+    other directory (`repair`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
     dist = local_or_distributed()
     if dist.device.type == "cpu":
@@ -182,7 +182,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     if expect_dir is not None and out.resolve() != Path(expect_dir).resolve():
         raise CacheError(f"{expect_dir}: its config.yaml no longer reproduces it (the teacher, the tokenizers or the "
                          f"data changed: it would build {out.name}); rebuild with `dskd teacher-cache`")
-    work = _plan(writer, cfg, repair) if dist.is_main else False
+    work = _plan(writer, repair) if dist.is_main else False
     (work,) = all_reduce_sum([float(work)], dist.device)
     if not work:
         if dist.is_main:
@@ -315,7 +315,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
 # Up to date, resume, or repair
 
 
-def _plan(writer: CacheWriter, cfg: TeacherCacheConfig, repair: bool) -> bool:
+def _plan(writer: CacheWriter, repair: bool) -> bool:
     """Rank 0: is there work? A finished cache is re-checked (shard sizes and the once-per-cache files always,
     sha256 with `repair`); what is bad is removed, so the run recomputes only that. Shards without a manifest
     are adopted when their own metadata names this cache."""
@@ -332,7 +332,7 @@ def _plan(writer: CacheWriter, cfg: TeacherCacheConfig, repair: bool) -> bool:
         writer.reopen([])
         return True
     bad = writer.shard_problems(manifest, deep=repair)
-    files = _file_problems(writer.dir, manifest, cfg, deep=repair)
+    files = _file_problems(writer.dir, manifest, deep=repair)
     if not bad and not files:
         return False
     what = [f"shard {i} {why}" for i, why in sorted(bad.items())] + files
@@ -361,7 +361,7 @@ def _record(cfg: TeacherCacheConfig, writer: CacheWriter, manifest) -> None:
                   {"dir": writer.dir.name, "fingerprint": manifest.fingerprint, "files": sorted(_once_files(manifest))})
 
 
-def _file_problems(out: Path, manifest, cfg: TeacherCacheConfig, deep: bool) -> list[str]:
+def _file_problems(out: Path, manifest, deep: bool) -> list[str]:
     """The once-per-cache files that are missing (or, `deep`, whose sha256 differs from the manifest's)."""
     problems = []
     for name, sha in _once_files(manifest).items():

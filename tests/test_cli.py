@@ -38,8 +38,15 @@ def test_stage1_reports_bad_data_before_loading_tokenizers_or_the_teacher(caches
 def test_stage2_reports_a_missing_cache_and_bad_settings_before_the_engine_starts(caches, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "init_distributed", _no("DeepSpeed initialised"))
     monkeypatch.setattr(distill, "load_model", _no("the student loaded"))
+    real_tokenizer = distill.load_tokenizer
+    monkeypatch.setattr(distill, "load_tokenizer", _no("the student's tokenizer loaded"))
     with pytest.raises(CacheError, match=r"nope: neither a teacher cache"):
         distill.run(caches.distill_cfg(f"cache={tmp_path / 'nope'}"))
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": "p"}\n')
+    with pytest.raises(DataError, match=r"sft\.jsonl:2: missing field 'response'"):  # plain SFT: the data first
+        distill.run(caches.teacher_sft_cfg(f"data.path={bad}"))
+    monkeypatch.setattr(distill, "load_tokenizer", real_tokenizer)
     with pytest.raises(ConfigError, match=r"train\.deepspeed: configs/deepspeed/zero9\.json not found"):
         distill.run(caches.distill_cfg("train.deepspeed=configs/deepspeed/zero9.json"))
     with pytest.raises(ConfigError, match=r"objective 'dskd_eta' is for different tokenizers"):
