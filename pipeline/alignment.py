@@ -123,12 +123,19 @@ def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exac
 def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
     """(teacher Encoded, student Encoded, (K, 2) label alignment) for one example, the way the cache stores them;
     with `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
-    from pipeline.tokenize import TokenizerError, encode
+    from pipeline.tokenize import TokenizerError, encode, encode_generated
 
     aligned = student_tok is not None
     try:
-        t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=aligned, require_eos=False)
-        s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True) if aligned else t
+        if example.generated:  # the student side is what was sampled; the teacher reads its text (and sampled EOS)
+            own = student_tok or teacher_tok
+            s = encode_generated(own, example, cfg, with_offsets=aligned)
+            sampled_eos = example.response_ids[-1] == own.eos_token_id
+            t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=True, require_eos=False,
+                       add_eos=sampled_eos) if aligned else s
+        else:
+            t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=aligned, require_eos=False)
+            s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True) if aligned else t
     except TokenizerError as err:
         raise TokenizerError(f"row {example.id!r}: {err}") from None
     return t, s, (label_alignment(s, t, example.response) if aligned else None)

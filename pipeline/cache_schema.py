@@ -160,6 +160,9 @@ class Manifest:
     rows: int
     response_tokens: int
     shards: list[ShardInfo] = field(default_factory=list)
+    # rows per origin: "gold" (a data set's own responses) or "rollout:<model>:round<r>" (generated; the cache's
+    # data.jsonl names each row's)
+    origins: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

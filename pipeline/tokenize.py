@@ -63,14 +63,18 @@ def special_ids(tokenizer, require_eos: bool = True) -> tuple[int | None, int]:
 
 
 def encode(
-    tokenizer, prompt: str, response: str, cfg: TokenizeConfig, *, with_offsets: bool = False, require_eos: bool = True
+    tokenizer, prompt: str, response: str, cfg: TokenizeConfig, *, with_offsets: bool = False, require_eos: bool = True,
+    add_eos: bool = True,
 ) -> Encoded:
     """Prompt ids (first `max_prompt_length` kept) + response ids + EOS, cut to `max_length`.
 
     An empty response still trains its EOS. A prompt that encodes to no token is an error: nothing would predict
     the first response token. With `with_offsets`, also the response tokens' character offsets (fast tokenizers
-    only), which the exact token alignment needs."""
+    only), which the exact token alignment needs. `add_eos` False: a generated response that ran out of tokens
+    before its EOS."""
     eos, _ = special_ids(tokenizer, require_eos=require_eos)
+    if not add_eos:
+        eos = None
     p = tokenizer.encode(prompt, add_special_tokens=False)
     n_prompt, p = len(p), p[: cfg.max_prompt_length]
     if not p:
@@ -97,6 +101,43 @@ def encode(
         prompt_tokens=n_prompt,
         response_tokens=len(full) - len(p),
     )
+
+
+def encode_generated(tokenizer, example, cfg: TokenizeConfig, *, with_offsets: bool = False) -> Encoded:
+    """A generated row (`data.Example` with token ids) as it was sampled, never decoded and re-encoded: its prompt ids
+    (first `max_prompt_length`) + its response ids (ending in EOS only when the EOS was sampled), cut to `max_length`.
+    With `with_offsets`, the response tokens' character offsets into `example.response`, which must be exactly the
+    decoding of the response ids (rollout.decode_response)."""
+    eos = tokenizer.eos_token_id
+    p, r = list(example.prompt_ids)[: cfg.max_prompt_length], list(example.response_ids)
+    ended = eos is not None and r[-1] == eos
+    full = p + r
+    ids = full[: cfg.max_length]
+    text_ids = r[:-1] if ended else r
+    offsets = decoded_offsets(tokenizer, text_ids, example.response)[: len(ids) - len(p)] if with_offsets else None
+    return Encoded(ids=ids, response_start=len(p), offsets=offsets, eos_kept=ended and len(ids) == len(full),
+                   prompt_tokens=len(example.prompt_ids), response_tokens=len(r))
+
+
+def decoded_offsets(tokenizer, ids: list[int], text: str) -> np.ndarray:
+    """(n, 2) character offsets of generated `ids` into `text`, their decoding: token i covers the characters that
+    decoding ids[:i+1] adds to decoding ids[:i]. A token that ends inside a character (one byte of a multi-byte
+    character) covers nothing; the token that completes the character covers all of it."""
+    from pipeline.rollout import decode_response
+
+    if decode_response(tokenizer, ids) != text:
+        raise TokenizerError("its response text is not the decoding of its response_ids with this tokenizer (were the "
+                             "ids made by another tokenizer?)")
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
+    out = np.zeros((len(ids), 2), dtype=np.int64)
+    end = 0
+    for i, t in enumerate(prefixes):
+        start = end
+        if text.startswith(t):
+            end = len(t)
+        out[i] = (start, end)
+    return out
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig, truncation: Truncation | None = None,

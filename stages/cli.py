@@ -12,6 +12,8 @@ from pipeline.config import (
     ConfigError,
     DistillConfig,
     EvalConfig,
+    OnPolicyConfig,
+    RolloutConfig,
     TeacherCacheConfig,
     load_config,
 )
@@ -34,12 +36,14 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     from pipeline.data import DataError
     from pipeline.models import ModelLoadError
     from pipeline.objectives import TeacherMismatch
+    from pipeline.rollout import GenerationError
     from pipeline.tokenize import TokenizerError
+    from stages.onpolicy import StageFailed
 
     try:
         return stage_run(cfg, **kwargs)
     except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch, CheckpointError,
-            TrainingDiverged) as e:
+            TrainingDiverged, GenerationError, StageFailed) as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
@@ -49,7 +53,7 @@ def main() -> None:
 
 
 _STAGE_CONFIGS = {"assets": AssetsConfig, "teacher-cache": TeacherCacheConfig, "distill": DistillConfig,
-                  "eval": EvalConfig}
+                  "eval": EvalConfig, "rollout": RolloutConfig, "onpolicy": OnPolicyConfig}
 
 
 @main.command()
@@ -110,6 +114,27 @@ def distill(config_path, overrides, force, resume):
     from stages import distill as stage
 
     _run(stage.run, cfg, force=force, resume=resume)
+
+
+@main.command()
+@_config
+@_set
+def rollout(config_path, overrides):
+    """A model answers a prompt set: a rollout directory (SeqKD data, or on-policy samples for stage 1)."""
+    from stages import rollout as stage
+
+    _run(stage.run, _load(RolloutConfig, config_path, overrides))
+
+
+@main.command()
+@_config
+@_set
+@click.option("--force", is_flag=True, help="start the student runs of unfinished rounds over instead of resuming them")
+def onpolicy(config_path, overrides, force):
+    """On-policy distillation as rounds: the student answers -> the teacher scores (stage 1) -> the student trains."""
+    from stages import onpolicy as stage
+
+    _run(stage.run, _load(OnPolicyConfig, config_path, overrides), force=force)
 
 
 @main.command("eval")

@@ -11,6 +11,7 @@ A run whose done.json records the same fingerprint is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,16 +36,15 @@ from pipeline.config import (
     ConfigError,
     DataConfig,
     DistillConfig,
-    GenerateConfig,
     ModelRef,
+    SamplingConfig,
     TrainConfig,
     config_to_dict,
     dump_config,
 )
 from pipeline.data import Example, load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, env_rank_world, init_distributed
-from pipeline.generation import generate
-from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
+from pipeline.io_utils import atomic_save_safetensors, hash_json, sha256_file, write_json
 from pipeline.lora import apply_lora, save_adapter
 from pipeline.losses import token_normaliser
 from pipeline.metrics import rouge_l
@@ -63,11 +63,13 @@ from pipeline.objectives import (
     NEEDS_EMBEDDINGS,
     NEEDS_TEACHER,
     Objective,
+    ObjectiveOutput,
     TeacherSide,
     build_projectors,
     check_compatible,
     student_side,
 )
+from pipeline.rollout import generate_texts
 from pipeline.sampler import MicroBatchStream, eval_batches
 from pipeline.tokenize import Truncation, encode, encode_prompt, special_ids, token_surfaces
 from pipeline.tracking import MetricsLog, check_sinks, peak_memory_mb
@@ -116,14 +118,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     """Linear warmup, then cosine or linear decay from lr to min_lr over the remaining steps, or constant (a factor
-    of each group's lr, so the projectors follow the same shape)."""
+    of each group's lr, so the projectors follow the same shape). A run may start `schedule_offset` steps into a
+    schedule of `schedule_steps`."""
+
+    total = train.schedule_steps or train.steps
 
     def f(step: int) -> float:
+        step += train.schedule_offset  # a run that continues a longer schedule (on-policy rounds)
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
         if train.schedule == "constant":
             return 1.0
-        progress = min((step - train.warmup_steps) / max(1, train.steps - train.warmup_steps), 1.0)
+        progress = min((step - train.warmup_steps) / max(1, total - train.warmup_steps), 1.0)
         floor = train.min_lr / train.lr
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else 1.0 - progress
         return floor + (1 - floor) * shape
@@ -261,11 +267,39 @@ class Validation:
         rows = [self.gen_rows[0 if j is None else j] for j in mine]
         examples = self.source.examples(rows)
         prompts = [encode_prompt(self.tokenizer, e.prompt, self.tok_cfg) for e in examples]
-        g = GenerateConfig(max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.micro_batch_size)
-        preds = generate(student, self.tokenizer, prompts, g, None, progress=False, synced_gpus=self.synced)
+        g = SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.micro_batch_size)
+        preds = generate_texts(student, self.tokenizer, prompts, g, None, progress=False, synced_gpus=self.synced)
         local = sum(rouge_l(p, [e.response]) for j, p, e in zip(mine, preds, examples) if j is not None)
         (total,) = all_reduce_sum([local], self.dist.device)
         return 100 * total / len(self.gen_rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# On-policy micro-batches (reference section 8): L = (1 - alpha) CE(gold) / N-bar + alpha KD(rollout) / N-bar_kd
+
+
+def on_policy(seed: int, k: int, mix: float) -> bool:
+    """Whether global micro-batch k takes its KD term from the student's samples (seeded, about `mix` of them)."""
+    return mix > 0 and np.random.default_rng([seed, k]).random() < mix
+
+
+def _mixed(engine, compute: Objective, ce_only: Objective, alpha: float, batch: Batch, hidden: torch.Tensor,
+           kd_batch: Batch | None, normaliser: float, kd_normaliser: float, device) -> ObjectiveOutput:
+    """CE on the gold micro-batch (normalised by the gold label count) + KD on `kd_batch` when given (a second
+    student forward), else on the gold batch (normalised by the count of labels that KD terms were computed on)."""
+    student = engine.module.student
+    if kd_batch is None:
+        out = compute(batch, student_side(student, batch, hidden), kd_normaliser)
+        ce = out.terms["ce"] * (kd_normaliser / normaliser)  # CE is a sum over labels / the normaliser
+    else:
+        ce = ce_only(batch, student_side(student, batch, hidden), normaliser).terms["ce"]
+        kd_batch = kd_batch.to(device)
+        kd_hidden = engine(kd_batch.input_ids, kd_batch.attention_mask)
+        out = compute(kd_batch, student_side(student, kd_batch, kd_hidden), kd_normaliser)
+    kd_terms = {k: v for k, v in out.terms.items() if k != "ce"}
+    kd = kd_terms.get("kd", torch.zeros((), device=ce.device))
+    return ObjectiveOutput((1 - alpha) * ce + alpha * kd, {"ce": ce, **kd_terms},
+                           {**out.stats, "onpolicy_fraction": float(kd_batch is not None)})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,6 +404,9 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     # student's tokenizer
     reader = CacheReader(cfg.cache) if cfg.cache is not None else None
     valid_reader = CacheReader(cfg.valid.cache) if reader is not None and cfg.valid.enabled else None
+    op_reader = CacheReader(cfg.onpolicy.cache) if cfg.onpolicy.cache is not None else None
+    if cfg.init_projectors is not None and not Path(cfg.init_projectors).is_file():
+        raise ConfigError(f"init_projectors: {cfg.init_projectors} not found")
     examples = load_examples(cfg.data) if reader is None else None
     valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] if reader is None and cfg.valid.enabled else None
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
@@ -389,9 +426,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
             raise ConfigError(f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so "
                               "it holds top-k + tail only; set loss.teacher_logits: sparse (or auto)")
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{objective}"
-        if valid_reader is not None:
-            valid_reader.check_student_tokenizer(tok_fp)
-            _same_teacher(reader, valid_reader)
+        for other in (valid_reader, op_reader):
+            if other is not None:
+                other.check_student_tokenizer(tok_fp)
+                _same_teacher(reader, other)
         source_fp, valid_fp = reader.manifest.fingerprint, valid_reader.manifest.fingerprint if valid_reader else None
     else:
         say = rank == 0  # truncation is reported once, by rank 0
@@ -407,7 +445,9 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     run_dir = Path(cfg.out_dir) / run_name
     # the run's identity; not the number of processes, which does not change the result (same global batch)
     fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "valid": valid_fp,
-                             "student": model_fingerprint(cfg.student)})
+                             "student": model_fingerprint(cfg.student),
+                             **({"onpolicy": op_reader.manifest.fingerprint} if op_reader else {}),
+                             **({"init_projectors": sha256_file(Path(cfg.init_projectors))} if cfg.init_projectors else {})})
     start_from = _prepare_run_dir(run_dir, fingerprint, cfg, force, resume)
     if start_from == "done":
         if rank == 0:
@@ -421,7 +461,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         keep_freed_memory()
     if dist.is_main and start_from is None and run_dir.exists():  # forced, or unfinished without a checkpoint
         shutil.rmtree(run_dir)  # start over, never append
-    teacher, vmap = None, None
+    teacher, vmap, op_source, op_stream = None, None, None, None
     if reader is not None:
         if NEEDS_TEACHER[objective]:
             teacher, vmap = _teacher_side(cfg, reader, tokenizer, dist.device)
@@ -431,6 +471,16 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     if len(source) < tcfg.micro_batch_size:
         raise ConfigError(f"{len(source)} rows cannot fill one micro-batch of {tcfg.micro_batch_size}")
     stream = MicroBatchStream(source.lengths, tcfg.micro_batch_size, tcfg.seed, group_by_length=tcfg.group_by_length)
+    if op_reader is not None:  # the student's own samples, scored by the teacher (stage 1 over a rollout set)
+        op_source = cache_source(op_reader, pad_id)
+        if len(op_source) < tcfg.micro_batch_size:
+            raise ConfigError(f"onpolicy.cache {op_reader.dir}: {len(op_source)} rows cannot fill one micro-batch of "
+                              f"{tcfg.micro_batch_size}")
+        op_stream = MicroBatchStream(op_source.lengths, tcfg.micro_batch_size, tcfg.seed + 1,
+                                     group_by_length=tcfg.group_by_length)
+        if teacher is not None:  # the recomputation check accepts what either cache's storage costs
+            head_dtype = str(teacher.head.weight.dtype).removeprefix("torch.")
+            teacher.check_tol = max(teacher.check_tol, recompute_tolerance(op_reader.manifest, head_dtype))
     barrier()
     if dist.is_main and start_from is None:
         run_dir.mkdir(parents=True)
@@ -444,6 +494,15 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
 
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
     projectors = build_projectors(cfg.loss, student, teacher, vmap) if teacher is not None else None
+    if cfg.init_projectors is not None:  # continue a previous run's projectors (on-policy rounds)
+        if projectors is None:
+            raise ConfigError(f"init_projectors: objective {objective!r} has no projectors")
+        from safetensors.torch import load_file
+
+        try:
+            projectors.load_state_dict(load_file(cfg.init_projectors))
+        except RuntimeError as e:
+            raise ConfigError(f"init_projectors {cfg.init_projectors}: not this objective's projectors ({e})") from None
     if cfg.lora.enabled:
         student = apply_lora(student, cfg.lora)
     if tcfg.gradient_checkpointing:
@@ -457,6 +516,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds)
     compute = Objective(cfg.loss, teacher, projectors, cfg.loss.chunk_positions)
+    ce_only = Objective(dataclasses.replace(cfg.loss, objective="sft"), chunk_positions=cfg.loss.chunk_positions)
     validation = Validation(cfg, valid_source, tokenizer, dist, _zero_stage(ds)) if valid_source else None
 
     first, total = 1, float("nan")
@@ -494,16 +554,27 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         for step in range(first, tcfg.steps + 1):
             t0 = time.perf_counter()
             micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, accum)]
+            # on-policy: the micro-batches (by global index, so any world size draws alike) whose KD term is computed
+            # on a micro-batch of the student's own samples instead of the gold one
+            first_k = (step - 1) * accum * dist.world_size + dist.rank * accum
+            kd_micro = [op_source.collate(op_stream[k]) if on_policy(tcfg.seed, k, cfg.onpolicy.mix) else None
+                        for k in range(first_k, first_k + accum)] if op_stream is not None else [None] * accum
             local_tokens = sum(b.n_tokens for b in micro)
-            (global_tokens,) = all_reduce_sum([local_tokens], dist.device)
+            local_kd = sum((o or b).n_tokens for b, o in zip(micro, kd_micro))
+            global_tokens, global_kd = all_reduce_sum([local_tokens, local_kd], dist.device)
             normaliser = token_normaliser(int(global_tokens), accum, dist.world_size)
+            kd_normaliser = token_normaliser(int(global_kd), accum, dist.world_size)
             sums: dict[str, float] = {}
             worst: dict[str, float] = {}
             seen_tokens = 0
-            for batch in micro:
+            for batch, kd_batch in zip(micro, kd_micro):
                 batch = batch.to(dist.device)
                 hidden = engine(batch.input_ids, batch.attention_mask)
-                out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
+                if op_stream is None:
+                    out = compute(batch, student_side(engine.module.student, batch, hidden), normaliser)
+                else:
+                    out = _mixed(engine, compute, ce_only, cfg.loss.alpha, batch, hidden, kd_batch, normaliser,
+                                 kd_normaliser, dist.device)
                 if not torch.isfinite(out.loss):
                     bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["loss"]
                     last_ckpt = checkpoint.latest(run_dir)

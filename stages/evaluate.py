@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pipeline.config import EvalConfig, ModelRef, dump_config
 from pipeline.data import load_examples
-from pipeline.generation import generate
 from pipeline.io_utils import write_json
 from pipeline.metrics import score
-from pipeline.models import load_model, load_tokenizer
+from pipeline.models import load_tokenizer
+from pipeline.rollout import open_generator
 from pipeline.tokenize import Truncation, encode_prompt
 
 
@@ -27,14 +27,17 @@ def run(cfg: EvalConfig) -> Path:
     prompts = [encode_prompt(tokenizer, e.prompt, cfg.tokenize, cut, e.id) for e in examples]
     if msg := cut.message(cfg.tokenize, f"eval ({cfg.data.path})"):
         print(msg)
-    model = load_model(ref)
     references = [[e.response] for e in examples]
 
     per_seed, predictions = {}, []
-    for seed in cfg.generate.seeds:
-        preds = generate(model, tokenizer, prompts, cfg.generate, seed)
-        per_seed[seed] = score(preds, references)
-        predictions += [{"seed": seed, "id": e.id, "prediction": p, "reference": e.response} for e, p in zip(examples, preds)]
+    max_len = cfg.tokenize.max_prompt_length + cfg.generate.max_new_tokens
+    with open_generator(ref, tokenizer, cfg.generate, max_model_len=max_len) as gen:
+        for seed in cfg.generate.seeds:
+            preds = [c[0].text.strip() for c in gen.generate(prompts, cfg.generate, seed, progress=True,
+                                                             keys=[e.id for e in examples])]
+            per_seed[seed] = score(preds, references)
+            predictions += [{"seed": seed, "id": e.id, "prediction": p, "reference": e.response}
+                            for e, p in zip(examples, preds)]
     mean = {k: sum(s[k] for s in per_seed.values()) / len(per_seed) for k in ("rougeL", "exact_match")}
     results = {"model": str(model_dir), "data": cfg.data.path, "n": len(examples), **mean,
                "per_seed": {str(k): v for k, v in per_seed.items()}}

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,8 @@ def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok
         "teacher": model_fingerprint(cfg.teacher),
         "teacher_tokenizer": tokenizer_fingerprint(teacher_tok),
         "student_tokenizer": tokenizer_fingerprint(student_tok),
-        "data": hash_json([[e.id, e.prompt, e.response] for e in examples]),
+        "data": hash_json([[e.id, e.prompt, e.response] + ([list(e.prompt_ids), list(e.response_ids), e.tokenizer]
+                                                            if e.generated else []) for e in examples]),
         "tokenize": config_to_dict(cfg.tokenize),
         "top_k": cfg.cache.top_k,
         "hidden_encoding": encoding,
@@ -175,6 +177,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     fingerprint_inputs = fingerprint_of(cfg, examples, teacher_tok, student_tok)
     fingerprint = hash_json(fingerprint_inputs)
     s_fp, t_fp = fingerprint_inputs["student_tokenizer"], fingerprint_inputs["teacher_tokenizer"]
+    _check_generated(examples, s_fp, cfg)
     same, encoding = s_fp == t_fp, fingerprint_inputs["hidden_encoding"]
     teacher_name = cfg.teacher_name or short_name(cfg.teacher)
     writer = CacheWriter(Path(cfg.out_dir), cache_dir_name(teacher_name, fingerprint), fingerprint)
@@ -214,7 +217,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
             atomic_save_npy(out / VOCAB_MAP_FILE, vmap)
         _save_tokenizer(teacher_tok, out / "teacher_tokenizer")
         _save_tokenizer(student_tok, out / "student_tokenizer")
-        write_jsonl(out / DATA_FILE, [{"id": e.id, "prompt": e.prompt, "response": e.response} for e in examples])
+        write_jsonl(out / DATA_FILE, [e.record() for e in examples])
         if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
             dump_config(cfg, out / "config.yaml")
         if encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
@@ -299,6 +302,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
             "head_sha256": sha256_file(out / HEAD_FILE),
             "embeddings_sha256": sha256_file(out / EMBEDDINGS_FILE) if cfg.cache.store_embeddings else None,
             "world_size": dist.world_size,
+            "origins": dict(Counter(e.origin for e in examples)),
         },
         n_shards,
     )
@@ -390,6 +394,16 @@ def repair(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _check_generated(examples: list[Example], student_fp: str, cfg: TeacherCacheConfig) -> None:
+    """Generated rows are scored as the exact ids they were sampled as: those must be the student tokenizer's."""
+    for e in examples:
+        if e.generated and e.tokenizer != student_fp:
+            side = "student_tokenizer" if cfg.student_tokenizer else "teacher's tokenizer (no student_tokenizer is set)"
+            raise TokenizerError(f"{cfg.data.path}: row {e.id!r}: its token ids belong to tokenizer {e.tokenizer[:12]}, "
+                                 f"but this cache's student side is the {side} ({student_fp[:12]}); set "
+                                 "student_tokenizer to the tokenizer of the model that generated the rows")
 
 
 def _save_embeddings(model, path: Path) -> None:

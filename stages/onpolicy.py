@@ -1,0 +1,149 @@
+"""Stage `onpolicy`: on-policy distillation as rounds of the offline pipeline.
+
+Round r (1-based), under <out_dir>/round-NNN/:
+  1. rollouts/  the student of round r-1 (round 1: the distill config's student) answers a fresh, seeded subset of
+                the prompts (stage `rollout`, sampled);
+  2. cache/     the teacher scores exactly those tokens (stage 1 over the rollout directory);
+  3. student/   stage 2 continues round r-1's student, weights and projectors, for `steps_per_round` steps with
+                L = (1 - alpha) CE(gold) + alpha KD(rollout) on a `mix` fraction of micro-batches (KD on the gold
+                micro-batch otherwise). AdamW's moments start fresh each round (a new optimizer); the learning-rate
+                schedule is one schedule over all rounds (round r runs steps (r-1)S+1 .. rS of it).
+  done.json     written last: the round's fingerprint and its student.
+
+Each stage runs in its own process, one after the other: the teacher is loaded only by stage 1, and that process has
+exited before stage 2 starts (`stages.jsonl` records each stage process's pid, start and end). Every stage is
+resumable on its own (a rollout keeps its written shards, stage 1 its shards, stage 2 its checkpoints), so a killed
+run, started again, resumes in the round and stage it died in; a finished round (done.json with the same
+fingerprint) is never redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.cache_schema import DATA_FILE
+from pipeline.config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    ModelRef,
+    OnPolicyConfig,
+    OnPolicyMixConfig,
+    RolloutConfig,
+    TeacherCacheConfig,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from pipeline.io_utils import hash_json, write_json
+
+DONE = "done.json"
+STAGES_LOG = "stages.jsonl"
+STUDENT_RUN = "student"
+# how each stage's process is started (tests replace it to kill a stage at a chosen point)
+STAGE_CMD = [sys.executable, "-m", "stages.cli"]
+
+
+class StageFailed(RuntimeError):
+    """A round's stage process exited with an error; re-running the same command resumes where it stopped."""
+
+
+@dataclasses.dataclass
+class Round:
+    index: int
+    dir: Path
+    rollout: RolloutConfig
+    cache: TeacherCacheConfig
+    distill: DistillConfig
+
+    @property
+    def student_dir(self) -> Path:
+        return self.dir / STUDENT_RUN
+
+    def fingerprint(self, previous: str) -> str:
+        return hash_json({"previous": previous, "rollout": config_to_dict(self.rollout),
+                          "cache": config_to_dict(self.cache), "distill": config_to_dict(self.distill)})
+
+
+def plan(cfg: OnPolicyConfig) -> list[Round]:
+    """Every round's three stage configs (the configs are read and checked here, before anything runs)."""
+    base = load_config(DistillConfig, cfg.distill, cfg.distill_set)
+    t_base = load_config(TeacherCacheConfig, cfg.teacher_cache, cfg.teacher_cache_set)
+    if base.cache is None or base.loss.objective == "sft":
+        raise ConfigError(f"{cfg.distill}: on-policy rounds train from a teacher cache with a distillation objective "
+                          f"(objective {base.loss.objective!r}, cache {base.cache!r})")
+    prompts = cfg.prompts
+    if prompts is None:  # the gold cache's own copy of its data
+        from pipeline.cache_io import resolve_cache_dir
+
+        prompts = DataConfig(path=str(resolve_cache_dir(base.cache) / DATA_FILE), id_field="id")
+    out, S, R = Path(cfg.out_dir), cfg.steps_per_round, cfg.rounds
+    rounds, student, projectors = [], base.student, base.init_projectors
+    for r in range(1, R + 1):
+        rd = out / f"round-{r:03d}"
+        seed = cfg.seed * 1000 + r
+        rollout = RolloutConfig(model=student, tokenizer=base.student_tokenizer, data=prompts, out_dir=str(rd / "rollouts"),
+                                tokenize=base.tokenize, sampling=cfg.sampling, seed=seed, prompts=cfg.prompts_per_round,
+                                subset_seed=seed, model_name=f"student-round{r - 1}", round=r)
+        cache = dataclasses.replace(t_base, data=DataConfig(path=str(rd / "rollouts")), out_dir=str(rd / "cache"))
+        train = dataclasses.replace(base.train, steps=S, schedule_steps=R * S, schedule_offset=(r - 1) * S,
+                                    seed=base.train.seed + r - 1)
+        distill = dataclasses.replace(base, student=student, init_projectors=projectors, train=train,
+                                      onpolicy=OnPolicyMixConfig(cache=str(rd / "cache"), mix=cfg.mix),
+                                      out_dir=str(rd), run_name=STUDENT_RUN)
+        rounds.append(Round(r, rd, rollout, cache, distill))
+        student = ModelRef(path=str(rd / STUDENT_RUN / "final"), dtype=base.student.dtype)
+        projectors = str(rd / STUDENT_RUN / "projectors.safetensors") if _has_projectors(base) else None
+    return rounds
+
+
+def _has_projectors(cfg: DistillConfig) -> bool:
+    from pipeline.projectors import PROJECTORS
+
+    return bool(PROJECTORS.get(cfg.loss.objective))
+
+
+def _stage(rd: Path, stage: str, config: Path, *extra: str) -> None:
+    """Run one stage in its own process; its pid, start and end go to <round>/stages.jsonl."""
+    cmd = [*STAGE_CMD, stage, "--config", str(config), *extra]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    rc = proc.wait()
+    with open(rd / STAGES_LOG, "a") as f:
+        f.write(json.dumps({"stage": stage, "pid": proc.pid, "start": t0, "end": time.time(), "returncode": rc}) + "\n")
+    if rc != 0:
+        raise StageFailed(f"{rd.name}: stage {stage} exited with {rc} ({' '.join(cmd)}); run the same onpolicy "
+                          "command again to resume it")
+
+
+def run(cfg: OnPolicyConfig, force: bool = False) -> Path:
+    rounds = plan(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    previous = ""
+    for rnd in rounds:
+        fp = rnd.fingerprint(previous)
+        previous = fp
+        done = rnd.dir / DONE
+        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp:
+            print(f"onpolicy: round {rnd.index} done ({rnd.student_dir / 'final'})")
+            continue
+        rnd.dir.mkdir(parents=True, exist_ok=True)
+        print(f"onpolicy: round {rnd.index} of {len(rounds)}")
+        configs = {name: dump_config(c, rnd.dir / f"{name}.yaml")
+                   for name, c in (("rollout", rnd.rollout), ("teacher_cache", rnd.cache), ("distill", rnd.distill))}
+        _stage(rnd.dir, "rollout", configs["rollout"])
+        _stage(rnd.dir, "teacher-cache", configs["teacher_cache"])
+        _stage(rnd.dir, "distill", configs["distill"], "--force" if force else "--resume")
+        write_json(done, {"fingerprint": fp, "student": str(rnd.student_dir / "final")})
+    final = rounds[-1].student_dir / "final"
+    write_json(out / "result.json", {"rounds": len(rounds), "student": str(final)})
+    print(f"onpolicy: {len(rounds)} round(s), student in {final}")
+    return final
