@@ -99,8 +99,9 @@ class TinyModelConfig:
     architecture: Literal["llama", "qwen2"] = "llama"
     hidden_size: int = 128
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    # head_dim = hidden_size / num_heads: 64 or more lets vLLM's CPU attention serve the model
+    num_heads: int = 2
+    num_kv_heads: int = 1
     intermediate_size: int = 352
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False

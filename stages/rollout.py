@@ -32,7 +32,13 @@ from pathlib import Path
 from pipeline.config import RolloutConfig, config_to_dict, dump_config
 from pipeline.data import ROLLOUT_MANIFEST, Example, load_examples
 from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json, write_text_if_changed
-from pipeline.models import check_model_ref, load_tokenizer, model_fingerprint, short_name, tokenizer_fingerprint
+from pipeline.models import (
+    check_model_ref,
+    load_tokenizer,
+    model_fingerprint,
+    short_name,
+    tokenizer_fingerprint,
+)
 from pipeline.rollout import open_generator, request_seed, resolve_backend
 from pipeline.tokenize import Truncation, encode_prompt, special_ids
 

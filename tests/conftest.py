@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # small sizes so the whole chain runs in seconds; the structure is the shipped one
-SMALL_MODEL = ["hidden_size=64", "num_layers=1", "num_heads=2", "num_kv_heads=1", "intermediate_size=96"]
+SMALL_MODEL = ["hidden_size=64", "num_layers=1", "num_heads=1", "num_kv_heads=1", "intermediate_size=96"]  # head_dim 64 (vLLM)
 TOKENIZE = ["tokenize.max_prompt_length=48", "tokenize.max_length=64"]
 
 
