@@ -481,6 +481,10 @@ class OnPolicyConfig:
     prompts_per_round: int = 1024
     # the fraction of micro-batches whose KD term is computed on the round's rollouts (reference default 0.5)
     mix: float = 0.5
+    # the first rounds train off-policy (the gold cache only: no rollouts, no teacher pass), as the reference starts
+    # sampling only after --on-policy-after-n-epochs; round 1 of a student that has not learned anything yet
+    # samples noise for the teacher to score
+    offpolicy_rounds: int = 0
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(do_sample=True))
     # where the prompts come from (default: the gold cache's own copy of its data)
@@ -492,6 +496,8 @@ class OnPolicyConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps_per_round < 1 or self.prompts_per_round < 1:
             raise ConfigError("onpolicy: rounds, steps_per_round and prompts_per_round must be >= 1")
+        if not 0 <= self.offpolicy_rounds < self.rounds:
+            raise ConfigError(f"onpolicy: offpolicy_rounds must be in [0, rounds), got {self.offpolicy_rounds}")
         if not 0.0 <= self.mix <= 1.0:
             raise ConfigError(f"onpolicy: mix must be in [0, 1], got {self.mix}")
 

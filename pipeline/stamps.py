@@ -136,7 +136,10 @@ def distill_inputs(cfg) -> list:
         c = Path(cache)
         return [c / "manifest.json"] if (c / "manifest.json").is_file() else [c / "CURRENT"]
 
-    inputs = [cfg.student, cfg.student_tokenizer, *manifest(cfg.cache), *manifest(cfg.valid.cache)]
+    inputs = [cfg.student, cfg.student_tokenizer, *manifest(cfg.cache), *manifest(cfg.valid.cache),
+              *manifest(cfg.onpolicy.cache)]
+    if cfg.init_projectors is not None:
+        inputs.append(Path(cfg.init_projectors))
     for data in (cfg.data, cfg.valid.data):
         if data is not None:
             inputs.append(Path(data.path))

@@ -1,6 +1,7 @@
 """Stage `onpolicy`: on-policy distillation as rounds of the offline pipeline.
 
-Round r (1-based), under <out_dir>/round-NNN/:
+Round r (1-based), under <out_dir>/round-NNN/ (the first `offpolicy_rounds` rounds skip steps 1 and 2 and train on
+the gold cache alone):
   1. rollouts/  the student of round r-1 (round 1: the distill config's student) answers a fresh, seeded subset of
                 the prompts (stage `rollout`, sampled);
   2. cache/     the teacher scores exactly those tokens (stage 1 over the rollout directory);
@@ -58,8 +59,8 @@ class StageFailed(RuntimeError):
 class Round:
     index: int
     dir: Path
-    rollout: RolloutConfig
-    cache: TeacherCacheConfig
+    rollout: RolloutConfig | None  # None: an off-policy round
+    cache: TeacherCacheConfig | None
     distill: DistillConfig
 
     @property
@@ -67,8 +68,9 @@ class Round:
         return self.dir / STUDENT_RUN
 
     def fingerprint(self, previous: str) -> str:
-        return hash_json({"previous": previous, "rollout": config_to_dict(self.rollout),
-                          "cache": config_to_dict(self.cache), "distill": config_to_dict(self.distill)})
+        return hash_json({"previous": previous, "distill": config_to_dict(self.distill),
+                          **({"rollout": config_to_dict(self.rollout), "cache": config_to_dict(self.cache)}
+                             if self.rollout is not None else {})})
 
 
 def plan(cfg: OnPolicyConfig) -> list[Round]:
@@ -94,10 +96,11 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
         cache = dataclasses.replace(t_base, data=DataConfig(path=str(rd / "rollouts")), out_dir=str(rd / "cache"))
         train = dataclasses.replace(base.train, steps=S, schedule_steps=R * S, schedule_offset=(r - 1) * S,
                                     seed=base.train.seed + r - 1)
+        on = r > cfg.offpolicy_rounds
         distill = dataclasses.replace(base, student=student, init_projectors=projectors, train=train,
-                                      onpolicy=OnPolicyMixConfig(cache=str(rd / "cache"), mix=cfg.mix),
-                                      out_dir=str(rd), run_name=STUDENT_RUN)
-        rounds.append(Round(r, rd, rollout, cache, distill))
+                                      onpolicy=OnPolicyMixConfig(cache=str(rd / "cache"), mix=cfg.mix) if on else
+                                      OnPolicyMixConfig(), out_dir=str(rd), run_name=STUDENT_RUN)
+        rounds.append(Round(r, rd, rollout if on else None, cache if on else None, distill))
         student = ModelRef(path=str(rd / STUDENT_RUN / "final"), dtype=base.student.dtype)
         projectors = str(rd / STUDENT_RUN / "projectors.safetensors") if _has_projectors(base) else None
     return rounds
@@ -136,11 +139,13 @@ def run(cfg: OnPolicyConfig, force: bool = False) -> Path:
             print(f"onpolicy: round {rnd.index} done ({rnd.student_dir / 'final'})")
             continue
         rnd.dir.mkdir(parents=True, exist_ok=True)
-        print(f"onpolicy: round {rnd.index} of {len(rounds)}")
+        print(f"onpolicy: round {rnd.index} of {len(rounds)}" + (" (off-policy)" if rnd.rollout is None else ""))
         configs = {name: dump_config(c, rnd.dir / f"{name}.yaml")
-                   for name, c in (("rollout", rnd.rollout), ("teacher_cache", rnd.cache), ("distill", rnd.distill))}
-        _stage(rnd.dir, "rollout", configs["rollout"])
-        _stage(rnd.dir, "teacher-cache", configs["teacher_cache"])
+                   for name, c in (("rollout", rnd.rollout), ("teacher_cache", rnd.cache), ("distill", rnd.distill))
+                   if c is not None}
+        if rnd.rollout is not None:
+            _stage(rnd.dir, "rollout", configs["rollout"])
+            _stage(rnd.dir, "teacher-cache", configs["teacher_cache"])
         _stage(rnd.dir, "distill", configs["distill"], "--force" if force else "--resume")
         write_json(done, {"fingerprint": fp, "student": str(rnd.student_dir / "final")})
     final = rounds[-1].student_dir / "final"

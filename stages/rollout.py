@@ -85,7 +85,9 @@ def run(cfg: RolloutConfig) -> Path:
         print(msg)
     name = cfg.model_name or short_name(cfg.model)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    settings = {k: v for k, v in config_to_dict(cfg.sampling).items() if k not in ("batch_size", "gpu_memory_utilization")}
+    # what changes the rows: hf's batches share one random stream (and their padding), so their size counts there
+    ignore = ("gpu_memory_utilization", "backend") + (("batch_size",) if backend == "vllm" else ())
+    settings = {k: v for k, v in config_to_dict(cfg.sampling).items() if k not in ignore}
     inputs = {"model": model_fingerprint(cfg.model), "tokenizer": tok_fp,
               "prompts": hash_json([[e.id, p] for e, p in zip(examples, prompts)]), "sampling": settings,
               "backend": backend, "seed": cfg.seed, "samples_per_prompt": cfg.samples_per_prompt,

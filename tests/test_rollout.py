@@ -397,3 +397,31 @@ def test_a_lora_adapter_answers_as_its_merged_model(caches, tmp_path):
     assert ids(a) == ids(b)
     base = rollout.run(rollout_cfg(caches, tmp_path / "c", f"model.path={caches.assets}/student-init", *common))
     assert ids(base) != ids(a)  # the adapter changed the answers
+
+
+def test_plan_offpolicy_rounds_and_the_schedule_over_rounds(caches, tmp_path):
+    rounds = onpolicy.plan(onpolicy_cfg(caches, tmp_path, "rounds=3", "offpolicy_rounds=1", "steps_per_round=5"))
+    assert rounds[0].rollout is None and rounds[0].distill.onpolicy.cache is None
+    assert all(r.rollout is not None and r.distill.onpolicy.cache == str(r.dir / "cache") for r in rounds[1:])
+    assert [(r.distill.train.schedule_offset, r.distill.train.schedule_steps) for r in rounds] == [(0, 15), (5, 15),
+                                                                                                  (10, 15)]
+    assert rounds[2].rollout.model.path == str(rounds[1].dir / "student" / "final")
+    # one schedule over the rounds: round r's learning rates are steps (r-1)S+1 .. rS of the whole run's
+    whole = distill.lr_lambda(rounds[0].distill.train.__class__(**{**rounds[0].distill.train.__dict__, "steps": 15,
+                                                                   "schedule_offset": 0, "schedule_steps": 0}))
+    per_round = [distill.lr_lambda(r.distill.train)(s) for r in rounds for s in range(5)]
+    assert per_round == pytest.approx([whole(s) for s in range(15)])
+
+
+@pytest.mark.slow
+def test_dskd_v2_rounds_continue_the_projectors(caches, tmp_path):
+    cfg = onpolicy_cfg(caches, tmp_path, "offpolicy_rounds=1", "steps_per_round=2")
+    cfg = cfg.__class__(**{**cfg.__dict__, "distill_set": [*cfg.distill_set, "loss.objective=dskd_v2",
+                                                             "checkpoint.every=0"]})
+    final = onpolicy.run(cfg)
+    assert not (tmp_path / "round-001" / "rollouts").exists() and (tmp_path / "round-002" / "cache").is_dir()
+    r2 = load_config(type(caches.distill_cfg()), tmp_path / "round-002" / "distill.yaml")
+    assert r2.init_projectors == str(tmp_path / "round-001" / "student" / "projectors.safetensors")
+    p1 = load_file(r2.init_projectors)
+    p2 = load_file(str(final.parent / "projectors.safetensors"))
+    assert p1.keys() == p2.keys() and any(not torch.equal(p1[k], p2[k]) for k in p1)
