@@ -149,6 +149,15 @@ def load(engine, ckpt: Path, dist: DistInfo, *, strict: bool = True) -> dict:
     return state
 
 
+def load_weights_and_optimizer(engine, ckpt: Path, *, strict: bool = True) -> None:
+    """Restore the module and optimizer state of `ckpt` into a new run (not its scheduler or RNG): continuing a
+    longer run in pieces (on-policy rounds) with the AdamW moments it had."""
+    path, _ = engine.load_checkpoint(str(ckpt), tag=ENGINE_TAG, load_module_strict=strict, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"{ckpt / ENGINE_TAG}: DeepSpeed could not load it")
+
+
 def prune(run_dir: Path, keep_best: int, metric: str) -> list[Path]:
     """Delete checkpoints other than the newest and the `keep_best` best by `metric` (lower is better for a loss,
     higher for Rouge-L). Returns the best ones, best first. Rank 0 only."""

@@ -239,10 +239,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # extra metric sinks beside metrics.jsonl (each needs its package installed)
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
-    # the learning-rate schedule's length (0 = steps) and where this run starts on it: on-policy rounds continue
-    # one schedule over all rounds (round r: offset (r-1) x steps of a schedule of rounds x steps)
+    # this run continues a longer one (on-policy rounds): it starts after `step_offset` steps of a learning-rate
+    # schedule of `schedule_steps` steps (0 = steps), and the data order continues from there too
     schedule_steps: int = 0
-    schedule_offset: int = 0
+    step_offset: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -252,8 +252,8 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0 and train.min_lr >= 0")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
-        if self.schedule_steps < 0 or self.schedule_offset < 0:
-            raise ConfigError("train.schedule_steps and train.schedule_offset must be >= 0")
+        if self.schedule_steps < 0 or self.step_offset < 0:
+            raise ConfigError("train.schedule_steps and train.step_offset must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,10 @@ class DistillConfig:
     run_name: str | None = None
     student_name: str | None = None
     onpolicy: OnPolicyMixConfig = field(default_factory=OnPolicyMixConfig)
-    # start the projectors from a run's projectors.safetensors instead of their initialisation (on-policy rounds)
-    init_projectors: str | None = None
+    # continue from a checkpoint of an earlier run (<run>/checkpoints/step-N; on-policy rounds): its student and
+    # projector weights and its optimizer state (AdamW moments) are loaded; not its schedule, RNG or data position
+    # (train.step_offset sets those); `student` must be that run's student (its final/ or the checkpoint's student/)
+    continue_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.onpolicy.cache is not None and (self.cache is None or self.loss.objective == "sft"):

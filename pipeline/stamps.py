@@ -138,8 +138,8 @@ def distill_inputs(cfg) -> list:
 
     inputs = [cfg.student, cfg.student_tokenizer, *manifest(cfg.cache), *manifest(cfg.valid.cache),
               *manifest(cfg.onpolicy.cache)]
-    if cfg.init_projectors is not None:
-        inputs.append(Path(cfg.init_projectors))
+    if cfg.continue_from is not None:
+        inputs.append(Path(cfg.continue_from) / "state.json")
     for data in (cfg.data, cfg.valid.data):
         if data is not None:
             inputs.append(Path(data.path))

@@ -44,7 +44,7 @@ from pipeline.config import (
 )
 from pipeline.data import Example, load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, env_rank_world, init_distributed
-from pipeline.io_utils import atomic_save_safetensors, hash_json, sha256_file, write_json
+from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
 from pipeline.lora import apply_lora, save_adapter
 from pipeline.losses import token_normaliser
 from pipeline.metrics import rouge_l
@@ -118,13 +118,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     """Linear warmup, then cosine or linear decay from lr to min_lr over the remaining steps, or constant (a factor
-    of each group's lr, so the projectors follow the same shape). A run may start `schedule_offset` steps into a
+    of each group's lr, so the projectors follow the same shape). A run may start `step_offset` steps into a
     schedule of `schedule_steps`."""
 
     total = train.schedule_steps or train.steps
 
     def f(step: int) -> float:
-        step += train.schedule_offset  # a run that continues a longer schedule (on-policy rounds)
+        step += train.step_offset  # a run that continues a longer one (on-policy rounds)
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
         if train.schedule == "constant":
@@ -405,8 +405,16 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     reader = CacheReader(cfg.cache) if cfg.cache is not None else None
     valid_reader = CacheReader(cfg.valid.cache) if reader is not None and cfg.valid.enabled else None
     op_reader = CacheReader(cfg.onpolicy.cache) if cfg.onpolicy.cache is not None else None
-    if cfg.init_projectors is not None and not Path(cfg.init_projectors).is_file():
-        raise ConfigError(f"init_projectors: {cfg.init_projectors} not found")
+    continue_state = None
+    if cfg.continue_from is not None:
+        try:
+            continue_state = checkpoint.read_state(Path(cfg.continue_from))
+        except (OSError, ValueError):
+            raise ConfigError(f"continue_from: {cfg.continue_from} is not a complete checkpoint (no readable "
+                              f"{checkpoint.STATE})") from None
+        if continue_state.get("world_size") != world:
+            raise ConfigError(f"continue_from: {cfg.continue_from} was saved by {continue_state.get('world_size')} "
+                              f"process(es), this run has {world}; continue with the same number")
     examples = load_examples(cfg.data) if reader is None else None
     valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] if reader is None and cfg.valid.enabled else None
     tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
@@ -447,7 +455,8 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "valid": valid_fp,
                              "student": model_fingerprint(cfg.student),
                              **({"onpolicy": op_reader.manifest.fingerprint} if op_reader else {}),
-                             **({"init_projectors": sha256_file(Path(cfg.init_projectors))} if cfg.init_projectors else {})})
+                             **({"continue_from": continue_state["fingerprint"], "continue_step": continue_state["step"]}
+                                if continue_state else {})})
     start_from = _prepare_run_dir(run_dir, fingerprint, cfg, force, resume)
     if start_from == "done":
         if rank == 0:
@@ -494,15 +503,6 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
 
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
     projectors = build_projectors(cfg.loss, student, teacher, vmap) if teacher is not None else None
-    if cfg.init_projectors is not None:  # continue a previous run's projectors (on-policy rounds)
-        if projectors is None:
-            raise ConfigError(f"init_projectors: objective {objective!r} has no projectors")
-        from safetensors.torch import load_file
-
-        try:
-            projectors.load_state_dict(load_file(cfg.init_projectors))
-        except RuntimeError as e:
-            raise ConfigError(f"init_projectors {cfg.init_projectors}: not this objective's projectors ({e})") from None
     if cfg.lora.enabled:
         student = apply_lora(student, cfg.lora)
     if tcfg.gradient_checkpointing:
@@ -520,6 +520,12 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     validation = Validation(cfg, valid_source, tokenizer, dist, _zero_stage(ds)) if valid_source else None
 
     first, total = 1, float("nan")
+    if start_from is None and cfg.continue_from is not None:  # weights, projectors and AdamW moments of a longer run
+        checkpoint.load_weights_and_optimizer(engine, Path(cfg.continue_from), strict=not cfg.lora.enabled)
+        for group, lr, base in zip(optimizer.param_groups, scheduler.get_last_lr(), scheduler.base_lrs):
+            group.update(lr=lr, initial_lr=base)  # this run's schedule, not the saved run's last learning rate
+        if dist.is_main:
+            print(f"distill: continuing from {cfg.continue_from} (weights, projectors, optimizer state)")
     if isinstance(start_from, Path):
         state = checkpoint.load(engine, start_from, dist, strict=not cfg.lora.enabled)
         first, total = state["step"] + 1, state["metrics"]["train_loss"]
@@ -553,10 +559,12 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     try:  # the bar and the metrics file are closed whatever happens (no stray bar after an error)
         for step in range(first, tcfg.steps + 1):
             t0 = time.perf_counter()
-            micro = [source.collate(idx) for idx in stream.for_step(step, dist.rank, dist.world_size, accum)]
+            # the data order of a longer run continues after train.step_offset steps (on-policy rounds)
+            data_step = step + tcfg.step_offset
+            micro = [source.collate(idx) for idx in stream.for_step(data_step, dist.rank, dist.world_size, accum)]
             # on-policy: the micro-batches (by global index, so any world size draws alike) whose KD term is computed
             # on a micro-batch of the student's own samples instead of the gold one
-            first_k = (step - 1) * accum * dist.world_size + dist.rank * accum
+            first_k = (data_step - 1) * accum * dist.world_size + dist.rank * accum
             kd_micro = [op_source.collate(op_stream[k]) if on_policy(tcfg.seed, k, cfg.onpolicy.mix) else None
                         for k in range(first_k, first_k + accum)] if op_stream is not None else [None] * accum
             local_tokens = sum(b.n_tokens for b in micro)

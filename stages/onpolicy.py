@@ -5,10 +5,11 @@ the gold cache alone):
   1. rollouts/  the student of round r-1 (round 1: the distill config's student) answers a fresh, seeded subset of
                 the prompts (stage `rollout`, sampled);
   2. cache/     the teacher scores exactly those tokens (stage 1 over the rollout directory);
-  3. student/   stage 2 continues round r-1's student, weights and projectors, for `steps_per_round` steps with
-                L = (1 - alpha) CE(gold) + alpha KD(rollout) on a `mix` fraction of micro-batches (KD on the gold
-                micro-batch otherwise). AdamW's moments start fresh each round (a new optimizer); the learning-rate
-                schedule is one schedule over all rounds (round r runs steps (r-1)S+1 .. rS of it).
+  3. student/   stage 2 continues round r-1's run from its last checkpoint (student and projector weights, AdamW
+                moments) for `steps_per_round` steps with L = (1 - alpha) CE(gold) + alpha KD(rollout) on a `mix`
+                fraction of micro-batches (KD on the gold micro-batch otherwise). The learning-rate schedule and the
+                gold data order are those of one run over all rounds (round r runs its steps (r-1)S+1 .. rS): with
+                mix 0 the rounds train exactly the one off-policy run (tested).
   done.json     written last: the round's fingerprint and its student.
 
 Each stage runs in its own process, one after the other: the teacher is loaded only by stage 1, and that process has
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from pipeline.cache_schema import DATA_FILE
+from pipeline.checkpoint import step_name
 from pipeline.config import (
     ConfigError,
     DataConfig,
@@ -86,7 +88,7 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
 
         prompts = DataConfig(path=str(resolve_cache_dir(base.cache) / DATA_FILE), id_field="id")
     out, S, R = Path(cfg.out_dir), cfg.steps_per_round, cfg.rounds
-    rounds, student, projectors = [], base.student, base.init_projectors
+    rounds, student, previous = [], base.student, base.continue_from
     for r in range(1, R + 1):
         rd = out / f"round-{r:03d}"
         seed = cfg.seed * 1000 + r
@@ -94,22 +96,17 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
                                 tokenize=base.tokenize, sampling=cfg.sampling, seed=seed, prompts=cfg.prompts_per_round,
                                 subset_seed=seed, model_name=f"student-round{r - 1}", round=r)
         cache = dataclasses.replace(t_base, data=DataConfig(path=str(rd / "rollouts")), out_dir=str(rd / "cache"))
-        train = dataclasses.replace(base.train, steps=S, schedule_steps=R * S, schedule_offset=(r - 1) * S,
-                                    seed=base.train.seed + r - 1)
+        train = dataclasses.replace(base.train, steps=S, schedule_steps=R * S, step_offset=(r - 1) * S)
         on = r > cfg.offpolicy_rounds
-        distill = dataclasses.replace(base, student=student, init_projectors=projectors, train=train,
+        # a LoRA run continues its adapters on the same base (the checkpoint holds the adapters, not the base)
+        distill = dataclasses.replace(base, student=base.student if base.lora.enabled else student,
+                                      continue_from=previous, train=train,
                                       onpolicy=OnPolicyMixConfig(cache=str(rd / "cache"), mix=cfg.mix) if on else
                                       OnPolicyMixConfig(), out_dir=str(rd), run_name=STUDENT_RUN)
         rounds.append(Round(r, rd, rollout if on else None, cache if on else None, distill))
         student = ModelRef(path=str(rd / STUDENT_RUN / "final"), dtype=base.student.dtype)
-        projectors = str(rd / STUDENT_RUN / "projectors.safetensors") if _has_projectors(base) else None
+        previous = str(rd / STUDENT_RUN / "checkpoints" / step_name(S))  # every run checkpoints its last step
     return rounds
-
-
-def _has_projectors(cfg: DistillConfig) -> bool:
-    from pipeline.projectors import PROJECTORS
-
-    return bool(PROJECTORS.get(cfg.loss.objective))
 
 
 def _stage(rd: Path, stage: str, config: Path, *extra: str) -> None:

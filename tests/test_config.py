@@ -13,19 +13,25 @@ from pipeline.config import (
     ConfigError,
     DistillConfig,
     EvalConfig,
+    OnPolicyConfig,
+    RolloutConfig,
     TeacherCacheConfig,
     dump_config,
     load_config,
 )
 from tests.conftest import CONFIGS
 
-STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig, "eval": EvalConfig}
+STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig, "eval": EvalConfig,
+            "seqkd": DistillConfig, "onpolicy": OnPolicyConfig}
 
 
 def stage_class(path: Path):
     if path.stem.startswith("teacher_cache"):
         return TeacherCacheConfig
+    if path.stem.startswith("rollout"):
+        return RolloutConfig
     return STAGE_OF[path.stem]
+
 
 
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))

@@ -5,6 +5,7 @@ The vllm backend is tested for real (no mock) where vllm is installed (`make ins
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cache_io import CacheReader
-from pipeline.config import DataConfig, ModelRef, SamplingConfig, load_config
+from pipeline.config import DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
 from pipeline.data import DataError, load_examples
 from pipeline.models import load_model, load_tokenizer
 from pipeline.rollout import HFGenerator, decode_response, vllm_available
@@ -403,25 +404,34 @@ def test_plan_offpolicy_rounds_and_the_schedule_over_rounds(caches, tmp_path):
     rounds = onpolicy.plan(onpolicy_cfg(caches, tmp_path, "rounds=3", "offpolicy_rounds=1", "steps_per_round=5"))
     assert rounds[0].rollout is None and rounds[0].distill.onpolicy.cache is None
     assert all(r.rollout is not None and r.distill.onpolicy.cache == str(r.dir / "cache") for r in rounds[1:])
-    assert [(r.distill.train.schedule_offset, r.distill.train.schedule_steps) for r in rounds] == [(0, 15), (5, 15),
-                                                                                                  (10, 15)]
+    assert [(r.distill.train.step_offset, r.distill.train.schedule_steps) for r in rounds] == [(0, 15), (5, 15), (10, 15)]
     assert rounds[2].rollout.model.path == str(rounds[1].dir / "student" / "final")
+    assert rounds[2].distill.continue_from == str(rounds[1].dir / "student" / "checkpoints" / "step-0000005")
     # one schedule over the rounds: round r's learning rates are steps (r-1)S+1 .. rS of the whole run's
-    whole = distill.lr_lambda(rounds[0].distill.train.__class__(**{**rounds[0].distill.train.__dict__, "steps": 15,
-                                                                   "schedule_offset": 0, "schedule_steps": 0}))
+    whole = distill.lr_lambda(dataclasses.replace(rounds[0].distill.train, steps=15, schedule_steps=0))
     per_round = [distill.lr_lambda(r.distill.train)(s) for r in rounds for s in range(5)]
     assert per_round == pytest.approx([whole(s) for s in range(15)])
 
 
 @pytest.mark.slow
-def test_dskd_v2_rounds_continue_the_projectors(caches, tmp_path):
-    cfg = onpolicy_cfg(caches, tmp_path, "offpolicy_rounds=1", "steps_per_round=2")
-    cfg = cfg.__class__(**{**cfg.__dict__, "distill_set": [*cfg.distill_set, "loss.objective=dskd_v2",
-                                                             "checkpoint.every=0"]})
+def test_rounds_with_mix_zero_train_exactly_the_one_off_policy_run(caches, tmp_path):
+    """The round machinery (continuing weights, projectors and AdamW moments from the last checkpoint, one schedule
+    and one data order over the rounds) adds nothing but the rollouts: with mix 0, two rounds of 2 steps end with
+    the weights of one 4-step run. dskd_v2, so the projectors are continued too."""
+    cfg = onpolicy_cfg(caches, tmp_path / "rounds", "steps_per_round=2", "mix=0.0")
+    extra = ["loss.objective=dskd_v2", "checkpoint.every=0"]
+    cfg = dataclasses.replace(cfg, distill_set=[*cfg.distill_set, *extra])
     final = onpolicy.run(cfg)
-    assert not (tmp_path / "round-001" / "rollouts").exists() and (tmp_path / "round-002" / "cache").is_dir()
-    r2 = load_config(type(caches.distill_cfg()), tmp_path / "round-002" / "distill.yaml")
-    assert r2.init_projectors == str(tmp_path / "round-001" / "student" / "projectors.safetensors")
-    p1 = load_file(r2.init_projectors)
-    p2 = load_file(str(final.parent / "projectors.safetensors"))
-    assert p1.keys() == p2.keys() and any(not torch.equal(p1[k], p2[k]) for k in p1)
+    one = distill.run(dataclasses.replace(
+        onpolicy.plan(cfg)[0].distill, onpolicy=OnPolicyMixConfig(),
+        train=dataclasses.replace(onpolicy.plan(cfg)[0].distill.train, steps=4, schedule_steps=0),
+        out_dir=str(tmp_path / "one"), run_name="one"))
+    a, b = load_file(str(one / "final" / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    pa, pb = load_file(str(one / "projectors.safetensors")), load_file(str(final.parent / "projectors.safetensors"))
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=0, rtol=0)
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    curve = rows(tmp_path / "rounds/round-001/student") + rows(tmp_path / "rounds/round-002/student")
+    assert [r["loss"] for r in curve] == [r["loss"] for r in rows(one)]
