@@ -343,6 +343,7 @@ VLLM_SCRIPT = textwrap.dedent("""
 
 
 @needs_vllm
+@pytest.mark.slow  # a vLLM engine start is about a minute on 2 cores
 def test_vllm_greedy_equals_hf_and_seeds_reproduce(tiny, tmp_path):
     tok, prompts = _prompts(tiny, 16)
     (tmp_path / "p.json").write_text(json.dumps(prompts))
