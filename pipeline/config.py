@@ -648,6 +648,27 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_identity(cfg: Any) -> dict:
+    """What makes a run what it is: the resolved config without the settings left at their defaults (sections
+    likewise). A setting that a later version of dskd adds, at its default, then leaves the identity of the runs
+    made before it unchanged (their fingerprints, their quick up-to-date checks)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == _default(f):
+            continue
+        out[f.name] = config_identity(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return its path."""
     from pipeline.io_utils import atomic_write_text

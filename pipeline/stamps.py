@@ -16,12 +16,12 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import ModelRef, config_to_dict
+from pipeline.config import ModelRef, config_identity
 from pipeline.io_utils import atomic_write_text, hash_json, write_text_if_changed
 
 STAMPS = ".dskd-stamps.json"
 # bump when what a fingerprint covers changes, so older quick keys stop matching
-_VERSION = 1
+_VERSION = 2
 
 
 def _file_state(path: Path) -> list | None:
@@ -68,7 +68,7 @@ def quick_key(cfg, inputs: list[Path | ModelRef | None]) -> str | None:
         if state is None:
             return None
         states.append([str(path.resolve()), state])
-    return hash_json({"version": _VERSION, "config": config_to_dict(cfg), "inputs": states})
+    return hash_json({"version": _VERSION, "config": config_identity(cfg), "inputs": states})
 
 
 def _read(path: Path) -> dict | None:

@@ -39,8 +39,10 @@ from pipeline.config import (
     ModelRef,
     SamplingConfig,
     TrainConfig,
+    config_identity,
     config_to_dict,
     dump_config,
+    load_config,
 )
 from pipeline.data import Example, load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, env_rank_world, init_distributed
@@ -335,12 +337,15 @@ def _prepare_run_dir(run_dir: Path, fingerprint: str, cfg: DistillConfig, force:
 def _what_changed(run_dir: Path, cfg: DistillConfig) -> str:
     """'config (train.steps 300 -> 500)' from the run's saved config.yaml, or 'data or student' when the config is
     the same (then the cache, the data or the student's weights changed)."""
-    import yaml
+    try:  # read as this version's config: a setting it added, at its default, is no change
+        old = config_to_dict(load_config(DistillConfig, run_dir / "config.yaml"))
+    except (ConfigError, OSError):
+        import yaml
 
-    try:
-        old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return "config, data or student"
+        try:
+            old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return "config, data or student"
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -452,7 +457,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     check_model_ref(cfg.student)
     run_dir = Path(cfg.out_dir) / run_name
     # the run's identity; not the number of processes, which does not change the result (same global batch)
-    fingerprint = hash_json({"config": config_to_dict(cfg), "source": source_fp, "valid": valid_fp,
+    fingerprint = hash_json({"config": config_identity(cfg), "source": source_fp, "valid": valid_fp,
                              "student": model_fingerprint(cfg.student),
                              **({"onpolicy": op_reader.manifest.fingerprint} if op_reader else {}),
                              **({"continue_from": continue_state["fingerprint"], "continue_step": continue_state["step"]}

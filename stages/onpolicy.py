@@ -40,7 +40,7 @@ from pipeline.config import (
     OnPolicyMixConfig,
     RolloutConfig,
     TeacherCacheConfig,
-    config_to_dict,
+    config_identity,
     dump_config,
     load_config,
 )
@@ -70,8 +70,8 @@ class Round:
         return self.dir / STUDENT_RUN
 
     def fingerprint(self, previous: str) -> str:
-        return hash_json({"previous": previous, "distill": config_to_dict(self.distill),
-                          **({"rollout": config_to_dict(self.rollout), "cache": config_to_dict(self.cache)}
+        return hash_json({"previous": previous, "distill": config_identity(self.distill),
+                          **({"rollout": config_identity(self.rollout), "cache": config_identity(self.cache)}
                              if self.rollout is not None else {})})
 
 

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.config import RolloutConfig, config_to_dict, dump_config
+from pipeline.config import RolloutConfig, config_identity, dump_config
 from pipeline.data import ROLLOUT_MANIFEST, Example, load_examples
 from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json, write_text_if_changed
 from pipeline.models import (
@@ -87,7 +87,7 @@ def run(cfg: RolloutConfig) -> Path:
     tok_fp = tokenizer_fingerprint(tokenizer)
     # what changes the rows: hf's batches share one random stream (and their padding), so their size counts there
     ignore = ("gpu_memory_utilization", "backend") + (("batch_size",) if backend == "vllm" else ())
-    settings = {k: v for k, v in config_to_dict(cfg.sampling).items() if k not in ignore}
+    settings = {k: v for k, v in config_identity(cfg.sampling).items() if k not in ignore}
     inputs = {"model": model_fingerprint(cfg.model), "tokenizer": tok_fp,
               "prompts": hash_json([[e.id, p] for e, p in zip(examples, prompts)]), "sampling": settings,
               "backend": backend, "seed": cfg.seed, "samples_per_prompt": cfg.samples_per_prompt,

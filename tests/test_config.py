@@ -132,3 +132,21 @@ def test_cli_reports_config_errors(tmp_path):
     result = CliRunner().invoke(main, ["distill", "--config", str(p), "--set", "loss.divergence=kl"])
     assert result.exit_code == 2
     assert "loss.divergence" in result.output and "c.yaml" in result.output
+
+
+def test_identity_leaves_out_defaults_so_new_settings_keep_old_runs(tmp_path):
+    from pipeline.config import config_identity, config_to_dict
+
+    cfg = load_config(DistillConfig, write(tmp_path, {**BASE, "train": {"steps": 7}}))
+    ident = config_identity(cfg)
+    assert ident == {"student": {"path": "m"}, "out_dir": "o", "data": {"path": "d.jsonl"}, "train": {"steps": 7}}
+    # a run whose config.yaml predates a setting (here: the on-policy sections) is the same run
+    from stages.distill import _what_changed
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    del old["onpolicy"], old["continue_from"], old["train"]["step_offset"]
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    assert _what_changed(run, cfg) == "data, cache or student weights (same config)"
+    assert "train.steps 7 -> 8" in _what_changed(run, load_config(DistillConfig, write(tmp_path, {**BASE, "train": {"steps": 8}})))
