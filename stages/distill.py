@@ -7,6 +7,11 @@ objective's projectors (their own learning rate). Outputs in <out_dir>/<run name
 metrics.jsonl, final/ (an HF checkpoint with its tokenizer), projectors.safetensors (DSKD objectives), done.json
 (written last).
 A run whose done.json records the same fingerprint is skipped.
+
+On-policy (reference section 8): with `onpolicy.cache` (a teacher cache of the student's own samples, stage 1 over a
+rollout directory) a seeded `onpolicy.mix` fraction of micro-batches takes its KD term from a micro-batch of those
+samples (a second student forward) while CE stays on the gold micro-batch. `continue_from` + `train.step_offset`
+continue a longer run in pieces (stages/onpolicy.py: one round per piece).
 """
 
 from __future__ import annotations
