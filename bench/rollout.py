@@ -6,9 +6,10 @@
    and engine start excluded and reported apart: the tiny default's teacher (make teacher) on training prompts, and
    SmolLM2-135M-Instruct (the PyPI GGUF, converted once) on Dolly prompts (../shared/data). vllm is skipped, and
    said so, where it is not installed (make install-vllm).
-2. One on-policy round of the tiny default (configs/tiny/onpolicy.yaml, 1 round): the wall time of each stage's
-   process (rollout / teacher-cache / distill) from the round's stages.jsonl, and inside each the time of its own
-   loop (generation, the teacher's forward loop, training), so the process start-up is visible too.
+2. One on-policy round of the tiny default (configs/tiny/onpolicy.yaml, round 2 after its off-policy round 1): the
+   wall time of each stage's process (rollout / teacher-cache / distill) from the round's stages.jsonl, and inside
+   each the time of its own loop (generation, the teacher's forward loop, training), so the process start-up is
+   visible too.
 
 Results: runs/bench-rollout/results.json and a table on stdout.
 """
@@ -76,12 +77,13 @@ def throughput(name: str, ref: dict, data: dict, n: int, max_prompt: int, max_ne
 
 
 def onpolicy_round() -> dict:
-    """One round of the tiny default's on-policy config; the wall time of each stage process and of its loop."""
+    """An on-policy round of the tiny default's config (round 2: round 1 is its off-policy warm-up); the wall time
+    of each stage process and of its loop."""
     out = OUT / "onpolicy"
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run([str(ROOT / ".venv/bin/dskd"), "onpolicy", "--config", str(ROOT / "configs/tiny/onpolicy.yaml"),
-                    "--set", f"out_dir={out}", "--set", "rounds=1"], cwd=ROOT, check=True)
-    rd = out / "round-001"
+                    "--set", f"out_dir={out}", "--set", "rounds=2", "--set", "offpolicy_rounds=1"], cwd=ROOT, check=True)
+    rd = out / "round-002"
     stages = {x["stage"]: x["end"] - x["start"] for x in map(json.loads, (rd / "stages.jsonl").read_text().splitlines())}
     rollout_dir = next((rd / "rollouts").glob("*/manifest.json")).parent
     cache_dir = next((rd / "cache").glob("*/manifest.json")).parent
