@@ -137,3 +137,53 @@ def test_gemma3_teacher_to_smollm2_student_dskd_eta_within_memory(tmp_path):
     assert stage2 < 3 * resident / 2**20, (stage2, resident / 2**20)
     transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert gguf_path(GEMMA).is_file()
+
+
+def _rollout(model: ModelRef, out, n=4):
+    from pipeline.config import RolloutConfig
+    from stages import rollout
+
+    return rollout.run(load_config(RolloutConfig, CONFIGS / "tiny/rollout_teacher.yaml", [
+        f"model.path={model.path}", f"model.gguf_file={model.gguf_file}", "model_name=m", f"data.path={DOLLY}",
+        "data.id_field=null", "data.response_field=output", f"data.limit={n}", f"out_dir={out}",
+        "sampling.max_new_tokens=16", "sampling.batch_size=4", *SHORT]))
+
+
+def _sampled_ids_are_the_labels(cache, rollout_dir):
+    from pipeline.config import DataConfig
+    from pipeline.data import load_examples
+
+    by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
+    reader = CacheReader(cache)
+    for i in range(len(reader)):
+        row, e = reader[i], by_id[reader[i].id]
+        assert list(row.student_ids) == list(e.prompt_ids) + list(e.response_ids)
+    return reader
+
+
+def test_real_models_answer_and_are_scored_on_policy(tmp_path):
+    """Rollouts on the real GGUF models: SmolLM2-135M answers Dolly prompts; SmolLM2 itself (same tokenizer, kd)
+    and Gemma-3-270M (262k vocabulary, dskd_eta) score exactly the sampled tokens into bfloat16 caches that stage 2
+    trains from; Gemma-3 answers too and SmolLM2 scores it across tokenizers (a 262k student vocabulary)."""
+    smol = _rollout(SMOL, tmp_path / "ro-smol")
+    same = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml", [
+        f"data.path={smol}", f"out_dir={tmp_path / 'c-smol'}", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]))
+    assert _sampled_ids_are_the_labels(same, smol).manifest.hidden_encoding == "bfloat16"
+    run = distill.run(_stage2(same, tmp_path / "s", "loss.objective=kd", "checkpoint.every=0", "train.steps=1",
+                              f"onpolicy.cache={same}", "onpolicy.mix=1.0"))
+    (row,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["onpolicy_fraction"] == 1.0 and 0 < row["teacher_max_err"]
+
+    cross = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "gemma3-270m_to_smollm2-135m/teacher_cache.yaml", [
+        f"data.path={smol}", f"out_dir={tmp_path / 'c-gemma'}", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]))
+    reader = _sampled_ids_are_the_labels(cross, smol)
+    assert reader.manifest.teacher_vocab_size == 262144 and min(reader[i].align_ratio for i in range(len(reader))) > 0.5
+    run = distill.run(_stage2(cross, tmp_path / "s", "loss.objective=dskd_eta", "checkpoint.every=0", "train.steps=1"))
+    (row,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["aligned_positions"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+
+    gemma = _rollout(GEMMA, tmp_path / "ro-gemma", n=2)
+    scored = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml", [
+        f"data.path={gemma}", f"out_dir={tmp_path / 'c-g2s'}", f"student_tokenizer.path={GEMMA.path}",
+        f"student_tokenizer.gguf_file={GEMMA.gguf_file}", "cache.rows_per_shard=2", "cache.batch_size=2", *SHORT]))
+    assert not _sampled_ids_are_the_labels(scored, gemma).manifest.same_tokenizer
