@@ -119,9 +119,9 @@ class HFGenerator:
                                       **generate_kwargs)
             new = res.sequences[:, ids.shape[1] :].cpu()
             lp = None
-            if logprobs:  # (rows, steps): log-softmax of the raw logits at each chosen token
-                steps = torch.stack([torch.log_softmax(z.float(), -1) for z in res.logits], 1).cpu()
-                lp = steps.gather(-1, new[:, : steps.shape[1], None]).squeeze(-1)
+            if logprobs:  # (rows, steps): log-softmax of the raw logits at each chosen token, one step at a time
+                lp = torch.stack([torch.log_softmax(z.float(), -1).gather(-1, new[:, j, None].to(z.device)).squeeze(-1)
+                                  for j, z in enumerate(res.logits)], 1).cpu()
             for r in range(new.shape[0]):
                 out[idx[r // n]].append(_finish(self.tokenizer, new[r].tolist(), eos,
                                                 None if lp is None else lp[r].tolist()))
