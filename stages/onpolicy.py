@@ -122,12 +122,27 @@ def _stage(rd: Path, stage: str, config: Path, *extra: str) -> None:
                           "command again to resume it")
 
 
+def _inputs(cfg: OnPolicyConfig, first: Round) -> str:
+    """What the rounds start from, by content: the gold cache, the first student's and the teacher's weights and the
+    prompts (a rebuilt cache or retrained student under the same paths makes every round's done.json stale)."""
+    from pipeline.cache_io import read_manifest, resolve_cache_dir
+    from pipeline.io_utils import sha256_file
+    from pipeline.models import model_fingerprint
+
+    prompts = Path(first.distill.cache if cfg.prompts is None else cfg.prompts.path)
+    return hash_json({"gold": read_manifest(resolve_cache_dir(first.distill.cache)).fingerprint,
+                      "student": model_fingerprint(first.distill.student),
+                      "teacher": model_fingerprint(load_config(TeacherCacheConfig, cfg.teacher_cache,
+                                                               cfg.teacher_cache_set).teacher),
+                      "prompts": sha256_file(prompts) if prompts.is_file() else None})
+
+
 def run(cfg: OnPolicyConfig, force: bool = False) -> Path:
     rounds = plan(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    previous = ""
+    previous = _inputs(cfg, rounds[0])
     for rnd in rounds:
         fp = rnd.fingerprint(previous)
         previous = fp
