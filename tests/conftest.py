@@ -93,6 +93,26 @@ class TinyDefault:
         )
 
 
+def assert_labels_are_the_sampled_ids(cache_dir, rollout_dir):
+    """Every row of a cache built from a rollout directory holds exactly the ids that were sampled (prompt ids, then
+    response ids, the EOS included when it was sampled): the teacher scored the student's own tokens. Returns the
+    cache's reader."""
+    from pipeline.cache_io import CacheReader
+    from pipeline.config import DataConfig
+    from pipeline.data import load_examples
+
+    by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
+    reader = CacheReader(cache_dir)
+    assert len(reader) == len(by_id)
+    for i in range(len(reader)):
+        row = reader[i]
+        e = by_id[row.id]
+        ids = list(row.student_ids)
+        assert ids[: row.student_response_start] == list(e.prompt_ids)
+        assert ids[row.student_response_start :] == list(e.response_ids)
+    return reader
+
+
 _SHARED_TOKENIZERS: dict = {}
 
 

@@ -23,7 +23,7 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import DistillConfig, ModelRef, TeacherCacheConfig, config_to_dict, load_config
 from pipeline.models import gguf_path, load_model, load_tokenizer, resolve_path, tokenizer_fingerprint
 from stages import distill, teacher_cache
-from tests.conftest import CONFIGS, ROOT, SHARED
+from tests.conftest import CONFIGS, ROOT, SHARED, assert_labels_are_the_sampled_ids
 
 pytestmark = pytest.mark.slow
 
@@ -149,18 +149,6 @@ def _rollout(model: ModelRef, out, n=4):
         "sampling.max_new_tokens=16", "sampling.batch_size=4", *SHORT]))
 
 
-def _sampled_ids_are_the_labels(cache, rollout_dir):
-    from pipeline.config import DataConfig
-    from pipeline.data import load_examples
-
-    by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
-    reader = CacheReader(cache)
-    for i in range(len(reader)):
-        row, e = reader[i], by_id[reader[i].id]
-        assert list(row.student_ids) == list(e.prompt_ids) + list(e.response_ids)
-    return reader
-
-
 def test_real_models_answer_and_are_scored_on_policy(tmp_path):
     """Rollouts on the real GGUF models: SmolLM2-135M answers Dolly prompts; SmolLM2 itself (same tokenizer, kd)
     and Gemma-3-270M (262k vocabulary, dskd_eta) score exactly the sampled tokens into bfloat16 caches that stage 2
@@ -168,7 +156,7 @@ def test_real_models_answer_and_are_scored_on_policy(tmp_path):
     smol = _rollout(SMOL, tmp_path / "ro-smol")
     same = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml", [
         f"data.path={smol}", f"out_dir={tmp_path / 'c-smol'}", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]))
-    assert _sampled_ids_are_the_labels(same, smol).manifest.hidden_encoding == "bfloat16"
+    assert assert_labels_are_the_sampled_ids(same, smol).manifest.hidden_encoding == "bfloat16"
     run = distill.run(_stage2(same, tmp_path / "s", "loss.objective=kd", "checkpoint.every=0", "train.steps=1",
                               f"onpolicy.cache={same}", "onpolicy.mix=1.0"))
     (row,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -176,7 +164,7 @@ def test_real_models_answer_and_are_scored_on_policy(tmp_path):
 
     cross = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "gemma3-270m_to_smollm2-135m/teacher_cache.yaml", [
         f"data.path={smol}", f"out_dir={tmp_path / 'c-gemma'}", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]))
-    reader = _sampled_ids_are_the_labels(cross, smol)
+    reader = assert_labels_are_the_sampled_ids(cross, smol)
     assert reader.manifest.teacher_vocab_size == 262144 and min(reader[i].align_ratio for i in range(len(reader))) > 0.5
     run = distill.run(_stage2(cross, tmp_path / "s", "loss.objective=dskd_eta", "checkpoint.every=0", "train.steps=1"))
     (row,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -186,4 +174,4 @@ def test_real_models_answer_and_are_scored_on_policy(tmp_path):
     scored = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml", [
         f"data.path={gemma}", f"out_dir={tmp_path / 'c-g2s'}", f"student_tokenizer.path={GEMMA.path}",
         f"student_tokenizer.gguf_file={GEMMA.gguf_file}", "cache.rows_per_shard=2", "cache.batch_size=2", *SHORT]))
-    assert not _sampled_ids_are_the_labels(scored, gemma).manifest.same_tokenizer
+    assert not assert_labels_are_the_sampled_ids(scored, gemma).manifest.same_tokenizer

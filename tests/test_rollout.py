@@ -19,14 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cache_io import CacheReader
 from pipeline.config import DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
 from pipeline.data import DataError, load_examples
 from pipeline.models import load_model, load_tokenizer
 from pipeline.rollout import HFGenerator, decode_response, vllm_available
 from pipeline.tokenize import TokenizerError, decoded_offsets, encode_prompt, special_ids
 from stages import distill, onpolicy, rollout, teacher_cache
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_labels_are_the_sampled_ids
 
 CONFIGS = ROOT / "configs"
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make install-vllm)")
@@ -164,23 +163,10 @@ def student_rollouts(caches, tmp_path_factory):
     return same, xtok
 
 
-def _labels_are_the_sampled_ids(cache_dir, rollout_dir):
-    by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
-    reader = CacheReader(cache_dir)
-    assert len(reader) == len(by_id)
-    for i in range(len(reader)):
-        row = reader[i]
-        e = by_id[row.id]
-        ids = list(row.student_ids)
-        assert ids[: row.student_response_start] == list(e.prompt_ids)
-        assert ids[row.student_response_start :] == list(e.response_ids)  # labels: exactly what was sampled
-    return reader
-
-
 def test_stage1_scores_the_sampled_tokens_same_tokenizer(caches, student_rollouts, tmp_path):
     same, _ = student_rollouts
     cache = teacher_cache.run(caches.cache_cfg(f"data.path={same}", f"out_dir={tmp_path / 'c'}"))
-    reader = _labels_are_the_sampled_ids(cache, same)
+    reader = assert_labels_are_the_sampled_ids(cache, same)
     assert reader.manifest.origins == {"rollout:student:round0": 64}
     eos = load_tokenizer(ModelRef(path=f"{caches.assets}/student-init")).eos_token_id
     rows = load_examples(DataConfig(path=str(same)))
@@ -195,7 +181,7 @@ def test_stage1_over_rollouts_cross_tokenizer_then_dskd_eta_trains(caches, stude
     _, xtok = student_rollouts
     cfg = caches.cache_cfg(f"data.path={xtok}", f"out_dir={tmp_path / 'c'}", name="teacher_cache_xtok.yaml")
     cache = teacher_cache.run(cfg)
-    reader = _labels_are_the_sampled_ids(cache, xtok)
+    reader = assert_labels_are_the_sampled_ids(cache, xtok)
     assert not reader.manifest.same_tokenizer
     ratios = [reader[i].align_ratio for i in range(len(reader))]
     assert np.mean(ratios) > 0.3  # the teacher's tokens of the decoded text align with the sampled ones
@@ -388,7 +374,7 @@ def test_rollout_stage_on_vllm_feeds_stage1(caches, tmp_path):
     out = Path(proc.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[1])
     assert json.loads((out / "manifest.json").read_text())["backend"] == "vllm"
     cache = teacher_cache.run(caches.cache_cfg(f"data.path={out}", f"out_dir={tmp_path / 'c'}"))
-    _labels_are_the_sampled_ids(cache, out)
+    assert_labels_are_the_sampled_ids(cache, out)
     shutil.rmtree(tmp_path / "c")
 
 
