@@ -429,3 +429,16 @@ def test_rounds_with_mix_zero_train_exactly_the_one_off_policy_run(caches, tmp_p
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     curve = rows(tmp_path / "rounds/round-001/student") + rows(tmp_path / "rounds/round-002/student")
     assert [r["loss"] for r in curve] == [r["loss"] for r in rows(one)]
+
+
+def test_backend_choice_and_hf_only_settings_are_refused_on_vllm(monkeypatch):
+    from pipeline import rollout as gen
+
+    with pytest.raises(gen.GenerationError, match="no_repeat_ngram_size is an hf-only setting"):
+        gen.VLLMGenerator("unused", None, "float32", SamplingConfig(no_repeat_ngram_size=3), 64)
+    monkeypatch.setattr(gen, "vllm_available", lambda: False)
+    assert gen.resolve_backend("auto") == "hf"
+    with pytest.raises(gen.GenerationError, match="make install-vllm"):
+        gen.resolve_backend("vllm")
+    monkeypatch.setattr(gen, "vllm_available", lambda: True)
+    assert gen.resolve_backend("auto") == ("vllm" if torch.cuda.is_available() else "hf")
