@@ -3,7 +3,10 @@
 #
 #   make distill                    data -> tokenizers/models -> teacher SFT -> teacher-cache -> student (tiny default)
 #   make distill SET="loss.divergence=rkl"   re-trains only the student (the cache is reused when it matches)
-#   make eval                       Rouge-L / exact match of the trained student on the test split
+#   make eval                       the student and its teacher on the test split, DSKD protocol (5 sampled seeds)
+#   make eval RUNS="a b" PRESET=quick SUITES="dolly vicuna"   other runs / preset / suites (results are never redone)
+#   make report RUNS="runs/tiny/students/*"   runs side by side: runs/report/report.md, scores/curves PNGs
+#   make analyze RUNS="..."         the DSKD paper's representation analysis (teacher vs student hidden-state structure)
 #   make distill NPROC=2            the same on two processes (torchrun; gloo on CPU, NCCL on GPU)
 #   make distill RESUME=1           continue an interrupted run from its last checkpoint
 #   make distill FORCE=1            start the student run over (a changed setting under the same run name)
@@ -32,6 +35,12 @@ FORCE       ?=
 DIVERGENCES ?= fkl rkl js skl srkl akl
 ROUNDS      ?= 3
 OBJECTIVE   ?= dskd_v2
+RUNS        ?=
+PRESET      ?=
+SUITES      ?=
+TEACHER     ?=
+REPORT_DIR  ?= runs/report
+ANALYZE_ARGS ?=
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -47,8 +56,8 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval simulate test \
-	lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
+.PHONY: install install-vllm check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval report analyze \
+	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
 
 install: $(STAMP)
 
@@ -122,8 +131,18 @@ seqkd: rollout
 onpolicy: teacher-cache
 	$(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set rounds=$(ROUNDS) $(call force_flag,onpolicy) $(call own_set,onpolicy)
 
+# RUNS / PRESET / SUITES / TEACHER replace the config's runs, preset, suites and teacher
 eval: check
-	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval)
+	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval) $(foreach r,$(RUNS),--run $(r)) \
+	  $(if $(PRESET),--preset $(PRESET)) $(foreach s,$(SUITES),--suite $(s)) $(if $(TEACHER),--teacher $(TEACHER))
+
+# what eval and analyze stored, side by side (generates nothing); RUNS may hold globs and NAME=DIR entries
+report: $(STAMP)
+	$(DSKD) report $(or $(RUNS),runs/tiny/students/* runs/tiny/teachers/*) --preset $(or $(PRESET),protocol) \
+	  --out $(REPORT_DIR) $(foreach s,$(SUITES),--suite $(s))
+
+analyze: $(STAMP)
+	$(DSKD) analyze $(or $(RUNS),runs/tiny/students/*) $(ANALYZE_ARGS)
 
 # the DSKD paper's simulation (different vs shared heads, every divergence): runs/simulation/simulation.{md,png}
 simulate: $(STAMP)

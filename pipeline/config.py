@@ -391,7 +391,7 @@ class SamplingConfig:
     top_p: float = 1.0
     # 0 = off
     top_k: int = 0
-    # hf only (vLLM has no equivalent and refuses a value > 0)
+    # a token that would complete an n-gram already in the sequence is banned (transformers; on vLLM a logits processor)
     no_repeat_ngram_size: int = 0
     # hf: prompts per generate call (sorted by length, left-padded); vllm takes every prompt at once
     batch_size: int = 32
@@ -509,15 +509,92 @@ class OnPolicyConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Stage `eval`: generate with a trained student on `data` and score Rouge-L and exact match."""
+class SuiteConfig:
+    """A test set: where its rows are, which fields hold the prompt and the reference(s), how it is scored.
 
-    run: str
-    data: DataConfig
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    `path` is a jsonl file (`{data_root}` in it is replaced by EvalConfig.data_root) or a Hugging Face dataset name
+    (with `hub_config` and `split`). The prompt is the field `prompt_field`, or `prompt_template` filled with the row's
+    fields ("...{question}..."). `reference_field` holds a string or a list of strings (several references: the score
+    is the best over them). Metric "rougeL" scores Rouge-L F and exact match; "gsm8k" the final answer (the number
+    after '####' in the reference, the last number of the prediction).
+    """
+
+    path: str
+    metric: Literal["rougeL", "gsm8k"] = "rougeL"
+    prompt_field: str | None = "prompt"
+    prompt_template: str | None = None
+    reference_field: str = "output"
+    id_field: str | None = None
+    split: str = "test"
+    hub_config: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt_field is None) == (self.prompt_template is None):
+            raise ConfigError("suite: set exactly one of prompt_field and prompt_template")
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    """How every model is asked: the decoding (`generate`, its `seeds` one result each), the prompt length and a cap
+    on the rows of each suite. Prompts longer than `max_prompt_length` keep their last tokens (the instruction's end
+    and "### Response:"), as in the DSKD papers; max_new_tokens shrinks to fit a model's position limit."""
+
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    # default: <run>/eval
-    out_dir: str | None = None
+    max_prompt_length: int = 256
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("preset: max_prompt_length and limit must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage `eval`: every model (`runs`, `models`, `teacher`) answers every suite under one preset; the scores are
+    kept per (checkpoint hash, suite, preset, seed) under each run's eval/ directory and never computed twice.
+
+    Suites and presets are looked up by name: `suite_defs` / `presets` first, then the built-in ones
+    (pipeline/evaluation.py: dolly, self-inst, vicuna, sinst, gsm8k; protocol, quick)."""
+
+    # run directories (their final/ is evaluated; results in <run>/eval) or model directories
+    runs: list[str] = field(default_factory=list)
+    # named models by reference (a hub name, a GGUF file): results in <out_dir>/<name>
+    models: dict[str, ModelRef] = field(default_factory=dict)
+    # the teacher (a run or model directory): evaluated like a run and marked as the ceiling in reports
+    teacher: str | None = None
+    suites: list[str] = field(default_factory=lambda: ["dolly", "self-inst", "vicuna", "sinst", "gsm8k"])
+    preset: str = "protocol"
+    suite_defs: dict[str, SuiteConfig] = field(default_factory=dict)
+    presets: dict[str, EvalPreset] = field(default_factory=dict)
+    # the folder holding DSKD's test sets (minillm_eval/) and gsm8k/ (the built-in suites' `{data_root}`)
+    data_root: str = "../shared/data"
+    # teacher-forced NLL / perplexity of the references (seed-independent, once per suite)
+    nll: bool = True
+    # generation: hf | vllm | auto (vllm when installed and a GPU is present); neither changes what a result means
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    batch_size: int = 32
+    gpu_memory_utilization: float = 0.5
+    # where the results of `models` go
+    out_dir: str = "runs/eval"
+
+    def __post_init__(self) -> None:
+        if not self.runs and not self.models and not self.teacher:
+            raise ConfigError("eval: nothing to evaluate (set runs, models or teacher)")
+        if not self.suites:
+            raise ConfigError("eval: suites must not be empty")
+        if self.batch_size < 1:
+            raise ConfigError("eval: batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Stage `report`: runs side by side (their stored eval results; nothing is generated)."""
+
+    runs: list[str]
+    preset: str = "protocol"
+    out_dir: str = "runs/report"
+    # suites to show, in order (default: every suite any run has results for)
+    suites: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------------

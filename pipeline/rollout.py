@@ -8,6 +8,10 @@ Two backends behind `Generator.generate`, with one meaning for every setting (`c
   the only module that imports vllm, and only when that backend is asked for. The engine gets token ids and returns
   token ids (`skip_tokenizer_init`): the text is decoded here, with the same tokenizer as on the hf path.
 
+no_repeat_ngram_size means what transformers means by it on both: a token that would complete an n-gram already in the
+sequence (prompt included) is banned. vLLM has no such setting; `NoRepeatNGram` adds it as a vLLM logits processor
+(per request, incremental: each step costs O(1) per new token, not O(length)).
+
 Both stop at EOS (the EOS is part of the returned ids, finish reason "stop") or after `max_new_tokens` ("length").
 Logprobs, when asked, are the model's own log-probabilities of the sampled tokens (log-softmax of the raw logits,
 before temperature / top-p / top-k), as vLLM reports them by default.
@@ -100,10 +104,11 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], s: SamplingConfig, seed: int | None = None, *, n: int = 1,
-                 logprobs: bool = False, keys: list[str] | None = None, progress: bool = False,
+                 logprobs: bool = False, keys: list[str] | None = None, progress: bool | str = False,
                  **generate_kwargs) -> list[list[Completion]]:
         """`n` completions per prompt, in prompt order. `seed` None leaves the global RNG alone (greedy validation);
-        `keys` are vllm's (accepted here so callers need not know the backend)."""
+        `keys` are vllm's (accepted here so callers need not know the backend); `progress` a bar (a string: its
+        label)."""
         eos, pad_id = special_ids(self.tokenizer)
         if seed is not None:
             torch.manual_seed(seed)
@@ -112,7 +117,8 @@ class HFGenerator:
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         out: list[list[Completion]] = [[] for _ in prompts]
         batches = range(0, len(order), s.batch_size)
-        for start in tqdm(batches, desc="generate", leave=False, disable=not progress):
+        label = progress if isinstance(progress, str) else "generate"
+        for start in tqdm(batches, desc=label, leave=isinstance(progress, str), disable=not progress):
             idx = order[start : start + s.batch_size]
             ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")
             res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
@@ -138,9 +144,6 @@ class VLLMGenerator:
     backend = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, dtype: str, s: SamplingConfig, max_model_len: int, seed: int = 0):
-        if s.no_repeat_ngram_size:
-            raise GenerationError("sampling.no_repeat_ngram_size is an hf-only setting (vLLM has none); set it to 0 "
-                                  "or use sampling.backend: hf")
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # never fork a process that holds torch state
         from vllm import LLM
 
@@ -151,10 +154,11 @@ class VLLMGenerator:
         # offset"): every prompt is prefilled whole there
         self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=s.gpu_memory_utilization, enforce_eager=cpu, disable_log_stats=True,
+                       logits_processors=[f"{__name__}:NoRepeatNGram"],
                        **({"enable_chunked_prefill": False} if cpu else {}))
 
     def generate(self, prompts: list[list[int]], s: SamplingConfig, seed: int | None = None, *, n: int = 1,
-                 logprobs: bool = False, keys: list[str] | None = None, progress: bool = False,
+                 logprobs: bool = False, keys: list[str] | None = None, progress: bool | str = False,
                  **_) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -162,14 +166,17 @@ class VLLMGenerator:
         eos, _pad = special_ids(self.tokenizer)
         keys = keys or [str(i) for i in range(len(prompts))]
         base = dict(n=n, max_tokens=s.max_new_tokens, stop_token_ids=[] if eos is None else [eos], detokenize=False,
-                    logprobs=0 if logprobs else None)
+                    logprobs=0 if logprobs else None,
+                    extra_args={NO_REPEAT: s.no_repeat_ngram_size} if s.no_repeat_ngram_size else None)
         if s.do_sample:
             base.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             base.update(temperature=0.0)
         params = [SamplingParams(**base, seed=request_seed(seed or 0, k) if s.do_sample else None) for k in keys]
+        if isinstance(progress, str):
+            print(progress, flush=True)
         results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=progress)
+                                    use_tqdm=bool(progress))
         out = []
         for res in results:
             comps = []
@@ -221,3 +228,66 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], s: SamplingConfig
     comps = HFGenerator(model, tokenizer).generate(prompts, s, seed, progress=progress, **generate_kwargs)
     return [c[0].text.strip() for c in comps]
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# vLLM: no-repeat-ngram as a logits processor. The class derives from vLLM's, so it is built on first access (module
+# `__getattr__`): importing this module never imports vllm; vLLM's workers load it by name ("pipeline.rollout:...").
+
+NO_REPEAT = "dskd_no_repeat_ngram_size"
+
+
+class NGramBan:
+    """transformers' no_repeat_ngram rule for one sequence, kept incrementally: the (n-1)-gram -> next tokens seen so
+    far, extended by the tokens added since the last call."""
+
+    def __init__(self, n: int):
+        self.n, self.seen, self.done = n, {}, 0
+
+    def banned(self, prompt: list[int], output: list[int]) -> set[int]:
+        n, lp = self.n, len(prompt)
+        total = lp + len(output)
+
+        def tok(i: int) -> int:
+            return prompt[i] if i < lp else output[i - lp]
+
+        while self.done + n <= total:
+            gram = tuple(tok(self.done + j) for j in range(n))
+            self.seen.setdefault(gram[:-1], set()).add(gram[-1])
+            self.done += 1
+        if total + 1 < n:
+            return set()
+        return self.seen.get(tuple(tok(total - n + 1 + j) for j in range(n - 1)), set())
+
+    def __call__(self, prompt: list[int], output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if ban := self.banned(prompt, output):
+            logits[list(ban)] = float("-inf")
+        return logits
+
+
+def _no_repeat_class():
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class NoRepeatNGram(AdapterLogitsProcessor):
+        """Per request: bans what `NGramBan` bans, for requests whose extra_args set NO_REPEAT > 0."""
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def new_req_logits_processor(self, params):
+            n = (params.extra_args or {}).get(NO_REPEAT, 0)
+            return NGramBan(n) if n else None
+
+    NoRepeatNGram.__module__, NoRepeatNGram.__qualname__ = __name__, "NoRepeatNGram"
+    return NoRepeatNGram
+
+
+_LAZY: dict = {}
+
+
+def __getattr__(name: str):
+    if name == "NoRepeatNGram":
+        if name not in _LAZY:
+            _LAZY[name] = _no_repeat_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

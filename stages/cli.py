@@ -137,14 +137,54 @@ def onpolicy(config_path, overrides, force):
     _run(stage.run, _load(OnPolicyConfig, config_path, overrides), force=force)
 
 
+def _list(values) -> str:
+    import json
+
+    return json.dumps(list(values))  # a YAML flow list whatever the paths hold
+
+
 @main.command("eval")
 @_config
 @_set
-def evaluate(config_path, overrides):
-    """Generate with a trained student and report Rouge-L and exact match."""
+@click.option("--run", "runs", multiple=True, metavar="[NAME=]DIR", help="a run or model directory (replaces runs)")
+@click.option("--suite", "suites", multiple=True, help="a suite by name (replaces suites)")
+@click.option("--preset", default=None, help="protocol | quick | a preset of the config")
+@click.option("--teacher", default=None, metavar="DIR", help="also evaluate the teacher (the ceiling in reports)")
+def evaluate(config_path, overrides, runs, suites, preset, teacher):
+    """Every run answers every suite under a preset (the DSKD protocol by default); results are stored per
+    (checkpoint, suite, preset, seed) and never computed twice."""
     from stages import evaluate as stage
 
-    _run(stage.run, _load(EvalConfig, config_path, overrides))
+    extra = [f"runs={_list(runs)}"] * bool(runs) + [f"suites={_list(suites)}"] * bool(suites)
+    extra += [f"preset={preset}"] * bool(preset) + [f"teacher={teacher}"] * bool(teacher)
+    _run(stage.run, _load(EvalConfig, config_path, [*overrides, *extra]))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--preset", default="protocol", show_default=True, help="whose results to put side by side")
+@click.option("--suite", "suites", multiple=True, help="columns, in order (default: every suite with results)")
+@click.option("--out", "out_dir", default="runs/report", show_default=True, type=click.Path(file_okay=False))
+def report(runs, preset, suites, out_dir):
+    """Runs ([NAME=]DIR or a glob) side by side: report.md with the scores table and PNG plots. Generates nothing."""
+    from pipeline.config import ReportConfig
+    from stages import report as stage
+
+    _run(stage.run, ReportConfig(runs=list(runs), preset=preset, out_dir=out_dir, suites=list(suites)))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--rows", default=32, show_default=True, help="training rows drawn from the teacher cache")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--cache", default=None, help="the teacher cache to use (default: each run's own; needed for SFT runs)")
+def analyze(runs, rows, seed, cache):
+    """The DSKD paper's representation analysis: structure-matrix distances between teacher and student hidden
+    states (trained and initial student), per run."""
+    from stages import analyze as stage
+    from stages.report import expand
+
+    _run(stage.run, expand(list(runs)), rows=rows, seed=seed, cache=cache)
 
 
 @main.command()

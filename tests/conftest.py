@@ -86,10 +86,14 @@ class TinyDefault:
         )
 
     def eval_cfg(self, run: Path, *extra: str) -> EvalConfig:
+        """The shipped eval config on `run` alone, with a small greedy preset ("tiny": 16 test rows, 8 new
+        tokens, seed 10)."""
         return load_config(
             EvalConfig,
             CONFIGS / "tiny/eval.yaml",
-            [f"run={run}", f"data.path={self.data}/test.jsonl", "generate.max_new_tokens=8", *TOKENIZE, *extra],
+            [f"runs=[{run}]", "teacher=null", f"suite_defs.tiny-test.path={self.data}/test.jsonl", "preset=tiny",
+             "presets.tiny.limit=16", "presets.tiny.max_prompt_length=48", "presets.tiny.generate.max_new_tokens=8",
+             "presets.tiny.generate.seeds=[10]", *extra],
         )
 
 

@@ -102,8 +102,8 @@ def test_eval_names_the_run_whole_and_simulate_names_its_files(caches, tmp_path)
     result = CliRunner().invoke(cli, ["eval", "--config", str(dump_config(caches.eval_cfg(run_dir),
                                                                          tmp_path / "eval.yaml"))])
     assert result.exit_code == 0, result.output
-    assert "\na-rather-long-run-name_to_show__that_it_is_never_cut_kd_fkl " in result.output
-    assert json.loads((run_dir / "eval" / "results.json").read_text())["n"] == 16
+    assert "\n| a-rather-long-run-name_to_show__that_it_is_never_cut_kd_fkl | " in result.output
+    assert json.loads((run_dir / "eval" / "results-tiny.json").read_text())["suites"]["tiny-test"]["n"] == 16
     result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "sim"), "--steps", "2", "--repetitions",
                                       "1", "--vocab", "20", "--points", "2", "--divergences", "fkl"])
     assert result.exit_code == 0, result.output

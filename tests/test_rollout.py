@@ -229,8 +229,8 @@ def test_seqkd_end_to_end(caches, tmp_path):
     assert (run_dir / "final" / "model.safetensors").is_file()
     n_rows = json.loads((out / "manifest.json").read_text())["rows"]
     assert n_rows == len(load_examples(caches.cache_cfg().data))
-    res = evaluate.run(caches.eval_cfg(run_dir))
-    assert json.loads((res / "results.json").read_text())["n"] == 16
+    (res,) = evaluate.run(caches.eval_cfg(run_dir))
+    assert res["suites"]["tiny-test"]["n"] == 16
 
 
 ONPOLICY_KILLER = textwrap.dedent("""
@@ -318,6 +318,8 @@ VLLM_SCRIPT = textwrap.dedent("""
         with open_generator(ModelRef(path=model), tok, greedy, max_model_len=64) as gen:
             out["greedy"] = [c[0].token_ids for c in gen.generate(prompts, greedy, logprobs=True)]
             out["greedy_logprobs"] = [c[0].logprobs for c in gen.generate(prompts, greedy, logprobs=True)]
+            ngram = SamplingConfig(max_new_tokens=24, backend="vllm", no_repeat_ngram_size=2)
+            out["ngram"] = [c[0].token_ids for c in gen.generate(prompts, ngram)]
             keys = [str(i) for i in range(len(prompts))]
             out["a"] = [[x.token_ids for x in c] for c in gen.generate(prompts, sample, 3, n=2, keys=keys)]
             out["b"] = [[x.token_ids for x in c] for c in gen.generate(prompts, sample, 3, n=2, keys=keys)]
@@ -354,6 +356,14 @@ def test_vllm_greedy_equals_hf_and_seeds_reproduce(tiny, tmp_path):
     for v, (h,), ok in zip(out["greedy_logprobs"], hf, same):
         if ok:
             np.testing.assert_allclose(v, h.logprobs, atol=2e-3)
+    # no_repeat_ngram on vLLM (a logits processor) decodes as transformers does
+    hf = HFGenerator(model, tok).generate(prompts, SamplingConfig(max_new_tokens=24, no_repeat_ngram_size=2))
+    same = [v == h[0].token_ids for v, h in zip(out["ngram"], hf)]
+    print(f"vllm no_repeat_ngram greedy == hf on {sum(same)} of {len(same)} prompts")
+    assert sum(same) >= len(same) - 1, same
+    for p, v in zip(prompts, out["ngram"]):
+        seq = p + v  # no generated token completes a bigram seen earlier in the sequence
+        assert all((seq[i - 1], seq[i]) not in set(zip(seq[: i - 1], seq[1 : i])) for i in range(len(p), len(seq)))
     assert out["a"] == out["b"] and out["a"] != out["c"]
     assert out["alone"] == out["a"][2]
     assert out["big_same"]
@@ -431,11 +441,31 @@ def test_rounds_with_mix_zero_train_exactly_the_one_off_policy_run(caches, tmp_p
     assert [r["loss"] for r in curve] == [r["loss"] for r in rows(one)]
 
 
-def test_backend_choice_and_hf_only_settings_are_refused_on_vllm(monkeypatch):
+def test_ngram_ban_is_transformers_no_repeat_ngram_step_by_step():
+    """The vLLM logits processor's rule (pipeline.rollout.NGramBan, incremental) bans, at every step of every
+    sequence, exactly the tokens transformers' NoRepeatNGramLogitsProcessor bans on the whole sequence."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from pipeline.rollout import NGramBan
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 6):
+        for _ in range(20):
+            vocab = int(torch.randint(2, 6, (1,), generator=g))  # a small vocabulary: many repeats
+            prompt = torch.randint(0, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            output, ban, ref = [], NGramBan(n), NoRepeatNGramLogitsProcessor(n)
+            for _ in range(25):
+                seq = torch.tensor([prompt + output])
+                expect = set(torch.nonzero(torch.isinf(ref(seq, torch.zeros(1, vocab)))[0]).flatten().tolist())
+                logits = ban(prompt, output, torch.zeros(vocab))
+                assert set(torch.nonzero(torch.isinf(logits)).flatten().tolist()) == expect, (n, prompt, output)
+                allowed = [t for t in range(vocab) if t not in expect] or [0]
+                output.append(allowed[int(torch.randint(0, len(allowed), (1,), generator=g))])
+
+
+def test_backend_choice(monkeypatch):
     from pipeline import rollout as gen
 
-    with pytest.raises(gen.GenerationError, match="no_repeat_ngram_size is an hf-only setting"):
-        gen.VLLMGenerator("unused", None, "float32", SamplingConfig(no_repeat_ngram_size=3), 64)
     monkeypatch.setattr(gen, "vllm_available", lambda: False)
     assert gen.resolve_backend("auto") == "hf"
     with pytest.raises(gen.GenerationError, match="make install-vllm"):

@@ -77,11 +77,14 @@ def test_three_stages_write_exactly_their_files(chain, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert isinstance(model, transformers.Qwen2ForCausalLM)
 
-    out = evaluate.run(tiny.eval_cfg(run_dir))
-    assert files(out) == {"results.json", "predictions.jsonl", "config.yaml"}
-    results = json.loads((out / "results.json").read_text())
-    assert results["n"] == 16 and 0 <= results["rougeL"] <= 100 and 0 <= results["exact_match"] <= 100
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 16
+    (res,) = evaluate.run(tiny.eval_cfg(run_dir))
+    assert res == json.loads((run_dir / "eval/results-tiny.json").read_text())
+    suite = res["suites"]["tiny-test"]
+    scores = suite["seeds"]["10"]["scores"]
+    assert suite["n"] == 16 and 0 <= scores["rougeL"] <= 100 and 0 <= scores["exact_match"] <= 100
+    assert suite["nll"]["tokens"] > 16 and suite["nll"]["ppl"] > 1
+    (pair,) = (run_dir / "eval").glob("*/tiny-test-*/tiny-*/seed-10.json")
+    assert len(json.loads(pair.read_text())["predictions"]) == 16
 
 
 def test_other_divergence_retrains_only_the_student(chain, monkeypatch, capsys):

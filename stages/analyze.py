@@ -1,0 +1,71 @@
+"""Stage `analyze`: the representation analysis of the DSKD paper for each run (pipeline/analysis.py).
+
+For `rows` training rows drawn (seeded) from the teacher cache, the structure-matrix distances between the cached
+teacher hidden states and the student's, for the trained student and for the student it started from. Writes
+<run>/analysis/representation.json and structure.png (one sequence's cosine matrices, teacher beside students).
+A result whose inputs (checkpoint hash, cache, rows, seed) are unchanged is not recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.analysis import paired_positions, plot_structures, representation_distance, student_hidden
+from pipeline.cache_io import CacheReader
+from pipeline.config import ConfigError, DistillConfig, load_config
+from pipeline.evaluation import checkpoint_hash, read_result, resolve_run
+from pipeline.io_utils import write_json
+from pipeline.models import load_model
+
+RESULT = "representation.json"
+
+
+def analysis_dir(entry: str) -> Path:
+    r = resolve_run(entry)
+    return r.eval_dir.parent / "analysis"
+
+
+def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None) -> dict[str, dict]:
+    out = {}
+    for entry in runs:
+        r = resolve_run(entry)
+        cfg_path = r.metrics[0].parent / "config.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError(f"analyze {r.name}: {cfg_path} not found (not a student run of `dskd distill`)")
+        cfg = load_config(DistillConfig, cfg_path)
+        cache_path = cache or cfg.cache
+        if cache_path is None:
+            raise ConfigError(f"analyze {r.name}: an SFT run has no teacher cache; give one (`--cache DIR`, the "
+                              "cache the other runs were distilled from)")
+        reader = CacheReader(cache_path)
+        pick = sorted(np.random.default_rng(seed).choice(len(reader), min(rows, len(reader)), replace=False).tolist())
+        key = {"checkpoint": checkpoint_hash(r.ref), "initial": checkpoint_hash(cfg.student),
+               "cache": reader.manifest.fingerprint, "rows": pick}
+        target = analysis_dir(entry) / RESULT
+        old = read_result(target)
+        if old is not None and old.get("key") == key:
+            print(f"analyze {r.name}: up to date ({target})")
+            out[r.name] = old
+            continue
+        sample = [reader[i] for i in pick]
+        shown = next((x for x in sample if len(paired_positions(x)[0]) >= 4), sample[0])
+        s_idx, t_idx = paired_positions(shown)
+        result, hidden = {"name": r.name, "key": key, "cache": str(reader.dir)}, {}
+        for label, ref in (("trained", r.ref), ("initial", cfg.student)):
+            model = load_model(ref)
+            d = representation_distance(model, sample)
+            result[label] = {k: d[k] for k in ("cosine_l1", "inner_l1")}
+            result["rows"], result["positions"] = d["rows"], d["positions"]
+            hidden[f"{label} student"] = student_hidden(model, shown)[s_idx]
+            del model
+        target.parent.mkdir(parents=True, exist_ok=True)
+        plot_structures(shown.hidden.float()[t_idx], hidden, analysis_dir(entry) / "structure.png",
+                        f"{r.name}: cosine structure of one response ({shown.id})")
+        write_json(target, result)
+        t, i = result["trained"], result["initial"]
+        print(f"analyze {r.name}: L1 cosine {t['cosine_l1']:.4f} (initial {i['cosine_l1']:.4f}), L1 inner product "
+              f"{t['inner_l1']:.4f} (initial {i['inner_l1']:.4f}) over {result['rows']} rows -> {target}")
+        out[r.name] = result
+    return out

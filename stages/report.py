@@ -1,0 +1,115 @@
+"""Stage `report`: runs side by side from what `dskd eval` and `dskd analyze` stored (nothing is generated).
+
+Writes <out_dir>/report.md (the scores table, NLL and lengths, representation distances, how to read them) and the
+PNGs it shows: scores.png, curves.png, representation.png. A run without stored results is listed with the command
+that produces them; a run whose checkpoint changed since its eval is marked stale.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+from pipeline.config import ConfigError, ReportConfig
+from pipeline.evaluation import checkpoint_hash, read_result, resolve_run, split_entry
+from pipeline.io_utils import atomic_write_text
+from pipeline.report import (
+    analysis_table,
+    details_table,
+    markdown_table,
+    plot_curves,
+    plot_distances,
+    plot_scores,
+    read_curves,
+)
+from stages.analyze import RESULT, analysis_dir
+
+SIMULATION = Path("runs/simulation/simulation.png")
+
+HOW_TO_READ = """\
+How to read this: each cell is the score's mean ± standard deviation over the preset's seeds (Rouge-L F × 100 of
+the answer against the best-matching reference; for gsm8k the share of final answers equal to the reference's). The
+average is taken over the Rouge-L test sets per seed, then over seeds. The best student of each column is in bold;
+a teacher row is the ceiling and is not a candidate. Differences smaller than about two standard deviations are
+within the spread of sampling."""
+
+
+def expand(entries: list[str]) -> list[str]:
+    """Glob patterns expanded (sorted), `NAME=PATH` kept; directories only."""
+    out = []
+    for e in entries:
+        name, path = split_entry(e)
+        matches = sorted(p for p in glob.glob(path) if Path(p).is_dir()) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ConfigError(f"report: {path!r} matches no run directory")
+        out += [f"{name}={m}" if name else m for m in matches]
+    return out
+
+
+def _rel(path: Path, start: Path) -> str:
+    return os.path.relpath(path, start)
+
+
+def run(cfg: ReportConfig) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, missing, stale, curves, analyses = [], [], [], {}, {}
+    for entry in expand(cfg.runs):
+        r = resolve_run(entry)
+        summary = read_result(r.eval_dir / f"results-{cfg.preset}.json")
+        if summary is None:
+            missing.append(entry)
+        else:
+            summary["name"] = r.name
+            if Path(r.ref.path).exists() and checkpoint_hash(r.ref) != summary["checkpoint"]:
+                stale.append(r.name)
+            results.append(summary)
+        run_curves: dict = {}
+        for m in r.metrics:
+            for k, pts in read_curves(m.parent).items():
+                run_curves.setdefault(k, []).extend(pts)
+        if run_curves:
+            curves[r.name] = run_curves
+        if (a := read_result(analysis_dir(entry) / RESULT)) is not None:
+            analyses[r.name] = a
+    if not results:
+        raise ConfigError(f"report: no run has results for preset {cfg.preset!r}; run `dskd eval` first "
+                          f"(make eval RUNS=\"{' '.join(cfg.runs)}\" PRESET={cfg.preset})")
+    suites = cfg.suites or list(dict.fromkeys(s for r in results for s in r["suites"]))
+    md = [f"# Report: preset `{cfg.preset}`", "", HOW_TO_READ, "", markdown_table(results, suites), ""]
+    md += [f"![scores]({plot_scores(results, suites, out / 'scores.png').name})", ""]
+    if stale:
+        md += [f"**Stale** (the checkpoint changed after its eval; re-run `make eval`): {', '.join(stale)}", ""]
+    if missing:
+        md += [f"**No results** for preset `{cfg.preset}`: {', '.join(missing)}; produce them with "
+               f"`make eval RUNS=\"{' '.join(missing)}\" PRESET={cfg.preset}`", ""]
+    md += ["## References' NLL and answer lengths", "",
+           "NLL: mean teacher-forced negative log-likelihood per token of the first reference (then EOS), and its "
+           "perplexity; lengths: generated tokens per answer and the share that ended with EOS (the rest hit the "
+           "token limit), averaged over seeds.", "", details_table(results, suites), ""]
+    md += ["## Training curves", ""]
+    if (p := plot_curves(curves, out / "curves.png")) is not None:
+        md += ["Every loss term and validation metric of each run's metrics.jsonl, by step.", "", f"![curves]({p.name})",
+               ""]
+    else:
+        md += ["(no run has a metrics.jsonl)", ""]
+    md += ["## Representation structure (DSKD section 5.3)", ""]
+    if analyses:
+        md += ["Mean L1 distance between the teacher's and the student's structure matrices (cosine, normalised "
+               "inner product) of response hidden states, over cached training rows; lower is closer to the "
+               "teacher. `initial` is the student before distillation. Per run: `<run>/analysis/structure.png`.", "",
+               analysis_table(analyses), "", f"![representation]({plot_distances(analyses, out / 'representation.png').name})",
+               ""]
+    else:
+        md += ["(no run analysed yet: `make analyze RUNS=\"...\"`)", ""]
+    if SIMULATION.is_file():
+        md += ["## Head simulation", "", f"The DSKD paper's simulation (`make simulate`): "
+               f"[{SIMULATION.name}]({_rel(SIMULATION.resolve(), out.resolve())})", ""]
+    md += ["## Sources", "", *[f"- {r['name']}: `{r['model']}` (checkpoint {r['checkpoint']}, "
+                               f"{json.dumps({k: v['n'] for k, v in r['suites'].items()})} rows)" for r in results], ""]
+    path = atomic_write_text(out / "report.md", "\n".join(md))
+    print(markdown_table(results, suites))
+    print(f"report: {path}")
+    return path
