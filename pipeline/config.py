@@ -576,6 +576,12 @@ class EvalConfig:
     gpu_memory_utilization: float = 0.5
     # where the results of `models` go
     out_dir: str = "runs/eval"
+    # lm-evaluation-harness tasks (the `harness` extra), stored and reported beside the suites; hub tasks need the
+    # dataset hub, `harness_include` a folder of local task YAMLs (configs/harness)
+    harness: list[str] = field(default_factory=list)
+    harness_limit: int | None = None
+    harness_fewshot: int | None = None
+    harness_include: str | None = None
 
     def __post_init__(self) -> None:
         if not self.runs and not self.models and not self.teacher:

@@ -68,6 +68,19 @@ def details_table(results: list[dict], suites: list[str]) -> str:
     return "\n".join(lines)
 
 
+def harness_table(results: list[dict]) -> str:
+    """lm-evaluation-harness metrics per run and task (stderr columns folded into `value ± stderr`)."""
+    lines = ["| run | task | metric | value |", "|---|---|---|---:|"]
+    for r in results:
+        for task, m in r.get("harness", {}).items():
+            for name, v in m.items():
+                if "_stderr" in name:
+                    continue
+                err = m.get(name.replace("[", "_stderr[", 1) if "[" in name else f"{name}_stderr")
+                lines.append(f"| {row_name(r)} | {task} | {name} | {v:.4f}" + (f" ± {err:.4f}" if err is not None else "") + " |")
+    return "\n".join(lines)
+
+
 def analysis_table(analyses: dict[str, dict]) -> str:
     lines = ["| run | rows | positions | L1 cosine (trained) | L1 cosine (initial) | L1 inner product (trained) | "
              "L1 inner product (initial) |", "|---|---:|---:|---:|---:|---:|---:|"]

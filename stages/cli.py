@@ -34,6 +34,7 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     from pipeline.cache_io import CacheError
     from pipeline.checkpoint import CheckpointError, TrainingDiverged
     from pipeline.data import DataError
+    from pipeline.harness import HarnessError
     from pipeline.models import ModelLoadError
     from pipeline.objectives import TeacherMismatch
     from pipeline.rollout import GenerationError
@@ -43,7 +44,7 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     try:
         return stage_run(cfg, **kwargs)
     except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch, CheckpointError,
-            TrainingDiverged, GenerationError, StageFailed) as e:
+            TrainingDiverged, GenerationError, StageFailed, HarnessError) as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
@@ -150,13 +151,16 @@ def _list(values) -> str:
 @click.option("--suite", "suites", multiple=True, help="a suite by name (replaces suites)")
 @click.option("--preset", default=None, help="protocol | quick | a preset of the config")
 @click.option("--teacher", default=None, metavar="DIR", help="also evaluate the teacher (the ceiling in reports)")
-def evaluate(config_path, overrides, runs, suites, preset, teacher):
+@click.option("--harness", default=None, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated "
+              "(the `harness` extra; `--set harness_include=configs/harness` for local task files)")
+def evaluate(config_path, overrides, runs, suites, preset, teacher, harness):
     """Every run answers every suite under a preset (the DSKD protocol by default); results are stored per
     (checkpoint, suite, preset, seed) and never computed twice."""
     from stages import evaluate as stage
 
     extra = [f"runs={_list(runs)}"] * bool(runs) + [f"suites={_list(suites)}"] * bool(suites)
     extra += [f"preset={preset}"] * bool(preset) + [f"teacher={teacher}"] * bool(teacher)
+    extra += [f"harness={_list(harness.split(','))}"] * bool(harness)
     _run(stage.run, _load(EvalConfig, config_path, [*overrides, *extra]))
 
 

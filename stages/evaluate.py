@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from pipeline import harness
 from pipeline.config import EvalConfig, ModelRef
 from pipeline.evaluation import (
     Suite,
@@ -36,7 +39,7 @@ from pipeline.evaluation import (
 from pipeline.io_utils import write_json
 from pipeline.metrics import score_suite
 from pipeline.models import check_model_ref, load_model, load_tokenizer
-from pipeline.report import markdown_table
+from pipeline.report import harness_table, markdown_table
 from pipeline.rollout import open_generator, resolve_backend
 
 
@@ -81,11 +84,24 @@ def evaluate_target(cfg: EvalConfig, t: Target, suites: list[Suite], preset_name
     max_new = {s.name: _effective_max_new(t, s, prompts[s.name], preset.generate.max_new_tokens, positions)
                for s in suites}
 
-    if cfg.nll and (todo := [s for s in suites if read_result(nll_path(t.eval_dir, ckpt, s.key, preset)) is None]):
+    nll_todo = [s for s in suites if cfg.nll and read_result(nll_path(t.eval_dir, ckpt, s.key, preset)) is None]
+    tasks = {task: harness.task_key(task, cfg.harness_limit, cfg.harness_fewshot, cfg.harness_include)
+             for task in cfg.harness}
+    harness_todo = [task for task, key in tasks.items() if read_result(t.eval_dir / ckpt / "harness" / f"{key}.json")
+                    is None]
+    if nll_todo or harness_todo:  # one hf model for the teacher-forced passes and the harness
         model = load_model(t.ref)
-        for s in todo:
+        for s in nll_todo:
             res = reference_nll(model, tokenizer, prompts[s.name], s.rows, max_new[s.name])
             write_json(nll_path(t.eval_dir, ckpt, s.key, preset), {"checkpoint": ckpt, "suite": s.key, **res})
+        for task in harness_todo:
+            start = time.perf_counter()
+            res = harness.run_task(model, tokenizer, task, limit=cfg.harness_limit, num_fewshot=cfg.harness_fewshot,
+                                   include=cfg.harness_include, batch_size=cfg.batch_size,
+                                   device="cuda" if torch.cuda.is_available() else "cpu")
+            write_json(t.eval_dir / ckpt / "harness" / f"{tasks[task]}.json",
+                       {"checkpoint": ckpt, "task": task, "key": tasks[task], "limit": cfg.harness_limit,
+                        "metrics": res, "wall_s": round(time.perf_counter() - start, 2)})
         del model
 
     seeds = preset.generate.seeds
@@ -125,6 +141,9 @@ def evaluate_target(cfg: EvalConfig, t: Target, suites: list[Suite], preset_name
                              "seeds": seeds_res, "nll": nll and {k: nll[k] for k in ("nll", "ppl", "tokens")}}
     summary = {"name": t.name, "role": t.role, "model": t.ref.path, "checkpoint": ckpt, "preset": preset_name,
                "preset_key": pkey, "suites": per_suite, "summary": summarise(per_suite)}
+    if tasks:
+        summary["harness"] = {task: read_result(t.eval_dir / ckpt / "harness" / f"{key}.json")["metrics"]
+                              for task, key in tasks.items()}
     write_summary(t.eval_dir, preset_name, summary)
     return summary
 
@@ -135,9 +154,14 @@ def run(cfg: EvalConfig) -> list[dict]:
     tgts = targets(cfg)
     for t in tgts:
         check_model_ref(t.ref)
+    if cfg.harness:
+        harness.require()
     results = [evaluate_target(cfg, t, suites, cfg.preset) for t in tgts]
     print()
     print(markdown_table(results, [s.name for s in suites]))
+    if cfg.harness:
+        print()
+        print(harness_table(results))
     for t in tgts:
         print(f"{t.name}: {t.eval_dir / f'results-{cfg.preset}.json'}")
     return results

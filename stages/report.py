@@ -18,6 +18,7 @@ from pipeline.io_utils import atomic_write_text
 from pipeline.report import (
     analysis_table,
     details_table,
+    harness_table,
     markdown_table,
     plot_curves,
     plot_distances,
@@ -89,6 +90,9 @@ def run(cfg: ReportConfig) -> Path:
            "NLL: mean teacher-forced negative log-likelihood per token of the first reference (then EOS), and its "
            "perplexity; lengths: generated tokens per answer and the share that ended with EOS (the rest hit the "
            "token limit), averaged over seeds.", "", details_table(results, suites), ""]
+    if any(r.get("harness") for r in results):
+        md += ["## lm-evaluation-harness", "", "Tasks run by `dskd eval --harness` (lm-eval's own metrics and "
+               "standard errors).", "", harness_table(results), ""]
     md += ["## Training curves", ""]
     if (p := plot_curves(curves, out / "curves.png")) is not None:
         md += ["Every loss term and validation metric of each run's metrics.jsonl, by step.", "", f"![curves]({p.name})",

@@ -424,3 +424,35 @@ def test_analyze_eval_and_report_on_trained_students(caches, tmp_path):
     text = out.read_text()
     assert f"| {kd.name} | " in text and f"| {v2.name} | " in text and " ± " in text
     assert (out.parent / "representation.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not __import__("pipeline.harness", fromlist=["available"]).available(),
+                    reason="lm-evaluation-harness is not installed (make install-harness)")
+def test_harness_bridge_runs_a_local_task_and_stores_it_with_the_results(tiny, tmp_path, monkeypatch):
+    """`--harness` runs an lm-eval task (GSM8K from the local file, 5 rows) on a run's model: its metrics land in
+    the results file and the report, and a second eval does not run it again."""
+    from pipeline.config import ReportConfig
+    from stages import evaluate, report
+
+    task = (ROOT / "configs/harness/gsm8k_local.yaml").read_text()
+    include = tmp_path / "tasks"
+    include.mkdir()
+    # the tiny models have 256 positions: shorter answers; the data file by absolute path
+    (include / "gsm8k_local.yaml").write_text(task.replace("max_gen_toks: 256", "max_gen_toks: 16").replace(
+        "../shared/data/gsm8k/test.jsonl", str(SHARED / "data/gsm8k/test.jsonl")))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final").symlink_to(tiny.teacher / "final", target_is_directory=True)
+    cfg = tiny.eval_cfg(run, "harness=[gsm8k_local]", f"harness_include={include}", "harness_limit=5")
+    (res,) = evaluate.run(cfg)
+    m = res["harness"]["gsm8k_local"]
+    assert 0.0 <= m["exact_match[last-number]"] <= 1.0 and "exact_match_stderr[last-number]" in m
+    (stored,) = run.glob("eval/*/harness/gsm8k_local-*.json")
+    assert json.loads(stored.read_text())["limit"] == 5
+    import pipeline.harness as h
+
+    monkeypatch.setattr(h, "run_task", lambda *a, **k: pytest.fail("the task ran again"))
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert evaluate.run(cfg)[0]["harness"] == res["harness"]
+    text = report.run(ReportConfig(runs=[str(run)], preset="tiny", out_dir=str(tmp_path / "r"))).read_text()
+    assert "## lm-evaluation-harness" in text and "| run | gsm8k_local | exact_match[last-number] |" in text
