@@ -160,7 +160,8 @@ def evaluate(config_path, overrides, runs, suites, preset, teacher, harness):
 
     extra = [f"runs={_list(runs)}"] * bool(runs) + [f"suites={_list(suites)}"] * bool(suites)
     extra += [f"preset={preset}"] * bool(preset) + [f"teacher={teacher}"] * bool(teacher)
-    extra += [f"harness={_list(harness.split(','))}"] * bool(harness)
+    if harness:
+        extra.append(f"harness={_list(harness.split(','))}")
     _run(stage.run, _load(EvalConfig, config_path, [*overrides, *extra]))
 
 
