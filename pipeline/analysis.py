@@ -85,6 +85,7 @@ def plot_structures(teacher: torch.Tensor, students: dict[str, torch.Tensor], pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = {"teacher": teacher, **students}
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
@@ -94,6 +95,8 @@ def plot_structures(teacher: torch.Tensor, students: dict[str, torch.Tensor], pa
         extra = "" if name == "teacher" else f"\nL1 to teacher {structure_distance(h, teacher)['cosine_l1']:.3f}"
         ax.set_title(f"{name}{extra}", fontsize=9)
         ax.set_xlabel("response position")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("response position")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
     fig.suptitle(title, fontsize=10)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # metrics.jsonl keys that are bookkeeping, not loss terms or validation metrics
 _NOT_CURVES = {"step", "lr", "tokens_per_s", "step_s", "loss_tokens", "peak_rss_mb", "elapsed_s", "kd_positions",
-               "teacher_max_err", "round"}
+               "teacher_max_err", "round", "aligned_positions"}
 
 
 def _cell(entry: dict | None, bold: bool) -> str:
@@ -93,19 +93,33 @@ def analysis_table(analyses: dict[str, dict]) -> str:
 
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric -> [(step, value)] from a run's metrics.jsonl (loss terms and validation metrics only)."""
+    """metric -> [(step, value)] from a run's metrics.jsonl (loss terms and validation metrics only). Steps are the
+    run's global steps: an on-policy round's run counts from its `train.step_offset`."""
+    import yaml
+
     path = run_dir / "metrics.jsonl"
     curves: dict[str, list[tuple[int, float]]] = {}
     if not path.is_file():
         return curves
+    offset = 0
+    if (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        offset = int((cfg.get("train") or {}).get("step_offset") or 0)
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
         for k, v in row.items():
             if k not in _NOT_CURVES and isinstance(v, (int, float)):
-                curves.setdefault(k, []).append((row["step"], float(v)))
+                curves.setdefault(k, []).append((offset + row["step"], float(v)))
     return curves
+
+
+def run_colors(names: list[str]) -> dict[str, object]:
+    """One colour per run, the same in every figure."""
+    plt = _plt()
+    cycle = plt.get_cmap("tab10").colors
+    return {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
 
 
 def _plt():
@@ -123,20 +137,23 @@ def plot_scores(results: list[dict], suites: list[str], path: Path) -> Path:
     import numpy as np
 
     cols = list(suites) + (["average"] if any("average" in r["summary"] for r in results) else [])
+    colors = run_colors([row_name(r) for r in results])
     width = 0.8 / max(len(results), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cols) * max(1, len(results) / 3)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(cols) * len(results) + 2), 5.0))
     x = np.arange(len(cols))
     for i, r in enumerate(results):
         means = [r["summary"][c]["mean"] if c in r["summary"] else np.nan for c in cols]
         stds = [r["summary"][c]["std"] if c in r["summary"] else 0 for c in cols]
         bars = ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-                      label=row_name(r), hatch="//" if r.get("role") == "teacher" else None)
+                      label=row_name(r), color=colors[row_name(r)], edgecolor="white",
+                      hatch="//" if r.get("role") == "teacher" else None)
         ax.bar_label(bars, labels=[f"{m:.1f}" if m == m else "" for m in means], fontsize=7, padding=2)
     ax.set_xticks(x, [column_title(c, results) if c != "average" else "average\n(Rouge-L)" for c in cols])
-    ax.set_ylabel("score (Rouge-L F × 100; accuracy % for gsm8k)")
-    ax.set_title(f"Scores per test set (mean ± std over seeds, preset {results[0]['preset']})")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_ylabel("Rouge-L F × 100  (gsm8k: accuracy %)")
+    ax.set_title(f"Scores per test set: mean ± std over seeds (preset {results[0]['preset']})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(2, len(results)), frameon=False)
     ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -150,22 +167,27 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     if not keys:
         return None
     plt = _plt()
+    colors = run_colors(list(curves))
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows + 0.6), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         for run, c in curves.items():
             if k in c:
-                steps, values = zip(*c[k])
-                ax.plot(steps, values, label=run, marker="o" if len(steps) < 15 else None, markersize=3)
-        ax.set_title(k)
-        ax.set_xlabel("step")
+                steps, values = zip(*sorted(c[k]))
+                ax.plot(steps, values, color=colors[run], marker="o" if len(steps) < 15 else None, markersize=3)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(labels) - 1) // 3), 1, 1))
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[r], label=r) for r in curves]
+    rows = (len(handles) + 1) // 2
+    fig.legend(handles=handles, loc="lower center", ncol=min(2, len(handles)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.025 * rows * 6 / max(nrows, 1) / 3, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -179,18 +201,23 @@ def plot_distances(analyses: dict[str, dict], path: Path) -> Path | None:
     import numpy as np
 
     names = list(analyses)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.4 * len(names) * 2), 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 2.6 * len(names)), 4.8))
     x = np.arange(len(names))
     for ax, key, title in zip(axes, ("cosine_l1", "inner_l1"), ("cosine similarity", "normalised inner product")):
         trained = [analyses[n]["trained"][key] for n in names]
         initial = [(analyses[n].get("initial") or {}).get(key, np.nan) for n in names]
-        ax.bar(x - 0.2, initial, 0.4, label="initial student", color="#bbbbbb")
-        ax.bar(x + 0.2, trained, 0.4, label="trained student")
+        for offset, values, label, color in ((-0.2, initial, "initial student", "#bbbbbb"),
+                                             (0.2, trained, "trained student", "#1f77b4")):
+            bars = ax.bar(x + offset, values, 0.4, label=label, color=color)
+            ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
         ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"L1 distance to the teacher: {title}")
+        ax.set_title(f"L1 distance to the teacher: {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_axisbelow(True)
+        ax.margins(y=0.12)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
