@@ -98,19 +98,23 @@ def _jsonl_lines(path: Path):
                 yield lineno, line
 
 
-def read_jsonl(path: Path, cfg: DataConfig) -> list[tuple[Example, str]]:
-    """(example, "file:line") in file order."""
-    out: list[tuple[Example, str]] = []
-    for lineno, line in _jsonl_lines(path):
-        if cfg.limit is not None and len(out) >= cfg.limit:
+def jsonl_records(path: Path, limit: int | None = None):
+    """(record, "file:line", default id "<stem>:<line>") of the first `limit` non-blank lines (all when None)."""
+    for n, (lineno, line) in enumerate(_jsonl_lines(path)):
+        if limit is not None and n >= limit:
             break
         where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append((_example(rec, where, cfg, default_id=f"{path.stem}:{lineno}"), where))
-    return out
+        yield rec, where, f"{path.stem}:{lineno}"
+
+
+def read_jsonl(path: Path, cfg: DataConfig) -> list[tuple[Example, str]]:
+    """(example, "file:line") in file order."""
+    return [(_example(rec, where, cfg, default_id=row_id), where)
+            for rec, where, row_id in jsonl_records(path, cfg.limit)]
 
 
 def rollout_shards(path: Path) -> list[Path]:

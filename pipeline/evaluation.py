@@ -33,7 +33,7 @@ from pipeline.config import (
     SuiteConfig,
     config_identity,
 )
-from pipeline.data import DataError, _jsonl_lines
+from pipeline.data import DataError, jsonl_records
 from pipeline.io_utils import hash_json, sha256_file, write_json
 from pipeline.metrics import HEADLINE
 
@@ -86,22 +86,21 @@ class Suite:
         return self.cfg.metric
 
 
+def _lookup(kind: str, name: str, own: dict, builtin: dict, section: str):
+    """The config's own definition first, then the built-in one."""
+    if name in own:
+        return own[name]
+    if name in builtin:
+        return builtin[name]
+    raise ConfigError(f"eval: unknown {kind} {name!r} (built in: {', '.join(builtin)}; or define it under {section})")
+
+
 def lookup_suite(cfg: EvalConfig, name: str) -> SuiteConfig:
-    if name in cfg.suite_defs:
-        return cfg.suite_defs[name]
-    if name in BUILTIN_SUITES:
-        return BUILTIN_SUITES[name]
-    raise ConfigError(f"eval: unknown suite {name!r} (built in: {', '.join(BUILTIN_SUITES)}; or define it under "
-                      "suite_defs)")
+    return _lookup("suite", name, cfg.suite_defs, BUILTIN_SUITES, "suite_defs")
 
 
 def lookup_preset(cfg: EvalConfig, name: str) -> EvalPreset:
-    if name in cfg.presets:
-        return cfg.presets[name]
-    if name in BUILTIN_PRESETS:
-        return BUILTIN_PRESETS[name]
-    raise ConfigError(f"eval: unknown preset {name!r} (built in: {', '.join(BUILTIN_PRESETS)}; or define it under "
-                      "presets)")
+    return _lookup("preset", name, cfg.presets, BUILTIN_PRESETS, "presets")
 
 
 def preset_key(name: str, preset: EvalPreset) -> str:
@@ -159,15 +158,7 @@ def load_suite(name: str, s: SuiteConfig, data_root: str, limit: int | None) -> 
         if not path.is_file():
             hint = " (set data_root to the folder that holds minillm_eval/ and gsm8k/)" if "{data_root}" in s.path else ""
             raise DataError(f"suite {name}: {path}: data file not found{hint}")
-        for lineno, line in _jsonl_lines(path):
-            if limit is not None and len(rows) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_row(rec, where, s, f"{path.stem}:{lineno}"))
+        rows = [_row(rec, where, s, row_id) for rec, where, row_id in jsonl_records(path, limit)]
         data_id = sha256_file(path)
     else:  # a Hugging Face dataset name
         import datasets
