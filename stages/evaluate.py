@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline import harness
-from pipeline.config import EvalConfig, ModelRef
+from pipeline.config import ConfigError, EvalConfig, ModelRef
 from pipeline.evaluation import (
     Suite,
     checkpoint_hash,
@@ -69,7 +69,7 @@ def _effective_max_new(t: Target, suite: Suite, prompts: list[list[int]], wanted
         return wanted
     longest = max(len(p) for p in prompts)
     if positions - longest < 1:
-        raise ValueError(f"eval {t.name}: suite {suite.name}: prompts of {longest} tokens leave no room to answer in "
+        raise ConfigError(f"eval {t.name}: suite {suite.name}: prompts of {longest} tokens leave no room to answer in "
                          f"the model's {positions} positions; lower the preset's max_prompt_length")
     return min(wanted, positions - longest)
 

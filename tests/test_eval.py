@@ -405,6 +405,7 @@ def test_a_model_against_its_own_hidden_states_is_at_distance_zero(tiny):
     assert representation_distance(model, [row])["cosine_l1"] > 1e-3
 
 
+@pytest.mark.slow  # two students trained, analysed, evaluated and reported
 def test_analyze_eval_and_report_on_trained_students(caches, tmp_path):
     from pipeline.config import ReportConfig
     from stages import analyze, distill, evaluate, report
@@ -426,6 +427,7 @@ def test_analyze_eval_and_report_on_trained_students(caches, tmp_path):
     assert (out.parent / "representation.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # lm-eval's import and task setup: about a minute on 2 cores
 @pytest.mark.skipif(not __import__("pipeline.harness", fromlist=["available"]).available(),
                     reason="lm-evaluation-harness is not installed (make install-harness)")
 def test_harness_bridge_runs_a_local_task_and_stores_it_with_the_results(tiny, tmp_path, monkeypatch):
