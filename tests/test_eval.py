@@ -164,6 +164,10 @@ def test_protocol_settings_reach_the_backend(tiny, tmp_path, monkeypatch):
                      suite_defs={"s": SuiteConfig(path=str(data), id_field="id")}, backend="hf", nll=False)
     evaluate.run(cfg)
     assert [c["seed"] for c in calls] == [10, 20, 30, 40, 50]
+    # the teacher answers under the same settings, marked as the ceiling
+    calls.clear()
+    (student, teacher) = evaluate.run(replace(cfg, teacher=str(tiny.teacher)))
+    assert (student["role"], teacher["role"]) == ("student", "teacher") and len(calls) == 5  # the student's: stored
     for c in calls:
         s = c["s"]
         assert (s.do_sample, s.temperature, s.top_p, s.top_k, s.no_repeat_ngram_size, s.max_new_tokens) == \

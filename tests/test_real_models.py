@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -175,3 +176,48 @@ def test_real_models_answer_and_are_scored_on_policy(tmp_path):
         f"data.path={gemma}", f"out_dir={tmp_path / 'c-g2s'}", f"student_tokenizer.path={GEMMA.path}",
         f"student_tokenizer.gguf_file={GEMMA.gguf_file}", "cache.rows_per_shard=2", "cache.batch_size=2", *SHORT]))
     assert not assert_labels_are_the_sampled_ids(scored, gemma).manifest.same_tokenizer
+
+
+def test_real_runs_are_analysed_evaluated_and_reported(tmp_path):
+    """The evaluation tools on real models: a GGUF SmolLM2 student distilled from a bfloat16 SmolLM2 cache (kd) and
+    from a Gemma-3 cache across tokenizers (dskd_eta, aligned pairs only) is analysed (trained and initial
+    student), evaluated on Dolly beside the GGUF model itself, and reported."""
+    from pipeline.config import EvalConfig, EvalPreset, GenerateConfig, ReportConfig
+    from pipeline.evaluation import BUILTIN_SUITES
+    from stages import analyze, evaluate, report
+
+    data = [f"data.path={DOLLY}", "data.limit=4", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]
+    same = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml",
+                                         [f"out_dir={tmp_path / 'c-smol'}", *data]))
+    cross = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "gemma3-270m_to_smollm2-135m/teacher_cache.yaml",
+                                          [f"out_dir={tmp_path / 'c-gemma'}", *data]))
+    kd = distill.run(_stage2(same, tmp_path / "s", "loss.objective=kd", "checkpoint.every=0", "train.steps=1",
+                             "train.lr=1e-4"))
+    eta = distill.run(_stage2(cross, tmp_path / "s", "loss.objective=dskd_eta", "checkpoint.every=0",
+                              "train.steps=1", "train.lr=1e-4"))
+    res = analyze.run([str(kd), str(eta)], rows=4)
+    reader = CacheReader(cross)
+    pairs = [len(reader[i].align_student) for i in range(len(reader))]  # rows with < 2 pairs are skipped
+    responses = sum(len(reader[i].student_ids) - reader[i].student_response_start for i in range(len(reader)))
+    assert res[eta.name]["positions"] == sum(n for n in pairs if n >= 2) < responses  # the aligned pairs only
+    assert res[eta.name]["rows"] == sum(n >= 2 for n in pairs)
+    same_reader = CacheReader(same)
+    assert res[kd.name]["positions"] == sum(len(same_reader[i].student_ids) - same_reader[i].student_response_start
+                                            for i in range(len(same_reader)))
+    for r in res.values():
+        for side in ("trained", "initial"):
+            assert 0 < r[side]["cosine_l1"] < 2 and 0 < r[side]["inner_l1"]
+    dolly = replace(BUILTIN_SUITES["dolly"], path=str(DOLLY))
+    preset = EvalPreset(generate=GenerateConfig(max_new_tokens=16, do_sample=True, no_repeat_ngram_size=6,
+                                                seeds=[10, 20]), limit=4)
+    out = evaluate.run(EvalConfig(runs=[str(kd), str(eta)], models={"smollm2": SMOL}, suites=["dolly"],
+                                  suite_defs={"dolly": dolly}, preset="p", presets={"p": preset}, backend="hf",
+                                  out_dir=str(tmp_path / "models")))
+    for r in out:
+        s = r["suites"]["dolly"]
+        assert set(s["seeds"]) == {"10", "20"} and 0 <= r["summary"]["dolly"]["mean"] <= 100
+        assert s["nll"]["tokens"] > 0 and 1 < s["nll"]["ppl"] < 1e4
+    assert out[2]["role"] == "model" and (tmp_path / "models/smollm2/results-p.json").is_file()
+    text = report.run(ReportConfig(runs=[str(kd), str(eta)], preset="p", out_dir=str(tmp_path / "r"))).read_text()
+    assert f"| {kd.name} | " in text and f"| {eta.name} | " in text and "Stale" not in text
+    assert (tmp_path / "r/representation.png").is_file()
