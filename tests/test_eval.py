@@ -135,6 +135,13 @@ def test_the_protocol_is_the_papers():
 # the protocol's settings reach the backend
 
 
+def _run_on(model_dir: Path, run: Path) -> Path:
+    """A run directory whose final model is `model_dir`: evaluating it writes into `run`, not the shared fixture."""
+    run.mkdir()
+    (run / "final").symlink_to(model_dir / "final", target_is_directory=True)
+    return run
+
+
 def _suite_file(path: Path, prompts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p, "output": "ref answer"}) + "\n"
                             for i, p in enumerate(prompts)))
@@ -166,7 +173,7 @@ def test_protocol_settings_reach_the_backend(tiny, tmp_path, monkeypatch):
     assert [c["seed"] for c in calls] == [10, 20, 30, 40, 50]
     # the teacher answers under the same settings, marked as the ceiling
     calls.clear()
-    (student, teacher) = evaluate.run(replace(cfg, teacher=str(tiny.teacher)))
+    (student, teacher) = evaluate.run(replace(cfg, teacher=str(_run_on(tiny.teacher, tmp_path / "teacher"))))
     assert (student["role"], teacher["role"]) == ("student", "teacher") and len(calls) == 5  # the student's: stored
     for c in calls:
         s = c["s"]
@@ -260,9 +267,7 @@ if __name__ == "__main__":
 def test_eval_killed_midway_resumes_at_the_next_unfinished_pair(tiny, tmp_path, monkeypatch):
     from stages import evaluate
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "final").symlink_to(tiny.teacher / "final", target_is_directory=True)
+    run = _run_on(tiny.teacher, tmp_path / "run")
     cfg = EvalConfig(runs=[str(run)], suites=["train"], preset="p", backend="hf", batch_size=16,
                      suite_defs={"train": SuiteConfig(path=str(tiny.data / "train.jsonl"), reference_field="response",
                                                       id_field="id")},
@@ -446,9 +451,7 @@ def test_harness_bridge_runs_a_local_task_and_stores_it_with_the_results(tiny, t
     # the tiny models have 256 positions: shorter answers; the data file by absolute path
     (include / "gsm8k_local.yaml").write_text(task.replace("max_gen_toks: 256", "max_gen_toks: 16").replace(
         "../shared/data/gsm8k/test.jsonl", str(SHARED / "data/gsm8k/test.jsonl")))
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "final").symlink_to(tiny.teacher / "final", target_is_directory=True)
+    run = _run_on(tiny.teacher, tmp_path / "run")
     cfg = tiny.eval_cfg(run, "harness=[gsm8k_local]", f"harness_include={include}", "harness_limit=5")
     (res,) = evaluate.run(cfg)
     m = res["harness"]["gsm8k_local"]
