@@ -1,12 +1,13 @@
 """The built-in default: a generated instruction task, two tokenizers trained on it, and tiny models.
 
-Everything is deterministic from the config and needs no network. The task mixes templated instructions with exact
-answers (addition, subtraction, unit conversion, sorting, word edits) in the `{"prompt", "response"}` jsonl format.
-Every task is compositional (a rule over digits or over words seen in training), so test prompts, which never appear
-in training, are solvable.
+Everything is deterministic from the config and needs no network. The task: pick words of a named category out of a
+list (one of them, two of them, or the one that does not belong), in the `{"prompt", "response", "answers"}` jsonl
+format. It is compositional (each word's category is learned from training rows; the lists of the test prompts are
+new) and most prompts have several right answers, of which the labelled response is one drawn at random: the
+teacher's distribution shows all of them, a label shows one. That is where soft targets carry what labels do not.
 The tokenizers are of different kinds, so the default shows both same- and cross-tokenizer distillation:
 - "bpe": byte-level BPE (GPT-2 / Llama-3 / Qwen style);
-- "metaspace": a SentencePiece-style Unigram model with the Metaspace ('▁') pre-tokenizer (Llama-2 / T5 style).
+- "metaspace": a SentencePiece-style BPE model with the Metaspace ('▁') pre-tokenizer (Llama-2 style).
 """
 
 from __future__ import annotations
@@ -20,101 +21,77 @@ from pipeline.data import write_jsonl
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
-WORDS = (
-    "apple river garden stone music window planet forest silver candle bridge orange winter summer yellow "
-    "market pencil rocket island coffee dragon mirror basket castle violet thunder meadow lantern pepper "
-    "tiger ocean branch cloud marble feather copper harbor jungle velvet engine puzzle shadow blanket wizard "
-    "carpet falcon ginger hammer kettle lemon magnet needle parrot quartz saddle tunnel walnut zebra"
-).split()
-
-UNITS = [  # (from, to, factor): powers of ten, so an unseen number converts by the same rule
-    ("km", "m", 1000),
-    ("m", "cm", 100),
-    ("cm", "mm", 10),
-    ("kg", "g", 1000),
-    ("L", "mL", 1000),
-]
-
-
-def _add(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(0, 30), r.randint(0, 30)
-    return f"What is {a} + {b}?", str(a + b)
-
-
-def _sub(r: random.Random) -> tuple[str, str]:
-    a = r.randint(0, 40)
-    b = r.randint(0, a)
-    return f"What is {a} - {b}?", str(a - b)
-
-
-def _convert(r: random.Random) -> tuple[str, str]:
-    src, dst, factor = r.choice(UNITS)
-    n = r.randint(1, 99)
-    return f"Convert {n} {src} to {dst}.", f"{n * factor} {dst}"
-
-
-def _sort(r: random.Random) -> tuple[str, str]:
-    xs = [r.randint(0, 30) for _ in range(r.randint(3, 5))]
-    order = r.choice(["ascending", "descending"])
-    ys = sorted(xs, reverse=order == "descending")
-    return f"Sort in {order} order: {', '.join(map(str, xs))}", ", ".join(map(str, ys))
-
-
-def _reverse(r: random.Random) -> tuple[str, str]:
-    ws = r.sample(WORDS, r.randint(2, 4))
-    return f"Reverse the order of the words: {' '.join(ws)}", " ".join(reversed(ws))
-
-
-def _upper(r: random.Random) -> tuple[str, str]:
-    ws = r.sample(WORDS, r.randint(1, 3))
-    return f"Write in capital letters: {' '.join(ws)}", " ".join(ws).upper()
-
-
-def _repeat(r: random.Random) -> tuple[str, str]:
-    w, n = r.choice(WORDS), r.randint(2, 4)
-    return f"Repeat the word {w} {n} times.", " ".join([w] * n)
-
-
-def _first_letters(r: random.Random) -> tuple[str, str]:
-    ws = r.sample(WORDS, r.randint(2, 4))
-    return f"Give the first letter of each word: {' '.join(ws)}", "".join(w[0] for w in ws)
-
-
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add,
-    "subtract": _sub,
-    "convert": _convert,
-    "sort": _sort,
-    "reverse_words": _reverse,
-    "uppercase": _upper,
-    "repeat": _repeat,
-    "first_letters": _first_letters,
+# Twelve categories of six words. A prompt names one to three categories; any word of each, in order, is right.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "fruit": ("apple", "lemon", "mango", "cherry", "grape", "peach"),
+    "animal": ("tiger", "zebra", "parrot", "horse", "rabbit", "monkey"),
+    "colour": ("violet", "yellow", "silver", "purple", "green", "brown"),
+    "tool": ("hammer", "needle", "magnet", "kettle", "shovel", "ladder"),
+    "place": ("island", "castle", "market", "harbor", "jungle", "meadow"),
+    "instrument": ("drum", "flute", "guitar", "piano", "violin", "trumpet"),
+    "vehicle": ("rocket", "train", "truck", "bicycle", "wagon", "canoe"),
+    "drink": ("coffee", "tea", "milk", "juice", "water", "cocoa"),
+    "metal": ("iron", "copper", "gold", "zinc", "nickel", "tin"),
+    "sport": ("tennis", "soccer", "hockey", "golf", "rugby", "boxing"),
+    "weather": ("rain", "snow", "storm", "fog", "wind", "hail"),
+    "clothing": ("shirt", "jacket", "scarf", "boots", "gloves", "hat"),
 }
+CATEGORY_OF = {w: c for c, ws in CATEGORIES.items() for w in ws}
+# the chain rule: each word is of the category after the previous word's, in this (cyclic) order
+ORDER = tuple(CATEGORIES)
+NEXT = {c: ORDER[(i + 1) % len(ORDER)] for i, c in enumerate(ORDER)}
+SHOWN = 3  # words of the chain the prompt shows
+ASKED = 3  # words the answer adds
+
+
+def _draw(r: random.Random) -> tuple[str, str]:
+    """A chain of SHOWN words that follows the rule, from a random start; returns the instruction and the last word."""
+    words = [r.choice(CATEGORIES[r.choice(ORDER)])]
+    while len(words) < SHOWN:
+        words.append(r.choice(CATEGORIES[NEXT[CATEGORY_OF[words[-1]]]]))
+    return f"Continue the chain with {ASKED} more words: {' '.join(words)}", words[-1]
+
+
+def right_answers(last: str) -> list[str]:
+    """The answer rule: ASKED words, each of the category after the previous word's, separated by spaces."""
+    import itertools
+
+    cats, c = [], CATEGORY_OF[last]
+    for _ in range(ASKED):
+        c = NEXT[c]
+        cats.append(CATEGORIES[c])
+    return [" ".join(ws) for ws in itertools.product(*cats)]
 
 
 def generate_splits(cfg: TaskDataConfig) -> dict[str, list[dict]]:
-    """Disjoint train/valid/test splits (no prompt appears in two splits), round-robin over the task kinds."""
+    """Test, valid and train rows whose prompts never appear in two splits.
+
+    A row's "response" is one right answer drawn uniformly (what one labeller writes down); test and valid rows also
+    list every right answer under "answers", the drawn one first (the reference whose NLL eval reports). Test and
+    valid prompts are distinct; a train prompt may recur with a fresh answer (several labellers), so the labels show
+    the spread of right answers only across rows, while a teacher's distribution shows it at every row."""
     r = random.Random(cfg.seed)
-    sizes = {"test": cfg.n_test, "valid": cfg.n_valid, "train": cfg.n_train}
-    seen: set[str] = set()
+    held: set[str] = set()
     splits: dict[str, list[dict]] = {}
-    names = sorted(TASKS)
-    i = 0
-    for split, n in sizes.items():
+    for split, n in {"test": cfg.n_test, "valid": cfg.n_valid, "train": cfg.n_train}.items():
         rows: list[dict] = []
         attempts = 0
         while len(rows) < n:
             attempts += 1
             if attempts > 50 * n + 1000:
                 raise ValueError(f"cannot draw {n} distinct {split} prompts; lower task sizes")
-            kind = names[i % len(names)]
-            instruction, answer = TASKS[kind](r)
-            i += 1
+            instruction, last = _draw(r)
             prompt = TEMPLATE.format(instruction=instruction)
-            if prompt in seen:
+            if prompt in held:
                 continue
-            seen.add(prompt)
-            rows.append({"id": f"{split}-{len(rows):05d}", "task": kind, "prompt": prompt, "response": answer})
+            if split != "train":
+                held.add(prompt)
+            answers = right_answers(last)
+            response = r.choice(answers)
+            row = {"id": f"{split}-{len(rows):05d}", "prompt": prompt, "response": response}
+            if split != "train":
+                row["answers"] = [response] + [a for a in answers if a != response]
+            rows.append(row)
         splits[split] = rows
     return splits
 
@@ -160,18 +137,22 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
 
 
 def train_metaspace_tokenizer(texts: list[str], vocab_size: int):
-    """SentencePiece-style Unigram with the Metaspace pre-tokenizer; EOS '</s>', pad '<pad>', unk '<unk>'."""
+    """SentencePiece-style BPE (Llama-2 style: '▁' marks a space, pieces are characters, not bytes) with the Metaspace
+    pre-tokenizer; EOS '</s>', pad '<pad>', unk '<unk>'. (The Unigram trainer of `tokenizers` degenerates to single
+    characters on a corpus this small.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")]
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),  # a line break is a token of its own
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        ]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "</s>", "<pad>"], unk_token="<unk>", show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>", "<pad>"], show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
