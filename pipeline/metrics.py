@@ -29,7 +29,14 @@ def rouge_l(prediction: str, references: list[str]) -> float:
         from rouge_score import rouge_scorer
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return max(_SCORER.score(r, prediction)["rougeL"].fmeasure for r in references)
+    best = 0.0
+    # a reference equal to the prediction first: F = 1 is the maximum and ends the search (a prompt of the built-in
+    # task has 216 references)
+    for r in sorted(references, key=lambda r: r != prediction):
+        best = max(best, _SCORER.score(r, prediction)["rougeL"].fmeasure)
+        if best >= 1.0:
+            break
+    return best
 
 
 def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:

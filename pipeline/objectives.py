@@ -1,7 +1,7 @@
 """Objectives: compose a Batch, the student's hidden states, the projectors and the losses into one training loss.
 
 Every objective is L = (1 - alpha) * CE + alpha * KD (reference sections 2-7), each term already normalised:
-- sft        CE only (seqkd is sft on teacher-generated responses).
+- sft        CE only, alpha ignored (seqkd is sft on teacher-generated responses).
 - kd         KD = D(teacher, student) in the shared vocabulary (heads of one family truncated to the shared ids).
 - dskd       v1, same vocabulary: KD = t2s_kd + t2s_ce (gold labels) + s2t_kd, projectors t2s and s2t trained.
 - dskd_v2    same vocabulary: t2s initialised by logit identity, t2s_ce on the teacher's argmax, t2s_kd masked to
@@ -162,9 +162,9 @@ class Objective:
 
     def _done(self, ce: torch.Tensor, kd: dict[str, torch.Tensor], stats: dict) -> ObjectiveOutput:
         a = self.cfg.alpha
-        total_kd = sum(kd.values()) if kd else torch.zeros((), device=ce.device)
+        total_kd = sum(kd.values())
         loss = (1 - a) * ce + a * total_kd
-        terms = {"ce": ce, **({"kd": total_kd, **kd} if kd else {})}
+        terms = {"ce": ce, "kd": total_kd, **kd}
         return ObjectiveOutput(loss, terms, stats)
 
     # ---- entry point
@@ -179,7 +179,8 @@ class Objective:
         if name == "sft":
             out = _chunked(lambda h, y: {"ce": cross_entropy_sum(student.head(h), y)}, len(labels), self.chunk,
                            student.hidden, labels)
-            return self._done(out["ce"] / normaliser, {}, {})
+            ce = out["ce"] / normaliser  # the whole loss: alpha weighs CE against a KD term, and sft has none
+            return ObjectiveOutput(ce, {"ce": ce}, {})
         if name in ("kd", "uld", "mined"):
             return self._student_space_kd(batch, student, labels, normaliser)
         if name == "dskd_cma":

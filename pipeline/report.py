@@ -5,6 +5,8 @@ nothing that needs a model."""
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from pathlib import Path
 
 # metrics.jsonl keys that are bookkeeping, not loss terms or validation metrics
@@ -12,10 +14,10 @@ _NOT_CURVES = {"step", "lr", "tokens_per_s", "step_s", "loss_tokens", "peak_rss_
                "teacher_max_err", "round", "aligned_positions"}
 
 
-def _cell(entry: dict | None, bold: bool) -> str:
+def _cell(entry: dict | None, bold: bool, digits: int = 2) -> str:
     if entry is None:
         return "–"
-    text = f"{entry['mean']:.2f}" + (f" ± {entry['std']:.2f}" if entry["n"] > 1 else "")
+    text = f"{entry['mean']:.{digits}f}" + (f" ± {entry['std']:.{digits}f}" if entry["n"] > 1 else "")
     return f"**{text}**" if bold else text
 
 
@@ -48,6 +50,103 @@ def markdown_table(results: list[dict], suites: list[str]) -> str:
             cells.append(_cell(e, e is not None and r.get("role") != "teacher" and e["mean"] == best[c]))
         lines.append(f"| {row_name(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# a run trained with another seed is named `<name>__seed<N>` (make demo); such runs are one row of the seeds table
+SEED_SUFFIX = re.compile(r"__seed(\d+)$")
+
+
+def seed_groups(results: list[dict]) -> dict[str, list[dict]]:
+    """Results grouped by run name without its `__seed<N>` suffix, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(SEED_SUFFIX.sub("", row_name(r)), []).append(r)
+    return groups
+
+
+def per_run_means(r: dict, suite: str) -> dict[str, float] | None:
+    """One run's scores on one suite, each averaged over the preset's sampling seeds; NLL (seed-independent)."""
+    s = r["suites"].get(suite)
+    if s is None:
+        return None
+    seeds = list(s["seeds"].values())
+    out = {k: statistics.fmean(v["scores"][k] for v in seeds) for k in seeds[0]["scores"]}
+    if s.get("nll"):
+        out["nll"] = s["nll"]["nll"]
+    return out
+
+
+def seed_summary(groups: dict[str, list[dict]], suite: str) -> dict[str, dict[str, dict]]:
+    """group -> metric -> mean / std / n over the group's runs (training seeds) of each run's per-run mean."""
+    from pipeline.evaluation import mean_std
+
+    out: dict[str, dict[str, dict]] = {}
+    for name, runs in groups.items():
+        per = [m for m in (per_run_means(r, suite) for r in runs) if m is not None]
+        if per:
+            out[name] = {k: mean_std([m[k] for m in per]) for k in per[0] if all(k in m for m in per)}
+    return out
+
+
+SEED_METRICS = (("exact_match", "exact match %", True), ("rougeL", "Rouge-L", True), ("nll", "NLL of the reference", False))
+
+
+def seeds_table(groups: dict[str, list[dict]], suite: str) -> str:
+    """rows = runs grouped over training seeds; cells `mean ± std` over the seeds of each run's mean over sampling
+    seeds; the best student of each column in bold (highest score, lowest NLL)."""
+    summ = seed_summary(groups, suite)
+    cols = [(k, title, up) for k, title, up in SEED_METRICS if any(k in m for m in summ.values())]
+    students = [g for g in summ if not any(r.get("role") == "teacher" for r in groups[g])]
+    best = {}
+    for k, _, up in cols:
+        vals = [summ[g][k]["mean"] for g in students if k in summ[g]]
+        best[k] = (max if up else min)(vals) if len(vals) > 1 else None
+    lines = ["| run | training seeds | " + " | ".join(t for _, t, _ in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for g, m in summ.items():
+        teacher = g not in students
+        cells = [_cell(m.get(k), not teacher and k in m and m[k]["mean"] == best[k], digits=3 if k == "nll" else 2)
+                 for k, _, _ in cols]
+        seeds = ", ".join(SEED_SUFFIX.search(row_name(r)).group(1) if SEED_SUFFIX.search(row_name(r)) else "–"
+                          for r in groups[g])
+        lines.append(f"| {g} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_seeds(groups: dict[str, list[dict]], suite: str, path: Path) -> Path:
+    """Two panels (exact match or Rouge-L; NLL): one bar per run group, error bars = std over training seeds, and
+    every training seed's own value as a dot."""
+    plt = _plt()
+    summ = seed_summary(groups, suite)
+    score = "exact_match" if any("exact_match" in m for m in summ.values()) else "rougeL"
+    names = list(summ)
+    colors = run_colors(names)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(names) + 3), 4.6))
+    for ax, key, label in ((axes[0], score, dict((k, t) for k, t, _ in SEED_METRICS)[score]),
+                           (axes[1], "nll", "NLL of the reference (lower is better)")):
+        shown = [n for n in names if key in summ[n]]
+        for i, n in enumerate(shown):
+            e = summ[n][key]
+            teacher = any(r.get("role") == "teacher" for r in groups[n])
+            ax.bar(i, e["mean"], 0.7, yerr=e["std"] if e["n"] > 1 else None, capsize=4, color=colors[n],
+                   hatch="//" if teacher else None, edgecolor="white")
+            vals = [m[key] for m in (per_run_means(r, suite) for r in groups[n]) if m and key in m]
+            if len(vals) > 1:
+                ax.scatter([i + 0.12] * len(vals), vals, s=8, color="black", zorder=3)
+            top = max([e["mean"] + (e["std"] if e["n"] > 1 else 0.0), *vals])
+            ax.annotate(f"{e['mean']:.3f}" if key == "nll" else f"{e['mean']:.1f}", (i, top), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        labels = ["teacher" if any(r.get("role") == "teacher" for r in groups[n]) else n.split("__")[-1] for n in shown]
+        ax.set_xticks(range(len(shown)), labels, rotation=20, ha="right", fontsize=8)
+        ax.margins(y=0.1)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle(f"{suite}: mean ± std over training seeds (dots: each seed)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def details_table(results: list[dict], suites: list[str]) -> str:

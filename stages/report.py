@@ -23,7 +23,10 @@ from pipeline.report import (
     plot_curves,
     plot_distances,
     plot_scores,
+    plot_seeds,
     read_curves,
+    seed_groups,
+    seeds_table,
 )
 from stages.analyze import RESULT, analysis_dir
 
@@ -35,6 +38,12 @@ the answer against the best-matching reference; for gsm8k the share of final ans
 average is taken over the Rouge-L test sets per seed, then over seeds. The best student of each column is in bold;
 a teacher row is the ceiling and is not a candidate. Differences smaller than about two standard deviations are
 within the spread of sampling."""
+
+SEEDS_HOW_TO_READ = """\
+Runs named `<name>__seed<N>` are one row here: each training seed's run is first averaged over the preset's sampling
+seeds, and the cell is the mean ± standard deviation of those per-run means over the training seeds (the spread of
+training, which the table above, per run, does not show). Exact match: the answer equals one of the reference
+answers; NLL: teacher-forced, per token, of the first reference. Best student per column in bold."""
 
 
 def expand(entries: list[str]) -> list[str]:
@@ -81,6 +90,12 @@ def run(cfg: ReportConfig) -> Path:
     suites = cfg.suites or list(dict.fromkeys(s for r in results for s in r["suites"]))
     md = [f"# Report: preset `{cfg.preset}`", "", HOW_TO_READ, "", markdown_table(results, suites), ""]
     md += [f"![scores]({plot_scores(results, suites, out / 'scores.png').name})", ""]
+    groups = seed_groups(results)
+    if any(len(g) > 1 for g in groups.values()):
+        md += ["## Over training seeds", "", SEEDS_HOW_TO_READ, ""]
+        for suite in suites:
+            png = plot_seeds(groups, suite, out / f"seeds-{suite}.png")
+            md += [f"### {suite}", "", seeds_table(groups, suite), "", f"![seeds]({png.name})", ""]
     if stale:
         md += [f"**Stale** (the checkpoint changed after its eval; re-run `make eval`): {', '.join(stale)}", ""]
     if missing:

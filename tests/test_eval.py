@@ -376,6 +376,40 @@ def test_report_of_two_fake_runs_is_exactly_the_table(tmp_path):
     assert "**Stale**" in report.run(ReportConfig(runs=[str(a)], out_dir=str(tmp_path / "r3"))).read_text()
 
 
+def test_report_groups_training_seeds_into_one_row(tmp_path):
+    """Runs named <name>__seed<N> are one row of the seeds table: mean ± std over training seeds of each run's mean
+    over sampling seeds, for exact match, Rouge-L and NLL; the teacher stays a row of its own."""
+    from pipeline.config import ReportConfig
+    from stages import report
+
+    def run(name, rouge, em, nll, role="student"):
+        r = _fake_run(tmp_path / "runs", name, {"dolly": rouge}, role=role)
+        res = json.loads((r / "eval/results-protocol.json").read_text())
+        for v, e in zip(res["suites"]["dolly"]["seeds"].values(), em):
+            v["scores"]["exact_match"] = e
+        res["suites"]["dolly"]["nll"]["nll"] = nll
+        (r / "eval/results-protocol.json").write_text(json.dumps(res))
+
+    run("kd__seed1", [10.0, 20.0], [40.0, 60.0], 1.0)  # per-run means: Rouge-L 15, EM 50
+    run("kd__seed2", [30.0, 30.0], [70.0, 70.0], 2.0)  # 30, 70
+    run("sft__seed1", [5.0, 5.0], [10.0, 10.0], 3.0)
+    run("sft__seed2", [5.0, 7.0], [10.0, 30.0], 3.5)
+    run("teacher", [50.0, 50.0], [90.0, 92.0], 0.5, role="teacher")
+    text = report.run(ReportConfig(runs=[str(tmp_path / "runs/*__seed*"), str(tmp_path / "runs/teacher")],
+                                   out_dir=str(tmp_path / "report"))).read_text()
+    table = """\
+| run | training seeds | exact match % | Rouge-L | NLL of the reference |
+|---|---:|---:|---:|---:|
+| kd | 1, 2 | **60.00 ± 14.14** | **22.50 ± 10.61** | **1.500 ± 0.707** |
+| sft | 1, 2 | 15.00 ± 7.07 | 5.50 ± 0.71 | 3.250 ± 0.354 |
+| teacher (teacher) | – | 91.00 | 50.00 | 0.500 |"""
+    assert "## Over training seeds" in text and table in text, text
+    assert (tmp_path / "report/seeds-dolly.png").stat().st_size > 10_000 and "](seeds-dolly.png)" in text
+    # without seed suffixes there is no such section
+    text = report.run(ReportConfig(runs=[str(tmp_path / "runs/teacher")], out_dir=str(tmp_path / "r2"))).read_text()
+    assert "Over training seeds" not in text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # representation analysis
 

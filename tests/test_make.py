@@ -76,3 +76,27 @@ def test_onpolicy_rounds_and_set_reach_the_onpolicy_stage():
     assert any("teacher_cache.yaml" in line for line in lines)  # the gold cache comes first
     (check,) = [line for line in dry_run("onpolicy", "ROUNDS=2", checks=True) if "onpolicy.yaml" in line]
     assert "--set rounds=2" in check
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_demo_trains_every_student_per_seed_then_evaluates_and_reports_them_all():
+    """`make demo`'s loop, run with `dskd` replaced by echo: per training seed sft / kd / dskd_v2 from the one cache
+    and an on-policy student, all named <objective>__seed<N>; SET reaches the demo's distill runs only."""
+    out = subprocess.run(["make", "-n", "demo", "DEMO_SEEDS=1 2", "DEMO_DIR=d", "DSKD=echo dskd", "SET=train.steps=3"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    start = out.index("set -e; for s in")
+    loop = out[start : out.index("\ndone\n", start) + len("\ndone")]
+    ran = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, check=True)
+    lines = ran.stdout.splitlines()
+    assert len(lines) == 8
+    for seed in (1, 2):
+        for run in ("sft", "kd_fkl", "dskd_v2_fkl"):
+            (line,) = [x for x in lines if f"run_name={run}__seed{seed}" in x]
+            assert f"--set train.seed={seed}" in line and "--set out_dir=d " in line and "--set train.steps=3" in line
+            assert f"--set loss.objective={run.removesuffix('_fkl')} " in line
+        (on,) = [x for x in lines if f"out_dir=d/onpolicy_kd_fkl__seed{seed}" in x]
+        assert on.startswith("dskd onpolicy") and f"train.seed={seed}]" in on and f"--set seed={seed}" in on
+        assert "train.steps" not in on
+    after = out[out.index("dskd eval"):]
+    assert after.count("--run d/") == 8 and "--preset protocol" in after
+    assert "dskd report 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after

@@ -25,3 +25,17 @@ def test_rouge_l_by_hand():
 def test_score_is_percent():
     s = score(["a b", "x"], [["a b"], ["y"]])
     assert s == {"rougeL": 50.0, "exact_match": 50.0}
+
+
+def test_rouge_l_is_the_max_over_references_whatever_their_order():
+    """The search stops at F = 1 (an identical reference first); otherwise every reference is scored."""
+    from rouge_score import rouge_scorer
+
+    from pipeline.default_task import right_answers
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    refs = right_answers("grape")
+    for pred in (refs[7], "rabbit brown ladder", "tiger silver kettle", "x y z", "", "!!", refs[7] + " more"):
+        brute = max(scorer.score(r, pred)["rougeL"].fmeasure for r in refs)
+        assert rouge_l(pred, refs) == brute and rouge_l(pred, refs[::-1]) == brute
+    assert rouge_l("!!", ["!!"]) == 0.0  # nothing to match after tokenisation: 0, as rouge-score says

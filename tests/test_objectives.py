@@ -116,6 +116,23 @@ def _cfg(objective, **kw):
     return LossConfig(objective=objective, divergence=kw.pop("divergence", "fkl"), temperature=kw.pop("temperature", 2.0), **kw)
 
 
+def test_sft_loss_is_the_labels_ce_whatever_alpha(same):
+    """alpha weighs CE against a KD term; sft has none, so its loss is the CE (alpha 1.0 once trained nothing)."""
+    batch = same.cache_batch()
+    losses = []
+    for alpha in (0.0, 0.5, 1.0):
+        student, proj = same.models(_cfg("sft", alpha=alpha))
+        out = run_objective(_cfg("sft", alpha=alpha), student, proj, same.cache_side(), batch)
+        assert torch.equal(out.loss, out.terms["ce"]) and set(out.terms) == {"ce"}
+        assert student.get_output_embeddings().weight.grad.abs().sum() > 0
+        losses.append(float(out.loss.detach()))
+    assert losses[0] == losses[1] == losses[2]
+    hidden = decoder_hidden(student, batch.input_ids, batch.attention_mask)[batch.labels != -100]
+    ce = torch.nn.functional.cross_entropy(student.lm_head(hidden).double(), batch.labels[batch.labels != -100],
+                                           reduction="sum")
+    assert abs(float(ce) / (batch.n_tokens / 2) - losses[0]) < 1e-4 * max(1.0, losses[0])
+
+
 @pytest.mark.parametrize("pairing,objective", [("same", o) for o in SAME] + [("cross", o) for o in CROSS])
 def test_cache_equals_online_teacher(request, pairing, objective):
     s = request.getfixturevalue(pairing)
