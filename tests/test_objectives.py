@@ -351,7 +351,7 @@ def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
     s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma", "mined") else "same")
     cfg = _cfg(objective)
     student, proj = s.models(cfg)
-    rows = [s.reader[i] for i in range(32)]
+    rows = [s.reader[i] for i in range(min(len(s.reader), 96))]  # answers are short: enough rows for the bound
     batch = collate_cache_rows(rows, s.pad)
     hidden = decoder_hidden(student, batch.input_ids, batch.attention_mask).detach().requires_grad_()
     teacher, chunk = s.cache_side(), 8
