@@ -128,6 +128,8 @@ def decoded_offsets(tokenizer, ids: list[int], text: str) -> np.ndarray:
     if decode_response(tokenizer, ids) != text:
         raise TokenizerError("its response text is not the decoding of its response_ids with this tokenizer (were the "
                              "ids made by another tokenizer?)")
+    if not ids:  # an answer that is its EOS alone (batch_decode of no sequences is not an empty list)
+        return np.zeros((0, 2), dtype=np.int64)
     prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True,
                                       clean_up_tokenization_spaces=False)
     out = np.zeros((len(ids), 2), dtype=np.int64)

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.config import RolloutConfig, config_identity, dump_config
-from pipeline.data import ROLLOUT_MANIFEST, Example, load_examples
+from pipeline.data import ROLLOUT_MANIFEST, DataError, Example, jsonl_records, load_examples
 from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json, write_text_if_changed
 from pipeline.models import (
     check_model_ref,
@@ -57,8 +57,8 @@ def _shard_ok(path: Path, rows: int) -> bool:
     """A shard file on disk is complete: it parses and holds the rows it must (it was renamed into place whole, but
     a disk can still lose it)."""
     try:
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        lines = [rec for rec, _, _ in jsonl_records(path)]  # split at "\n" only (not str.splitlines: U+2028 ...)
+    except (OSError, DataError):
         return False
     return len(lines) == rows
 
@@ -143,7 +143,7 @@ def run(cfg: RolloutConfig) -> Path:
     shards, finish = [], Counter()
     for i in range(n_shards):
         f = out / SHARD.format(i)
-        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        lines = [rec for rec, _, _ in jsonl_records(f)]
         finish.update(r["finish_reason"] for r in lines)
         shards.append({"file": f.name, "rows": len(lines), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
     write_json(out / ROLLOUT_MANIFEST, {

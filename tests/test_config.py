@@ -21,7 +21,8 @@ from pipeline.config import (
 )
 from tests.conftest import CONFIGS
 
-STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig, "eval": EvalConfig,
+STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig,
+            "distill_xtok": DistillConfig, "eval": EvalConfig,
             "seqkd": DistillConfig, "onpolicy": OnPolicyConfig}
 
 

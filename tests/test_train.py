@@ -32,13 +32,13 @@ def weights(run_dir):
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-def assert_same_curve(a, b, keys=("loss", "ce", "kd"), rel=1e-6):
+def assert_same_curve(a, b, keys=("loss", "ce", "kd"), rel=1e-6, abs_tol=1e-7):
     ra, rb = rows(a), rows(b)
     assert sorted(ra) == sorted(rb)
     for step in ra:
         for k in keys:
             if k in ra[step]:
-                assert ra[step][k] == pytest.approx(rb[step][k], rel=rel, abs=1e-7), (step, k)
+                assert ra[step][k] == pytest.approx(rb[step][k], rel=rel, abs=abs_tol), (step, k)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,7 +119,9 @@ def test_zero_stages_train_alike_in_one_process(caches):
                                                   "train.log_every=1", "loss.objective=dskd_v2", f"run_name=zero-{ds}"))
     ref = weights(runs["zero0"])
     for ds, run_dir in runs.items():
-        assert_same_curve(runs["zero0"], run_dir, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"), rel=1e-5)
+        # float32 sums in another order per ZeRO stage: t2s_kd (about 0.007, few agreeing positions) moves by 2e-7
+        assert_same_curve(runs["zero0"], run_dir, keys=("loss", "ce", "kd", "t2s_ce", "t2s_kd", "s2t_kd"), rel=1e-5,
+                          abs_tol=1e-6)
         got = weights(run_dir)
         assert got.keys() == ref.keys()
         for k in ref:
