@@ -100,3 +100,12 @@ def test_demo_trains_every_student_per_seed_then_evaluates_and_reports_them_all(
     after = out[out.index("dskd eval"):]
     assert after.count("--run d/") == 8 and "--preset protocol" in after
     assert "dskd report 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after
+
+
+def test_every_make_target_the_readme_names_exists():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"\bmake ([a-z][a-z0-9-]*)", readme)) - {"sure", "it", "the", "a"}
+    rules = set(re.findall(r"^([a-z][a-z0-9-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert named and named <= rules, sorted(named - rules)
