@@ -114,6 +114,18 @@ def test_decoded_offsets_index_the_text_and_refuse_foreign_ids():
     assert "".join(body[a:b] for a, b in off) == body
     with pytest.raises(TokenizerError, match="not the decoding"):
         decoded_offsets(tok, ids, body + "x")
+    assert decoded_offsets(tok, [], "").shape == (0, 2)  # an answer that was its EOS alone
+
+
+def test_a_shard_whose_answer_holds_a_unicode_line_separator_reads_back(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+0085 / U+2028 / U+2029 unescaped; str.splitlines would cut the row."""
+    from stages.rollout import _shard_ok
+
+    rows = [{"id": f"r{i}", "response": f"a\u2028b\x85c\u2029{i}"} for i in range(3)]
+    path = tmp_path / "shard-00000.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert "\u2028" in path.read_text() and len(path.read_text().splitlines()) > 3
+    assert _shard_ok(path, 3) and not _shard_ok(path, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
