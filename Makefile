@@ -64,7 +64,7 @@ VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
 .PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy demo eval report \
 	analyze \
-	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout
+	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
 
 install: $(STAMP)
 
@@ -185,7 +185,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache bench-objectives bench-train bench-memory bench-rollout
+bench: bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
@@ -204,6 +204,11 @@ bench-memory: $(STAMP)
 # split of one on-policy round (rollout / stage 1 / stage 2)
 bench-rollout: teacher-cache
 	$(BIN)/python bench/rollout.py $(BENCH_ARGS)
+
+# share of student response tokens with a teacher signal (exact pairs vs chunks) and alignment speed, on the real
+# tokenizers over Dolly responses
+bench-alignment: $(STAMP)
+	$(BIN)/python bench/alignment.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

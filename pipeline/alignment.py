@@ -1,4 +1,5 @@
-"""Exact token alignment (ETA) on character spans (reference section 15).
+"""Token alignments between two tokenizations of one text, on character spans (reference section 15): exact token
+alignment (ETA: 1:1 pairs) and chunk alignment (m:n runs that reach every token).
 
 Student token i and teacher token j are aligned when they cover the same character span of the same text after
 trimming leading whitespace; a token made only of whitespace keeps its untrimmed span. A span covered by several
@@ -9,11 +10,17 @@ is every pair the definition allows, whatever happened before it.
 
 Two aligned tokens start at the same character after the same preceding text, so the positions that predict them
 (label positions i-1 and j-1) predict the same next-token string in the same context.
+
+Chunks extend this to every token: runs of student and teacher tokens covering the same text after the same
+preceding text, so the summed log-probabilities of a chunk's tokens are both sides' likelihood of one string
+(approximate likelihood matching, objectives `alm` / `alm_eta`). A number that one tokenizer spells as one token
+and the other as three digits is a 1:3 chunk; ETA leaves it without a teacher signal.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,6 +71,57 @@ def exact_token_alignment(student_offsets, teacher_offsets, text: str) -> np.nda
     return pairs[np.argsort(pairs[:, 0], kind="stable")]
 
 
+def _chunk_ids(spans: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """(n,) the chunk of each token: the last boundary at or before its (trimmed) start, the first chunk for tokens
+    before the first boundary, never decreasing along the sequence."""
+    ids = np.searchsorted(bounds, spans[:, 0], side="right") - 1
+    return np.maximum.accumulate(np.maximum(ids, 0)) if len(ids) else ids
+
+
+def _crossed(spans: np.ndarray, width: int) -> np.ndarray:
+    """(width,) bool: character position c lies strictly inside a token's (trimmed) span, start < c < end."""
+    d = np.zeros(width + 1, dtype=np.int64)
+    long = spans[spans[:, 1] - spans[:, 0] > 1]
+    np.add.at(d, long[:, 0] + 1, 1)
+    np.add.at(d, long[:, 1], -1)
+    return np.cumsum(d[:width]) > 0
+
+
+def chunk_alignment(student_offsets, teacher_offsets, text: str) -> np.ndarray:
+    """(C, 4) int32 half-open token ranges [s_begin, s_end, t_begin, t_end), in order: the finest partition of both
+    token sequences into runs covering the same characters.
+
+    The text is split at every character position where both sides start a token (the trimmed start of
+    `trimmed_spans`: leading whitespace does not count, whitespace-only tokens start where they are) and no token of
+    either side continues across it (the byte tokens of one character, a token holding the other side's start).
+    Whitespace-only tokens starting on one side only stay in the chunk they fall in. A 1:1 chunk of two tokens with
+    the same trimmed span is an exact-token-alignment pair; every other chunk is m:n.
+
+    When one side covers less of the text (truncation), the chunks end where it ends if the other side has a token
+    boundary there; the longer side's remaining tokens belong to no chunk (and when the shorter side ends inside a
+    token of the other, neither does the last, incomplete chunk)."""
+    s, t = trimmed_spans(student_offsets, text), trimmed_spans(teacher_offsets, text)
+    if len(s) == 0 or len(t) == 0:
+        return np.zeros((0, 4), dtype=np.int32)
+    width = len(text) + 1
+    starts = np.intersect1d(s[s[:, 1] > s[:, 0], 0], t[t[:, 1] > t[:, 0], 0])
+    crossed = _crossed(s, width) | _crossed(t, width)
+    bounds = starts[~crossed[starts]]
+    s_id, t_id = _chunk_ids(s, bounds), _chunk_ids(t, bounds)
+    end_s, end_t = int(s[:, 1].max()), int(t[:, 1].max())
+    n_chunks = len(bounds) if len(bounds) else 1
+    if end_s != end_t:  # truncation: the chunks stop where the shorter side stops
+        end = min(end_s, end_t)
+        s_id = np.where(s[:, 0] < end, s_id, n_chunks) if end_s > end else s_id
+        t_id = np.where(t[:, 0] < end, t_id, n_chunks) if end_t > end else t_id
+        if crossed[end]:  # the longer side has no boundary there: the last chunk is incomplete
+            n_chunks -= 1
+    c = np.arange(n_chunks)
+    out = np.stack([np.searchsorted(s_id, c, "left"), np.searchsorted(s_id, c, "right"),
+                    np.searchsorted(t_id, c, "left"), np.searchsorted(t_id, c, "right")], axis=1)
+    return out.astype(np.int32).reshape(-1, 4)
+
+
 def label_alignment(student, teacher, response: str) -> np.ndarray:
     """(K, 2) int32 (student label position, teacher label position) pairs for one example.
 
@@ -76,6 +134,27 @@ def label_alignment(student, teacher, response: str) -> np.ndarray:
     if student.eos_kept and teacher.eos_kept:
         pos = np.concatenate([pos, [[len(student.ids) - 2, len(teacher.ids) - 2]]])
     return pos.astype(np.int32).reshape(-1, 2)
+
+
+def label_chunks(student, teacher, response: str) -> np.ndarray:
+    """(C, 4) int32 chunks of one example in label positions [s_begin, s_end, t_begin, t_end): the label positions
+    predicting the tokens of each `chunk_alignment` chunk, and the two appended EOS as a last 1:1 chunk when both
+    survived truncation. `student` / `teacher` as in `label_alignment`."""
+    chunks = chunk_alignment(student.offsets, teacher.offsets, response).astype(np.int64)
+    shift = np.array([student.response_start - 1] * 2 + [teacher.response_start - 1] * 2)
+    pos = chunks + shift
+    if student.eos_kept and teacher.eos_kept:
+        s_eos, t_eos = len(student.ids) - 2, len(teacher.ids) - 2
+        pos = np.concatenate([pos, [[s_eos, s_eos + 1, t_eos, t_eos + 1]]])
+    return pos.astype(np.int32).reshape(-1, 4)
+
+
+@dataclass
+class RowAlignment:
+    """The two alignments of one cross-tokenizer example, in label positions."""
+
+    pairs: np.ndarray  # (K, 2) exact-token pairs (student, teacher)
+    chunks: np.ndarray  # (C, 4) chunks [s_begin, s_end, t_begin, t_end)
 
 
 def vocab_map(teacher_surfaces: list, student_surfaces: list, student_avoid: frozenset = frozenset()) -> np.ndarray:
@@ -121,8 +200,8 @@ def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exac
 
 
 def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
-    """(teacher Encoded, student Encoded, (K, 2) label alignment) for one example, the way the cache stores them;
-    with `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
+    """(teacher Encoded, student Encoded, RowAlignment) for one example, the way the cache stores them; with
+    `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
     from pipeline.tokenize import TokenizerError, encode, encode_generated
 
     aligned = student_tok is not None
@@ -138,7 +217,9 @@ def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
             s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True) if aligned else t
     except TokenizerError as err:
         raise TokenizerError(f"row {example.id!r}: {err}") from None
-    return t, s, (label_alignment(s, t, example.response) if aligned else None)
+    if not aligned:
+        return t, s, None
+    return t, s, RowAlignment(label_alignment(s, t, example.response), label_chunks(s, t, example.response))
 
 
 def tokenizer_vocab_map(teacher_tok, student_tok) -> np.ndarray:

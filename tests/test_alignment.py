@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.alignment import exact_token_alignment, label_alignment, trimmed_spans, vocab_map
+from pipeline.alignment import (
+    chunk_alignment,
+    exact_token_alignment,
+    label_alignment,
+    label_chunks,
+    trimmed_spans,
+    vocab_map,
+)
 from pipeline.config import TokenizeConfig
 from pipeline.tokenize import encode, is_byte_token, token_surfaces
 from tests.conftest import shared_tokenizer
@@ -151,3 +158,124 @@ def test_vocab_map_is_surface_equality():
     s_avoid = frozenset(i for i in range(len(llama)) if is_byte_token(llama, i))
     back = vocab_map(s_surf, t_surf, s_avoid)
     assert llama.convert_ids_to_tokens(int(back[gpt2.convert_tokens_to_ids("a")])) == "a"
+
+
+# ---- chunk alignment
+
+
+def brute_force_boundaries(so, to, text: str) -> set[int]:
+    """The definition, the slow obvious way: characters where both sides start a token (after trimming leading
+    whitespace; whitespace-only tokens where they are) and no token of either side continues across."""
+
+    def trim(a: int, b: int) -> tuple[int, int]:
+        rest = text[a:b].lstrip()
+        return (a, b) if not rest else (b - len(rest), b)
+
+    s, t = [trim(*o) for o in so], [trim(*o) for o in to]
+    starts = {a for a, b in s if b > a} & {a for a, b in t if b > a}
+    return {c for c in starts if not any(a < c < b for a, b in s + t)}
+
+
+def check_chunks(student: str, teacher: str, text: str, so=None, to=None) -> np.ndarray:
+    so = offsets(student, text) if so is None else so
+    to = offsets(teacher, text) if to is None else to
+    got = chunk_alignment(so, to, text)
+    assert got.dtype == np.int32 and got.shape[1:] == (4,)
+    s_trim, t_trim = trimmed_spans(so, text), trimmed_spans(to, text)
+    if len(got):
+        # in order, contiguous, every chunk holds tokens of both sides, and they partition both sequences
+        assert got[0, 0] == 0 and got[0, 2] == 0
+        np.testing.assert_array_equal(got[1:, 0], got[:-1, 1])
+        np.testing.assert_array_equal(got[1:, 2], got[:-1, 3])
+        assert (got[:, 1] > got[:, 0]).all() and (got[:, 3] > got[:, 2]).all()
+    full_s = (so[-1][1] if so else 0) == (to[-1][1] if to else 0)
+    if full_s and len(so) and len(to):
+        assert got[-1, 1] == len(so) and got[-1, 3] == len(to), "untruncated tokens left out"
+    bounds = brute_force_boundaries(so, to, text)
+    end = min(max((b for _, b in so), default=0), max((b for _, b in to), default=0))
+    for k, (sb, se, tb, te) in enumerate(got.tolist()):
+        # both sides cover the same text, whitespace at the chunk's edges aside
+        s_text = text[s_trim[sb:se, 0].min() : s_trim[sb:se, 1].max()].strip()
+        t_text = text[t_trim[tb:te, 0].min() : t_trim[tb:te, 1].max()].strip()
+        assert s_text == t_text, (k, s_text, t_text)
+        if k:  # each chunk starts at a boundary of the definition
+            assert s_trim[sb, 0] == t_trim[tb, 0] and s_trim[sb, 0] in bounds
+    # no chunk can be split further: every boundary of the definition (before the shorter side's end) starts one
+    # (but the first, which the first chunk may hold after whitespace-only tokens)
+    starts = {int(s_trim[sb, 0]) for sb in got[1:, 0]}
+    assert {c for c in bounds if c < end} - starts <= {min(bounds, default=-1)}
+    # an exact-token pair never straddles two chunks; a 1:1 chunk of equal spans is an exact-token pair
+    s_chunk = np.repeat(np.arange(len(got)), got[:, 1] - got[:, 0])
+    t_chunk = np.repeat(np.arange(len(got)), got[:, 3] - got[:, 2])
+    eta = {tuple(p) for p in exact_token_alignment(so, to, text).tolist()}
+    for i, j in eta:
+        if i < len(s_chunk) and j < len(t_chunk):
+            assert s_chunk[i] == t_chunk[j], (i, j)
+    for sb, se, tb, te in got.tolist():
+        if se - sb == 1 and te - tb == 1 and tuple(s_trim[sb]) == tuple(t_trim[tb]) and s_trim[sb, 1] > s_trim[sb, 0]:
+            unique = (s_trim == s_trim[sb]).all(1).sum() == 1 and (t_trim == t_trim[tb]).all(1).sum() == 1
+            assert not unique or (sb, tb) in eta
+    return got
+
+
+@pytest.mark.parametrize("student,teacher", PAIRS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(max_size=120), MIXED))
+def test_chunks_are_the_definition_on_random_unicode(student, teacher, text):
+    check_chunks(student, teacher, text)
+    check_chunks(teacher, student, text)
+
+
+HAND = {
+    "digits": "Numbers: 7, 42, 1234567 and 3.14159; dates 2024-01-31, 1e-9.",
+    "cjk": "中文分词没有空格，日本語も同じ。한국어도 있다.",
+    "emoji": "Emoji 😀 and a family 👨‍👩‍👧 and flags 🇫🇷 mid-sentence 👍🏽.",
+    "code": "def f(x):\n    if x:\n        return [i * 2 for i in x]\n\treturn None\n",
+    "newlines": "First line.\nSecond line.\n\n\nThird, after blank lines.\r\n  indented\n",
+    "spaces": "  leading spaces,   inner   runs, trailing spaces   ",
+}
+
+
+@pytest.mark.parametrize("student,teacher", PAIRS)
+@pytest.mark.parametrize("case", list(HAND))
+def test_chunks_on_hand_written_cases(student, teacher, case):
+    got = check_chunks(student, teacher, HAND[case])
+    assert got[-1, 1] == len(offsets(student, HAND[case]))  # every student token is in a chunk
+
+
+def test_a_number_spelled_differently_is_one_chunk():
+    text = "Pay 1234567 now"
+    so, to = offsets("llama-bpe", text), offsets("gemma-4", text)  # Llama-3 groups 3 digits, Gemma splits each
+    got = check_chunks("llama-bpe", "gemma-4", text)
+    rows = [("".join(text[a:b] for a, b in so[sb:se]), "".join(text[a:b] for a, b in to[tb:te]), te - tb)
+            for sb, se, tb, te in got.tolist()]
+    assert ("123", "123", 3) in rows and ("456", "456", 3) in rows
+    assert len(exact_token_alignment(so, to, text)) < len(so)  # exact alignment skips them
+
+
+def test_chunks_stop_where_the_shorter_side_stops():
+    text = "The quick brown fox jumps over the lazy dog."
+    so, to = offsets("gpt-2", text), offsets("llama-spm", text)
+    cut = so[:5]  # the student was truncated after 'jumps'
+    got = check_chunks("gpt-2", "llama-spm", text, so=cut, to=to)
+    assert got[-1, 1] == 5 and text[: to[got[-1, 3] - 1][1]].endswith("jumps")
+    # cut inside a teacher token: the incomplete last chunk is dropped
+    inside = [(0, 3), (3, 9)]  # 'The', ' quick' ... a student that stops at 'qu'
+    got = chunk_alignment([(0, 3), (3, 6)], to, text)
+    assert got.tolist() == [[0, 1, 0, 1]]
+    assert chunk_alignment(inside[:0], to, text).shape == (0, 4)
+
+
+def test_label_chunks_positions_and_eos():
+    gpt2, llama = shared_tokenizer("gpt-2"), shared_tokenizer("llama-spm")
+    prompt, response = "Q: count.\nA:", " 1234567, then 89 and 1000000 twice."
+    cfg = TokenizeConfig(max_prompt_length=32, max_length=128)
+    s = encode(gpt2, prompt, response, cfg, with_offsets=True)
+    t = encode(llama, prompt, response, cfg, with_offsets=True)
+    got = label_chunks(s, t, response)
+    # label positions partition both responses, EOS included, and each chunk predicts the same text
+    assert got[0, 0] == s.response_start - 1 and got[0, 2] == t.response_start - 1
+    assert got[-1].tolist() == [len(s.ids) - 2, len(s.ids) - 1, len(t.ids) - 2, len(t.ids) - 1]
+    for sb, se, tb, te in got[:-1].tolist():
+        assert gpt2.decode(s.ids[sb + 1 : se + 1]).strip() == llama.decode(t.ids[tb + 1 : te + 1]).strip()
+    assert (got[:, 1] - got[:, 0]).sum() == s.n_response
