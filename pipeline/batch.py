@@ -35,6 +35,12 @@ class Batch:
     align_student: torch.Tensor | None = None  # (K,) long
     align_teacher: torch.Tensor | None = None  # (K,) long
     align_label: torch.Tensor | None = None  # (K,) long
+    teacher_target_logprob: torch.Tensor | None = None  # (N,) float32: log p_T of the teacher's own next token
+    # chunks (cross-tokenizer caches): the chunk of each student label position / cached teacher position, numbered
+    # over the batch, -1 outside every chunk (truncation); n_chunks chunks in all
+    chunk_student: torch.Tensor | None = None  # (N_S,) long
+    chunk_teacher: torch.Tensor | None = None  # (N,) long
+    n_chunks: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -63,10 +69,11 @@ def collate_examples(items: list[tuple[str, Encoded]], pad_id: int) -> Batch:
 def collate_cache_rows(rows: list[CacheRow], pad_id: int) -> Batch:
     seqs = [r.student_ids for r in rows]
     inputs, mask, labels = _student_tensors(seqs, [r.student_response_start for r in rows], pad_id)
-    t_inputs, t_labels, t_row, a_s, a_t, a_l = [], [], [], [], [], []
-    s_off = t_off = 0
+    t_inputs, t_labels, t_row, a_s, a_t, a_l, c_s, c_t = [], [], [], [], [], [], [], []
+    s_off = t_off = c_off = 0
     for b, r in enumerate(rows):
         span = response_positions(len(r.teacher_ids), r.teacher_response_start)
+        n_s = len(r.student_ids) - r.student_response_start
         t_inputs.append(r.teacher_ids[span.start : span.stop])
         t_labels.append(r.teacher_ids[span.start + 1 : span.stop + 1])
         t_row.append(np.full(len(span), b))
@@ -74,7 +81,10 @@ def collate_cache_rows(rows: list[CacheRow], pad_id: int) -> Batch:
             a_s.append(r.align_student.astype(np.int64) - (r.student_response_start - 1) + s_off)
             a_t.append(r.align_teacher.astype(np.int64) - span.start + t_off)
             a_l.append(r.align_label)
-        s_off += len(r.student_ids) - r.student_response_start
+            c_s.append(_chunk_of_position(r.chunks[:, :2] - (r.student_response_start - 1), n_s, c_off))
+            c_t.append(_chunk_of_position(r.chunks[:, 2:] - span.start, len(span), c_off))
+            c_off += len(r.chunks)
+        s_off += n_s
         t_off += len(span)
     aligned = rows[0].align_student is not None
 
@@ -96,4 +106,18 @@ def collate_cache_rows(rows: list[CacheRow], pad_id: int) -> Batch:
         align_student=cat(a_s) if aligned else None,
         align_teacher=cat(a_t) if aligned else None,
         align_label=cat(a_l) if aligned else None,
+        teacher_target_logprob=torch.cat([r.target_logprob for r in rows]),
+        chunk_student=cat(c_s) if aligned else None,
+        chunk_teacher=cat(c_t) if aligned else None,
+        n_chunks=c_off,
     )
+
+
+def _chunk_of_position(ranges: np.ndarray, n: int, first: int) -> np.ndarray:
+    """(n,) chunk number (from `first`) of each of n positions, -1 outside; ranges (C, 2) half-open, in order."""
+    out = np.full(n, -1, dtype=np.int64)
+    lengths = ranges[:, 1] - ranges[:, 0]
+    if len(ranges):
+        pos = np.repeat(ranges[:, 0] - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
+        out[pos] = np.repeat(np.arange(first, first + len(ranges)), lengths)
+    return out

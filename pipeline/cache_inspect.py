@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import yaml
 
@@ -27,6 +28,8 @@ class VerifyReport:
     head_exact: bool
     max_topk_error: float
     max_lse_error: float
+    # the cached log-probability of the teacher's own next token (alm's chunk likelihoods) against the recomputed one
+    max_target_logprob_error: float
     # fraction of positions whose recomputed argmax is the stored top-1, and mean overlap of the top-k id sets
     top1_agreement: float
     topk_overlap: float
@@ -43,13 +46,16 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
     head = reader.load_head()
     # the tolerance stage 2 applies, derived from how the cache was stored
     tol = tolerance if tolerance is not None else recompute_tolerance(m, str(head.weight.dtype).removeprefix("torch."))
-    err_topk = err_lse = kl_max = kl_sum = 0.0
+    err_topk = err_lse = err_target = kl_max = kl_sum = 0.0
     top1 = overlap = positions = 0
     for i in range(len(reader)):
         row = reader[i]
         z = head.logits(row.hidden)
         err_topk = max(err_topk, (z.gather(-1, row.topk_ids.long()) - row.topk_logits).abs().max().item())
         err_lse = max(err_lse, (torch.logsumexp(z, -1) - row.lse).abs().max().item())
+        targets = torch.from_numpy(row.teacher_ids[row.teacher_response_start :].astype(np.int64))
+        own = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)
+        err_target = max(err_target, (own - row.target_logprob).abs().max().item()) if len(own) else err_target
         ids = z.topk(m.top_k, dim=-1).indices
         top1 += int((ids[:, 0] == row.topk_ids[:, 0]).sum())
         overlap += float((ids[:, :, None] == row.topk_ids[:, None, :].long()).any(-1).float().mean(-1).sum())
@@ -67,11 +73,14 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
         )
     elif not worst <= tol:
         ok, reason = False, f"recomputed logits differ from the stored top-k by {worst:.3g} > {tol:g}"
+    elif not err_target <= 2 * tol:  # a difference of two logits, each within tol
+        ok, reason = False, f"recomputed next-token log-probabilities differ from the stored ones by {err_target:.3g} " \
+                            f"> {2 * tol:g}"
     else:
         ok, reason = True, "ok"
     return VerifyReport(
         cache=str(reader.dir), rows=len(reader), positions=positions, head_exact=m.head_exact,
-        max_topk_error=err_topk, max_lse_error=err_lse,
+        max_topk_error=err_topk, max_lse_error=err_lse, max_target_logprob_error=err_target,
         top1_agreement=top1 / max(positions, 1), topk_overlap=overlap / max(positions, 1),
         kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, tolerance=tol, ok=ok, reason=reason,
     )
@@ -84,12 +93,18 @@ def info(path: str | Path) -> dict:
     n_tok = max(m.response_tokens, 1)
     col_bytes: dict[str, int] = {}
     ratios = []
+    student_labels = exact = chunked = 0
     for s in range(len(m.shards)):
         table = reader.table(s)
         for name in table.column_names:
             col_bytes[name] = col_bytes.get(name, 0) + table.column(name).nbytes
         if "align_ratio" in table.column_names:
             ratios.append(table["align_ratio"].to_numpy())
+            student_labels += int(pc.sum(pc.subtract(pc.list_value_length(table["student_ids"]),
+                                                     table["student_response_start"])).as_py() or 0)
+            exact += len(table["align_student"].combine_chunks().values)
+            ranges = table["chunks"].combine_chunks().values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+            chunked += int((ranges[:, 1] - ranges[:, 0]).sum())
     cfg = yaml.safe_load((reader.dir / "config.yaml").read_text())
     student_tok = cfg.get("student_tokenizer") or cfg.get("teacher_tokenizer") or cfg["teacher"]
     out = {
@@ -122,6 +137,9 @@ def info(path: str | Path) -> dict:
             "mean": float(r.mean()), "min": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
             "p90": float(q[3]), "max": float(q[4]),
         }
+        # student response labels with a teacher signal: at exact-token pairs (dskd_eta, mined, overlap_kd) and in
+        # chunks (alm, alm_eta)
+        out["coverage"] = {"exact": exact / max(student_labels, 1), "chunks": chunked / max(student_labels, 1)}
     return out
 
 

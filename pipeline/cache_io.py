@@ -251,11 +251,13 @@ class CacheRow:
     topk_ids: torch.Tensor  # (n_resp, k) int32
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
+    target_logprob: torch.Tensor  # (n_resp,) float32, log-probability of the teacher's own next token
     # cross-tokenizer caches only: (K,) student / teacher label positions, student label or -100, K / student labels
     align_student: np.ndarray | None = None
     align_teacher: np.ndarray | None = None
     align_label: np.ndarray | None = None
     align_ratio: float | None = None
+    chunks: np.ndarray | None = None  # (C, 4) int32 label-position ranges [s_begin, s_end, t_begin, t_end)
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
@@ -361,10 +363,12 @@ class CacheReader:
             topk_ids=torch.from_numpy(matrix("topk_ids", m.top_k).copy()),
             topk_logits=torch.from_numpy(matrix("topk_logits", m.top_k).copy()),
             lse=torch.from_numpy(vector("lse").copy()),
+            target_logprob=torch.from_numpy(vector("target_logprob").copy()),
             align_student=vector("align_student") if aligned else None,
             align_teacher=vector("align_teacher") if aligned else None,
             align_label=vector("align_label") if aligned else None,
             align_ratio=t["align_ratio"][j].as_py() if aligned else None,
+            chunks=matrix("chunks", 4) if aligned else None,
         )
 
     def load_head(self, device: torch.device | str = "cpu") -> OutputHead:

@@ -8,11 +8,17 @@ exactly the teacher label positions that predict a response token (response_star
   plus one float32 `hidden_scale` per position)
 - topk_ids / topk_logits: the k largest teacher logits, (n_resp, k), descending, always exact
 - lse: log-sum-exp over the full vocabulary, (n_resp,), so the tail mass 1 - sum(softmax top-k) is known exactly
-Cross-tokenizer caches also hold the exact token alignment of the response, in label-position coordinates:
+- target_logprob: (n_resp,) the teacher's log-probability of the token that actually follows (its own tokenization
+  of the response), from the model's logits in stage 1 whether or not the head is exact: summed over a chunk, the
+  teacher's likelihood of the chunk's text (alm)
+Cross-tokenizer caches also hold two alignments of the response, in label-position coordinates:
 - align_student / align_teacher: (K,) student and teacher label positions whose next tokens cover the same text
 - align_label: (K,) the student id of the teacher's top-1 prediction at that teacher position, -100 when no single
   student token spells it (stage 2 must not train on it, never EOS/unk)
 - align_ratio: K / number of student response labels
+- chunks: (C, 4) [s_begin, s_end, t_begin, t_end) label-position ranges of `alignment.chunk_alignment`: runs of
+  student and teacher positions predicting the same text, partitioning both responses (plus EOS as a 1:1 chunk)
+Version 4 added target_logprob and chunks.
 Readers refuse any other SCHEMA_VERSION instead of patching around it.
 """
 
@@ -25,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"
@@ -56,9 +62,11 @@ def arrow_schema(hidden_size: int, top_k: int, hidden_encoding: str, aligned: bo
         ("topk_ids", pa.list_(pa.list_(pa.int32(), top_k))),
         ("topk_logits", pa.list_(pa.list_(pa.float32(), top_k))),
         ("lse", pa.list_(pa.float32())),
+        ("target_logprob", pa.list_(pa.float32())),
     ]
     if aligned:
         fields += [(c, pa.list_(pa.int32())) for c in ALIGN_COLUMNS[:3]] + [("align_ratio", pa.float32())]
+        fields.append(("chunks", pa.list_(pa.list_(pa.int32(), 4))))
     return pa.schema(fields)
 
 

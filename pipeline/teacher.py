@@ -32,6 +32,7 @@ class TeacherRow:
     topk_ids: torch.Tensor  # (n_resp, k) int32
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
+    target_logprob: torch.Tensor  # (n_resp,) float32 log-probability of the actual next token (the sequence's own)
 
 
 def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,16 +42,19 @@ def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return h, ids, mask
 
 
-def _top_k_and_lse(logits_fn, flat: torch.Tensor, k: int, chunk_positions: int):
-    ids_out, vals_out, lse_out = [], [], []
+def _top_k_and_lse(logits_fn, flat: torch.Tensor, targets: torch.Tensor, k: int, chunk_positions: int):
+    """(top-k logits, top-k ids, log-sum-exp, log-probability of `targets`) at each of the positions of `flat`."""
+    ids_out, vals_out, lse_out, tgt_out = [], [], [], []
     # chunks of positions bound the (positions, vocab) float32 logits in memory
-    for part in flat.split(chunk_positions):
+    for part, tgt in zip(flat.split(chunk_positions), targets.split(chunk_positions)):
         z = logits_fn(part)
-        lse_out.append(torch.logsumexp(z, dim=-1))
+        lse = torch.logsumexp(z, dim=-1)
+        lse_out.append(lse)
+        tgt_out.append(z.gather(-1, tgt.to(z.device).long()[:, None])[:, 0] - lse)
         vals, idx = z.topk(k, dim=-1)
         vals_out.append(vals)
         ids_out.append(idx.to(torch.int32))
-    return torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out)
+    return torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out), torch.cat(tgt_out)
 
 
 @torch.no_grad()
@@ -73,23 +77,24 @@ def teacher_forward(
     k = min(top_k, head.vocab_size)
     chunk_positions = chunk_positions or stage1_chunk_positions(head.vocab_size)
     spans = [response_positions(len(s), rs) for s, rs in zip(seqs, response_starts)]
+    targets = torch.tensor([t for s, rs in zip(seqs, response_starts) for t in s[rs:]], dtype=torch.long)
     if head_exact:
         h, _, _ = _hidden(model, seqs, pad_id)
         picked = [h[b, span] for b, span in enumerate(spans)]
-        topv, topi, lse = _top_k_and_lse(head.logits, torch.cat(picked), k, chunk_positions)
+        topv, topi, lse, tgt = _top_k_and_lse(head.logits, torch.cat(picked), targets, k, chunk_positions)
     else:
         ids, mask = pad([s[:-1] for s in seqs], pad_id)
         device = next(model.parameters()).device
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         picked = [out.hidden_states[-1][b, span] for b, span in enumerate(spans)]
         z = torch.cat([out.logits[b, span] for b, span in enumerate(spans)]).float()
-        topv, topi, lse = _top_k_and_lse(lambda part: part, z, k, chunk_positions)
+        topv, topi, lse, tgt = _top_k_and_lse(lambda part: part, z, targets, k, chunk_positions)
     rows, start = [], 0
-    topv, topi, lse = topv.cpu(), topi.cpu(), lse.cpu()
+    topv, topi, lse, tgt = topv.cpu(), topi.cpu(), lse.cpu(), tgt.cpu()
     for p in picked:
-        n = p.shape[0]
-        rows.append(TeacherRow(p.cpu(), topi[start : start + n], topv[start : start + n], lse[start : start + n]))
-        start += n
+        part = slice(start, start + p.shape[0])
+        rows.append(TeacherRow(p.cpu(), topi[part], topv[part], lse[part], tgt[part]))
+        start += p.shape[0]
     return rows
 
 
@@ -144,12 +149,12 @@ class OnlineTeacher:
         out = teacher_forward(self.model, self.head, [t.ids for t, _, _ in enc], [t.response_start for t, _, _ in enc],
                               self.top_k, self.pad_id)
         rows = []
-        for e, (t, s, pairs), r in zip(examples, enc, out):
+        for e, (t, s, al), r in zip(examples, enc, out):
             kw = {}
-            if pairs is not None:
-                kw = dict(align_student=pairs[:, 0], align_teacher=pairs[:, 1],
-                          align_label=aligned_labels(r.topk_ids[:, 0].numpy(), pairs, t.response_start, self.vmap),
-                          align_ratio=len(pairs) / s.n_response)
+            if al is not None:
+                kw = dict(align_student=al.pairs[:, 0], align_teacher=al.pairs[:, 1],
+                          align_label=aligned_labels(r.topk_ids[:, 0].numpy(), al.pairs, t.response_start, self.vmap),
+                          align_ratio=len(al.pairs) / s.n_response, chunks=al.chunks)
             rows.append(CacheRow(e.id, np.asarray(s.ids, np.int32), s.response_start, np.asarray(t.ids, np.int32),
-                                 t.response_start, r.hidden, r.topk_ids, r.topk_logits, r.lse, **kw))
+                                 t.response_start, r.hidden, r.topk_ids, r.topk_logits, r.lse, r.target_logprob, **kw))
         return rows

@@ -277,11 +277,15 @@ def info(path, as_json):
         return
     by_col = d.pop("bytes_per_response_token_by_column")
     ratio = d.pop("alignment_ratio", None)
+    cover = d.pop("coverage", None)
     for key, value in d.items():
         click.echo(f"{key:>26}: {value}")
     click.echo(f"{'bytes/response token':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in by_col.items()))
     if ratio:
         click.echo(f"{'alignment ratio':>26}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+    if cover:
+        click.echo(f"{'teacher signal':>26}: exact pairs {cover['exact']:.3f}, chunks {cover['chunks']:.3f} "
+                   "of student response tokens")
 
 
 if __name__ == "__main__":

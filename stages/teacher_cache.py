@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import stamps
-from pipeline.alignment import aligned_labels, encode_pair, tokenizer_vocab_map
+from pipeline.alignment import RowAlignment, aligned_labels, encode_pair, tokenizer_vocab_map
 from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
 from pipeline.cache_schema import (
     CHANNEL_SCALE_FILE,
@@ -89,7 +89,7 @@ class PreparedShard:
     rows: list[Example]
     teacher: list[Encoded]
     student: list[Encoded]
-    alignments: list[np.ndarray] | None  # per row (K, 2) label positions, cross-tokenizer only
+    alignments: list[RowAlignment] | None  # per row, cross-tokenizer only
     batches: list[list[int]]  # row indices per teacher forward, sorted by teacher length
     truncation: dict[str, Truncation] = field(default_factory=dict)  # "teacher" / "student" rows cut to fit
     error: str | None = None
@@ -476,18 +476,21 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
         "topk_ids": list_column([o.topk_ids.numpy() for o in outputs], schema.field("topk_ids").type),
         "topk_logits": list_column([o.topk_logits.numpy() for o in outputs], schema.field("topk_logits").type),
         "lse": list_column([o.lse.numpy() for o in outputs], schema.field("lse").type),
+        "target_logprob": list_column([o.target_logprob.numpy() for o in outputs], schema.field("target_logprob").type),
     }
     if scale is not None:
         cols["hidden_scale"] = list_column(np.split(scale, split), schema.field("hidden_scale").type)
     if prep.alignments is not None:
         labels, ratios = [], []
-        for s, t, o, pos in zip(prep.student, prep.teacher, outputs, prep.alignments):
-            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), pos, t.response_start, vmap))
-            ratios.append(len(pos) / s.n_response)
-        cols["align_student"] = list_column([p[:, 0] for p in prep.alignments], schema.field("align_student").type)
-        cols["align_teacher"] = list_column([p[:, 1] for p in prep.alignments], schema.field("align_teacher").type)
+        for s, t, o, al in zip(prep.student, prep.teacher, outputs, prep.alignments):
+            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), al.pairs, t.response_start, vmap))
+            ratios.append(len(al.pairs) / s.n_response)
+        pairs = [al.pairs for al in prep.alignments]
+        cols["align_student"] = list_column([p[:, 0] for p in pairs], schema.field("align_student").type)
+        cols["align_teacher"] = list_column([p[:, 1] for p in pairs], schema.field("align_teacher").type)
         cols["align_label"] = list_column(labels, schema.field("align_label").type)
         cols["align_ratio"] = pa.array(ratios, pa.float32())
+        cols["chunks"] = list_column([al.chunks for al in prep.alignments], schema.field("chunks").type)
     meta = {STORAGE_META: json.dumps(err.to_dict())}
     table = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema.with_metadata(meta))
     writer.write_shard(prep.index, table)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeline.cache_inspect import info, verify
 from pipeline.cache_io import CacheError, CacheReader, resolve_cache_dir
+from pipeline.batch import collate_cache_rows
 from pipeline.cache_schema import CURRENT, DATA_FILE, MANIFEST, PROGRESS, VOCAB_MAP_FILE
 from pipeline.config import ModelRef
 from pipeline.data import load_examples
@@ -225,9 +226,27 @@ def test_cross_tokenizer_alignment_columns(tiny, xcache):
             top1 = int(row.topk_ids[tp - (row.teacher_response_start - 1), 0])
             assert label == (vmap[top1] if vmap[top1] >= 0 else -100)
             checked += 1
+        # chunks: label-position ranges partitioning both responses, each predicting the same text
+        ch = row.chunks
+        assert ch[0, 0] == s_lab.start and ch[0, 2] == t_lab.start and ch[-1, 1] <= s_lab.stop and ch[-1, 3] <= t_lab.stop
+        assert (ch[1:, 0] == ch[:-1, 1]).all() and (ch[1:, 2] == ch[:-1, 3]).all()
+        for sb, se, tb, te in ch.tolist():
+            s_text = s_tok.decode(row.student_ids[sb + 1 : se + 1].tolist(), skip_special_tokens=True).strip()
+            assert s_text == t_tok.decode(row.teacher_ids[tb + 1 : te + 1].tolist(), skip_special_tokens=True).strip()
     assert checked > 100
     d = info(xcache)
     assert 0.3 < d["alignment_ratio"]["median"] <= 1.0
+    assert d["coverage"]["exact"] == pytest.approx(d["alignment_ratio"]["mean"], abs=0.05)
+    assert d["coverage"]["chunks"] >= max(0.99, d["coverage"]["exact"])
+    assert d["bytes_per_response_token_by_column"]["target_logprob"] == pytest.approx(4, rel=0.3)
+    # the batch numbers the chunks over its rows: each position's chunk, -1 nowhere here (nothing truncated)
+    rows = [reader[i] for i in range(4)]
+    batch = collate_cache_rows(rows, 0)
+    assert batch.n_chunks == sum(len(r.chunks) for r in rows)
+    assert batch.chunk_student.shape[0] == batch.n_tokens and batch.chunk_teacher.shape[0] == len(batch.teacher_lse)
+    assert (batch.chunk_student >= 0).all() and (batch.chunk_student.diff() >= 0).all()
+    assert set(batch.chunk_teacher.tolist()) == set(range(batch.n_chunks)) == set(batch.chunk_student.tolist())
+    torch.testing.assert_close(batch.teacher_target_logprob, torch.cat([r.target_logprob for r in rows]))
 
 
 def test_verify_and_info_on_exact_cache(cache):
@@ -334,6 +353,13 @@ def with_manifest_edit(cache, tmp_path, edit):
 def test_reader_refuses_bad_manifest(cache, tmp_path, edit, match):
     with pytest.raises(CacheError, match=match):
         CacheReader(with_manifest_edit(cache, tmp_path, edit))
+
+
+def test_a_version_3_cache_is_refused_with_the_command_that_rebuilds_it(cache, tmp_path):
+    """Version 4 added the teacher's next-token log-probabilities and the chunks: an older cache has neither."""
+    old = with_manifest_edit(cache, tmp_path, lambda m: m.update(schema_version=3))
+    with pytest.raises(CacheError, match=r"schema version 3 is not 4 .*rebuild it: `dskd teacher-cache --config "):
+        CacheReader(old)
 
 
 def test_reader_refuses_unexpected_fingerprint_and_other_student(tiny, cache, tmp_path):

@@ -55,6 +55,9 @@ def test_cached_hidden_reproduces_model_logits(kind):
         assert row.hidden.shape == (len(seq) - start, 32)
         torch.testing.assert_close(head.logits(row.hidden), own, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(row.lse, torch.logsumexp(own, -1), atol=1e-5, rtol=1e-5)
+        nxt = torch.tensor(seq[start:])  # the token each position actually predicts
+        own_lp = torch.log_softmax(own.double(), -1).gather(-1, nxt[:, None])[:, 0].float()
+        torch.testing.assert_close(row.target_logprob, own_lp, atol=1e-5, rtol=1e-5)
         vals, _ = own.topk(8, -1)
         torch.testing.assert_close(row.topk_logits, vals, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(own.gather(-1, row.topk_ids.long()), row.topk_logits, atol=1e-5, rtol=1e-5)
