@@ -15,9 +15,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.batch import collate_cache_rows
 from pipeline.cache_inspect import info, verify
 from pipeline.cache_io import CacheError, CacheReader, resolve_cache_dir
-from pipeline.batch import collate_cache_rows
 from pipeline.cache_schema import CURRENT, DATA_FILE, MANIFEST, PROGRESS, VOCAB_MAP_FILE
 from pipeline.config import ModelRef
 from pipeline.data import load_examples
