@@ -1,6 +1,6 @@
 """Stage 2, `distill`: train the student under DeepSpeed from a teacher cache (or plain SFT from jsonl).
 
-The teacher model is never loaded here: every objective (pipeline/objectives.py) reads the teacher's hidden states,
+The teacher model is never loaded here: every objective (pipeline/objectives/) reads the teacher's hidden states,
 top-k and alignments from the cache and its head (and input embeddings for CMA) from the files saved with it; dense
 teacher logits are checked against the cached top-k on every batch. The engine trains the student and the
 objective's projectors (their own learning rate). Outputs in <out_dir>/<run name>/: config.yaml (resolved),

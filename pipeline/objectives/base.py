@@ -1,0 +1,137 @@
+"""What every objective shares: the student's and teacher's sides, the output, chunks of positions, the teacher's
+logits recomputed from the cache (and checked), and `ObjectiveBase`, the configured objective's shared pieces
+(divergence, sparse teacher, the (1 - alpha) * CE + alpha * KD mix, the recomputation check). Each family of
+objectives is a function of an `ObjectiveBase` in its own module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.batch import Batch
+from pipeline.config import LossConfig
+from pipeline.head import OutputHead
+from pipeline.losses import SparseLogits, divergence
+from pipeline.models import detached_full
+from pipeline.projectors import Projectors
+
+
+class TeacherMismatch(RuntimeError):
+    """Recomputed teacher logits disagree with the cached top-k: wrong head, or a lossy hidden-state encoding."""
+
+
+@dataclass
+class StudentSide:
+    """What the objective needs from the student for one micro-batch."""
+
+    hidden: torch.Tensor  # (N, d_S) last hidden state (after the final norm) at the label positions, row-major
+    head: nn.Module  # the output layer, trained
+    embeddings: nn.Module | None = None  # the input embedding layer (dskd_cma reads its weight, detached)
+
+
+@dataclass
+class TeacherSide:
+    """The teacher's frozen pieces, once per run."""
+
+    head: OutputHead
+    dense: bool = True  # logits = cached hidden x head; False: top-k + tail from the cache
+    check_tol: float = 1e-2  # derived from how the cache was stored (cache_schema.recompute_tolerance)
+    check_source: str = "the cache"  # named when the check fails
+    embeddings: torch.Tensor | None = None  # (V_T, d_T), dskd_cma
+    mined_map: torch.Tensor | None = None  # (V_T,) long teacher id -> student id (mined)
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar: (1 - alpha) * ce + alpha * kd
+    terms: dict[str, torch.Tensor]  # each term, normalised as it enters the loss (differentiable)
+    stats: dict[str, float] = field(default_factory=dict)  # logged only (agreement, teacher_max_err, ...)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunks of positions
+
+
+def chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
+    """fn(*rows) -> dict of scalar tensors, over chunks of `size` rows of each tensor / SparseLogits in `args`
+    (None passes through); values are summed over chunks, keys starting with "max_" maxed. Under autograd each
+    chunk is checkpointed, so its (rows, vocabulary) intermediates are recomputed in backward, not kept."""
+    if n <= size:
+        return fn(*args)
+    out: dict[str, torch.Tensor] = {}
+    grad = torch.is_grad_enabled()
+    for start in range(0, n, size):
+        part = [a if a is None else a[start : start + size] for a in args]
+        got = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
+        for k, v in got.items():
+            out[k] = v if k not in out else (torch.maximum(out[k], v) if k.startswith("max_") else out[k] + v)
+    return out
+
+
+def linear_sg(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """h @ sg(W)^T (+ sg(b)): the student head applied without training it (projected-teacher logits)."""
+    bias = getattr(head, "bias", None)
+    w, b = detached_full(head.weight), None if bias is None else detached_full(bias)
+    return F.linear(h.to(w.dtype), w, b)
+
+
+def teacher_target(teacher: TeacherSide, hidden: torch.Tensor | None, sparse: SparseLogits) -> tuple:
+    """(target, max error): dense logits recomputed from hidden states (checked against the cached top-k), or the
+    sparse top-k + tail itself."""
+    if not teacher.dense:
+        return sparse, sparse.lse.new_zeros(())
+    with torch.no_grad():
+        z = teacher.head.logits(hidden)
+        err = torch.maximum(max_abs(z.gather(-1, sparse.ids.long()) - sparse.logits),
+                            max_abs(torch.logsumexp(z, -1) - sparse.lse))
+    return z, err
+
+
+def apply_projector(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projector on x in the projector's dtype (bf16 under mixed precision), result in float32."""
+    return module(x.to(module.weight.dtype)).float()
+
+
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().max() if x.numel() else x.new_zeros(())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The configured objective's shared pieces
+
+
+class ObjectiveBase:
+    """One objective's configuration and teacher, and the pieces every family uses."""
+
+    def __init__(self, cfg: LossConfig, teacher: TeacherSide | None, projectors: Projectors | None, chunk_positions: int):
+        self.cfg, self.teacher, self.proj, self.chunk = cfg, teacher, projectors, chunk_positions
+
+    def div(self, student_logits, target) -> torch.Tensor:
+        c = self.cfg
+        return divergence(c.divergence, student_logits, target, temperature=c.temperature, skew=c.skew,
+                          akl_mu=c.akl_mu, reduction="none")
+
+    def sparse(self, batch: Batch, rows: torch.Tensor | None = None) -> SparseLogits:
+        s = SparseLogits(batch.teacher_topk_ids, batch.teacher_topk_logits, batch.teacher_lse, self.teacher.head.vocab_size)
+        return s if rows is None else s[rows]
+
+    def done(self, ce: torch.Tensor, kd: dict[str, torch.Tensor], stats: dict) -> ObjectiveOutput:
+        a = self.cfg.alpha
+        total_kd = sum(kd.values())
+        loss = (1 - a) * ce + a * total_kd
+        terms = {"ce": ce, "kd": total_kd, **kd}
+        return ObjectiveOutput(loss, terms, stats)
+
+    def check(self, err: torch.Tensor, batch: Batch) -> None:
+        e = float(err)
+        if not e <= self.teacher.check_tol:  # also catches NaN
+            raise TeacherMismatch(
+                f"teacher logits recomputed from cached hidden states x head differ from the cached top-k by {e:.3g} "
+                f"in rows {batch.ids[:4]}..., more than the {self.teacher.check_tol:.3g} allowed for "
+                f"{self.teacher.check_source}: the rows' hidden states, top-k or head do not belong together "
+                "(check with `dskd cache verify`; loss.teacher_logits: sparse trains from the top-k alone)"
+            )

@@ -1,0 +1,150 @@
+"""The DSKD family: dskd (v1), dskd_v2, dskd_eta and dskd_cma, each a student-space term (the projected teacher
+taught through the student's head) and a teacher-space term (the projected student through the teacher's head)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.batch import Batch
+from pipeline.losses import cross_entropy_sum
+from pipeline.models import detached_full
+from pipeline.objectives.base import (
+    ObjectiveBase,
+    ObjectiveOutput,
+    StudentSide,
+    apply_projector,
+    chunked,
+    linear_sg,
+    teacher_target,
+)
+
+
+def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows) -> dict[str, torch.Tensor]:
+    """Sums over the student's positions: ce; t2s_ce of the projected teacher on `t2s_labels`; the divergence
+    between the student and the (stop-gradient) projected teacher over `t2s_rows`, and over the rows where
+    the projected teacher's argmax equals its label ("agree")."""
+
+    def fn(h, y, ht, yt, rows):
+        z_s = student.head(h)
+        z_t2s = linear_sg(ht, student.head)
+        per = ob.div(z_s, z_t2s.detach())
+        agree = (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
+        return {
+            "ce": cross_entropy_sum(z_s, y),
+            "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100)),
+            "kd_rows": (per * rows).sum(),
+            "kd_agree": (per * agree).sum(),
+            "n_agree": agree.sum().float(),
+        }
+
+    return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float())
+
+def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sum over the given teacher positions of D(teacher, teacher head applied to the projected student)."""
+    t = ob.teacher
+    hidden_t = batch.teacher_hidden[t_rows] if t.dense else None
+
+    def fn(hs, ht, sp):
+        target, err = teacher_target(t, ht, sp)
+        return {"s2t_kd": ob.div(t.head.logits(hs), target).sum(), "max_err": err}
+
+    return chunked(fn, len(t_rows), ob.chunk, h_s2t, hidden_t, ob.sparse(batch, t_rows))
+
+def kd_terms(ob: ObjectiveBase, st: dict, te: dict | None, norm_t2s: float, t2s_kd: torch.Tensor, norm_s2t: float) -> dict:
+    spaces = ob.cfg.spaces
+    kd = {}
+    if spaces in ("both", "student"):
+        kd["t2s_ce"] = st["t2s_ce"] / norm_t2s
+        kd["t2s_kd"] = t2s_kd
+    if spaces in ("both", "teacher") and te is not None:
+        kd["s2t_kd"] = te["s2t_kd"] / norm_s2t
+    return kd
+
+def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """dskd (v1), dskd_v2 (same vocabulary) and dskd_eta (exact-token alignments)."""
+    c, name, proj = ob.cfg, ob.cfg.objective, ob.proj
+    n, dev = len(labels), labels.device
+    h_t = batch.teacher_hidden.float()
+    if name == "dskd_eta":
+        valid = batch.align_label != -100
+        s_rows, t_rows, t2s_y = batch.align_student[valid], batch.align_teacher[valid], batch.align_label[valid]
+    else:
+        if h_t.shape[0] != n:
+            raise ValueError(f"{name}: {h_t.shape[0]} cached teacher positions for {n} student labels "
+                             f"(rows {batch.ids[:4]}...); cross-tokenizer caches need dskd_eta or dskd_cma")
+        s_rows = t_rows = torch.arange(n, device=dev)
+        t2s_y = labels if name == "dskd" else ob.sparse(batch).argmax()  # v1: gold; v2: teacher argmax
+    # student space: the projected teacher sits at the student positions it is aligned to (zeros elsewhere)
+    h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev, dtype=student.hidden.dtype)
+    h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
+    y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
+    rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
+    st = student_space(ob, student, labels, h_t2s, y_t2s, rows)
+    # teacher space
+    te = None
+    if c.spaces != "student":
+        if name == "dskd":
+            h_s2t = apply_projector(proj.s2t, student.hidden[s_rows])
+        else:
+            h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(detached_full(student.head.weight))
+        te = teacher_space(ob, batch, h_s2t, t_rows)
+        ob.check(te["max_err"], batch)
+    n_rows, n_agree = len(s_rows), float(st["n_agree"])
+    if name == "dskd":
+        kd = kd_terms(ob, st, te, normaliser, st["kd_rows"] / normaliser, normaliser)
+    else:
+        # the projected teacher is trusted only where it agrees with its label, as a local fraction
+        masked = n_agree / max(n_rows, 1) <= c.t2s_agreement
+        local = name == "dskd_eta"
+        t2s_norm = max(n_rows, 1e-3) if local else normaliser
+        t2s_kd = st["kd_agree"] / max(n_agree, 1e-3) if masked else st["kd_rows"] / t2s_norm
+        kd = kd_terms(ob, st, te, t2s_norm, t2s_kd, max(n_rows, 1e-8) if local else normaliser)
+    stats = {"t2s_agreement": n_agree / max(n_rows, 1), "aligned_positions": float(n_rows)}
+    if te is not None:
+        stats["teacher_max_err"] = float(te["max_err"])
+    return ob.done(st["ce"] / normaliser, kd, stats)
+
+def dskd_cma(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """v1 cross-model attention (reference section 4): within each example, student position i attends over
+    the teacher's cached positions j with scores from [E_S(x_i) | E_S(y_i)] W_q and [E_T(x_j) | E_T(y_j)];
+    t2s values are t2s(h_T + E_T(y_T)) (y_T gold, or the teacher's argmax with `cma_value: argmax`), s2t
+    values s2t(h_S) through the transposed scores. Scale statistics are the std over this micro-batch's
+    response positions (the reference's includes prompt and pad positions, so it depended on padding)."""
+    c, t, proj = ob.cfg, ob.teacher, ob.proj
+    n, dev = len(labels), labels.device
+    if t.embeddings is None or student.embeddings is None:
+        raise ValueError("dskd_cma needs the teacher's and the student's input embeddings")
+    e_s_tab, e_t_tab = detached_full(student.embeddings.weight).float(), t.embeddings.float()
+    s_inputs = batch.input_ids[batch.labels != -100]
+    s_row = torch.nonzero(batch.labels != -100)[:, 0]
+    y_val = batch.teacher_labels if c.cma_value == "gold" else ob.sparse(batch).argmax()
+    key = torch.cat([e_t_tab[batch.teacher_inputs], e_t_tab[batch.teacher_labels]], -1)
+    key = key / key.std()
+    h_t = batch.teacher_hidden.float()
+    e_y = e_t_tab[y_val]
+    value_t = apply_projector(proj.t2s, h_t / h_t.std() + e_y / e_y.std())  # (N_T, d_S)
+    query = apply_projector(proj.query, torch.cat([e_s_tab[s_inputs], e_s_tab[labels]], -1))  # (N, 2 d_T)
+    value_s = apply_projector(proj.s2t, student.hidden)  # (N, d_T)
+    h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev)
+    h_s2t = torch.zeros(h_t.shape[0], h_t.shape[-1], device=dev)
+    scale = math.sqrt(key.shape[-1])
+    for b in range(len(batch.ids)):  # attention stays inside one example
+        i = torch.nonzero(s_row == b)[:, 0]
+        j = torch.nonzero(batch.teacher_row == b)[:, 0]
+        scores = query[i] @ key[j].T / scale  # (n_b, m_b)
+        h_t2s = h_t2s.index_copy(0, i, scores.softmax(-1) @ value_t[j])
+        h_s2t = h_s2t.index_copy(0, j, scores.T.softmax(-1) @ value_s[i])
+    rows = torch.ones(n, dtype=torch.bool, device=dev)
+    st = student_space(ob, student, labels, h_t2s.to(student.hidden.dtype), labels, rows)
+    te = None
+    if c.spaces != "student":
+        te = teacher_space(ob, batch, h_s2t, torch.arange(h_t.shape[0], device=dev))
+        ob.check(te["max_err"], batch)
+    # the projected teacher teaches only where it predicts the gold token (reference: the wrong-teacher mask)
+    kd = kd_terms(ob, st, te, normaliser, st["kd_agree"] / normaliser, normaliser)
+    stats = {"t2s_agreement": float(st["n_agree"]) / max(n, 1)}
+    if te is not None:
+        stats["teacher_max_err"] = float(te["max_err"])
+    return ob.done(st["ce"] / normaliser, kd, stats)
