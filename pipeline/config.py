@@ -176,14 +176,23 @@ class TeacherCacheConfig:
 class LossConfig:
     """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD (sft: CE)."""
 
-    # sft | kd (same vocabulary) | dskd (v1) | dskd_v2 | dskd_eta (different vocabularies) | dskd_cma | uld | mined
-    objective: Literal["sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined"] = "sft"
-    divergence: Literal["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"] = "fkl"
+    # sft | kd (same vocabulary) | dskd (v1) | dskd_v2 | dskd_eta (different vocabularies) | dskd_cma | uld | mined |
+    # overlap_kd (KD on the shared sub-vocabulary) | alm (chunk likelihoods) | alm_eta (alm + dskd_eta's terms)
+    objective: Literal["sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm",
+                       "alm_eta"] = "sft"
+    divergence: Literal["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "gjsd"] = "fkl"
     alpha: float = 0.5
     temperature: float = 1.0
     # skl / srkl mixture weight and the adaptive-KL tail mass
     skew: float = 0.1
     akl_mu: float = 0.5
+    # gjsd: the teacher's weight in the mixture (TRL's GKD beta; 0 = fkl, 1 = rkl)
+    beta: float = 0.5
+    # DSKD's teacher-space term (s2t_kd): "same" = `divergence`; fkl reproduces the v1 code, which hard-codes forward
+    # KL there whatever the divergence (reference section 12, item 8)
+    s2t_divergence: Literal["same", "fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "gjsd"] = "same"
+    # alm / alm_eta: chunk likelihoods are compared as p^(1/T) (tokenkit's binarisation temperature, 100 there too)
+    alm_temperature: float = 100.0
     # teacher logits: dense = cached hidden states x the teacher head (exact); sparse = cached top-k + tail;
     # auto = dense when the cache's head reproduces the teacher, else sparse
     teacher_logits: Literal["auto", "dense", "sparse"] = "auto"
@@ -204,8 +213,10 @@ class LossConfig:
             raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.skew <= 1.0 or not 0.0 <= self.akl_mu <= 1.0:
-            raise ConfigError("loss.skew and loss.akl_mu must be in [0, 1]")
+        if not 0.0 <= self.skew <= 1.0 or not 0.0 <= self.akl_mu <= 1.0 or not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("loss.skew, loss.akl_mu and loss.beta must be in [0, 1]")
+        if self.alm_temperature <= 0:
+            raise ConfigError(f"loss.alm_temperature must be > 0, got {self.alm_temperature}")
         if self.chunk_positions < 0:
             raise ConfigError("loss.chunk_positions must be >= 0 (0 = automatic)")
 

@@ -7,7 +7,12 @@ Conventions (reference section 2; this project's decisions in section 15):
   skl = KL(p || skew p + (1 - skew) q); srkl = KL(q || skew q + (1 - skew) p); tvd = sum |p - q| / 2;
   akl = adaptive KL: (g_head fkl + g_tail rkl) / (g_head + g_tail), where the teacher's vocabulary is sorted by
   probability, the tail is the low-probability entries holding at most `akl_mu` of the teacher mass, and g is the
-  detached L1 gap |p - q| summed over head and tail (a guarded denominator: p == q gives 0, not 0/0).
+  detached L1 gap |p - q| summed over head and tail (a guarded denominator: p == q gives 0, not 0/0);
+  gjsd = TRL's generalised Jensen-Shannon (GKD): beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + (1 - beta) q,
+  i.e. beta skl(skew=beta) + (1 - beta) srkl(skew=1 - beta); as in TRL, beta = 0 is fkl and beta = 1 is rkl (the
+  mixture form would vanish at both ends).
+- `binary_log_probs` turns a log-probability into a two-outcome distribution (p, 1 - p), so every divergence above
+  also compares two likelihoods (the binarised f-divergences of approximate likelihood matching).
 - Everything is computed in float32 whatever the input dtype; there is no T^2 factor.
 - Log-probabilities are floored at -1e4 (a probability of exactly 0 in float32) and mixtures are formed in log
   space, so -inf logits (masked vocabulary entries), underflowing probabilities and skew 0 or 1 never give NaN or
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("fkl", "rkl", "js", "skl", "srkl", "tvd", "akl")
+DIVERGENCES = ("fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "gjsd")
 
 # log-probabilities below this are probabilities of exactly 0 in float32; flooring keeps every term and its
 # gradient finite (0 * finite) where a -inf logit would otherwise give 0 * inf = NaN
@@ -113,24 +118,30 @@ def _kl(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.
     return (w * (log_w - log_other)).sum(-1)
 
 
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b), in log space (w = 0 or 1 exact)."""
+    return torch.logaddexp(log_a + _safe_log(w), log_b + _safe_log(1 - w))
+
+
 def divergence_from_log_probs(
-    name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, skew: float = 0.1, akl_mu: float = 0.5
+    name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, skew: float = 0.1, akl_mu: float = 0.5, beta: float = 0.5
 ) -> torch.Tensor:
     """Per-position divergence (...) from floored teacher log p and student log q over the same support (..., V)."""
+    if name == "gjsd" and beta in (0.0, 1.0):  # TRL's branches: the plain KLs
+        name = "fkl" if beta == 0.0 else "rkl"
     if name == "fkl":  # only p: each vocabulary-sized temporary counts at a 262k vocabulary
         return _kl(log_p.exp(), log_p, log_q)
     if name == "rkl":
         return _kl(log_q.exp(), log_q, log_p)
     p, q = log_p.exp(), log_q.exp()
-    if name == "js":
-        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
-        return 0.5 * (_kl(p, log_p, log_m) + _kl(q, log_q, log_m))
+    if name in ("js", "gjsd"):  # js is gjsd at beta = 1/2
+        w = 0.5 if name == "js" else beta
+        log_m = _log_mix(log_p, log_q, w)
+        return w * _kl(p, log_p, log_m) + (1 - w) * _kl(q, log_q, log_m)
     if name == "skl":
-        log_r = torch.logaddexp(log_p + _safe_log(skew), log_q + _safe_log(1 - skew))
-        return _kl(p, log_p, log_r)
+        return _kl(p, log_p, _log_mix(log_p, log_q, skew))
     if name == "srkl":
-        log_r = torch.logaddexp(log_q + _safe_log(skew), log_p + _safe_log(1 - skew))
-        return _kl(q, log_q, log_r)
+        return _kl(q, log_q, _log_mix(log_q, log_p, skew))
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if name == "akl":
@@ -168,6 +179,7 @@ def divergence(
     temperature: float = 1.0,
     skew: float = 0.1,
     akl_mu: float = 0.5,
+    beta: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """D(teacher || student) per position, reduced.
@@ -175,8 +187,19 @@ def divergence(
     student_logits (..., V); teacher_logits (..., V) or a SparseLogits over the same vocabulary; mask (...) bool,
     the positions to keep (None = all). reduction "none" -> (...), "sum" / "mean" -> scalar (see `reduce`)."""
     log_p, log_q = log_prob_pair(student_logits, teacher_logits, temperature)
-    per_pos = divergence_from_log_probs(name, log_p, log_q, skew=skew, akl_mu=akl_mu)
+    per_pos = divergence_from_log_probs(name, log_p, log_q, skew=skew, akl_mu=akl_mu, beta=beta)
     return reduce(per_pos, mask, reduction)
+
+
+# a likelihood this close to 1 is treated as 1 - 1e-6: log(1 - p) and its gradient stay finite
+BINARY_LOG_MAX = -1e-6
+
+
+def binary_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """(..., 2) float32 floored log-probabilities (log p, log(1 - p)) of the two outcomes "this text" / "anything
+    else", from a log-likelihood log_p (...) <= 0 (capped at BINARY_LOG_MAX)."""
+    x = log_p.float().clamp(max=BINARY_LOG_MAX)
+    return torch.stack([x, _log1mexp(x)], dim=-1).clamp(min=LOG_FLOOR)
 
 
 def sorted_l1(student_logits: torch.Tensor, teacher: Teacher, *, temperature: float = 1.0) -> torch.Tensor:
@@ -199,6 +222,13 @@ def sorted_l1(student_logits: torch.Tensor, teacher: Teacher, *, temperature: fl
     p_sorted = F.pad(p_sorted, (0, width - p_sorted.shape[-1]))
     q_sorted = F.pad(q_sorted, (0, width - q_sorted.shape[-1]))
     return (p_sorted - q_sorted).abs().sum(-1)
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(...) float32 log-probability of each label under softmax(logits) (0 where the label is -100).
+    logits (..., V), labels (...)."""
+    lp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels == -100, torch.zeros_like(lp), lp)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ PROJECTORS = {
     "dskd": ("t2s", "s2t"),
     "dskd_v2": ("t2s",),
     "dskd_eta": ("t2s",),
+    "alm_eta": ("t2s",),  # dskd_eta's projectors
     "dskd_cma": ("t2s", "s2t", "query"),
 }
 

@@ -166,6 +166,7 @@ def _teacher_side(cfg: DistillConfig, reader: CacheReader, student_tok, device) 
         check_source=f"a {m.hidden_encoding} cache ({where}; {head_dtype} head; logit error measured when it was "
                      f"built {max(m.storage_error['topk_max_error'], m.storage_error['lse_max_error']):.3g})",
         embeddings=reader.load_embeddings().to(device) if objective in NEEDS_EMBEDDINGS else None,
+        vocab_map=None if vmap is None else torch.from_numpy(vmap).long().to(device),
     )
     if objective == "mined":
         teacher_tok = load_tokenizer(ModelRef(path=str(reader.dir / "teacher_tokenizer")))

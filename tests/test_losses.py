@@ -23,8 +23,14 @@ def _kl64(a, b):
     return sum(a[v] * (math.log(a[v]) - math.log(b[v])) for v in range(len(a)) if a[v] > 0)
 
 
-def brute_one(name, p, q, skew=0.1, mu=0.5):
-    """One position, plain Python floats over probability lists: the definitions as written in the issue."""
+def brute_one(name, p, q, skew=0.1, mu=0.5, beta=0.5):
+    """One position, plain Python floats over probability lists: the definitions as written in the issue (gjsd: as
+    TRL's GKD writes it, with its beta = 0 / 1 branches)."""
+    if name == "gjsd":
+        if beta in (0.0, 1.0):
+            return _kl64(p, q) if beta == 0.0 else _kl64(q, p)
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        return beta * _kl64(p, m) + (1 - beta) * _kl64(q, m)
     if name == "fkl":
         return _kl64(p, q)
     if name == "rkl":
@@ -62,12 +68,16 @@ def brute(name, s, t, T, **kw):
     return out
 
 
-def closed_form64(name, s, t, T, skew=0.1, mu=0.5):
+def closed_form64(name, s, t, T, skew=0.1, mu=0.5, beta=0.5):
     """A differentiable float64 version in probability space (no log-floor tricks), for gradients."""
     q, p = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
 
     def kl(a, b):
         return (a * (a.log() - b.log())).sum(-1)
+
+    if name == "gjsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
 
     if name == "fkl":
         return kl(p, q)
@@ -250,3 +260,24 @@ def test_auto_chunk_positions_bound_a_chunk_of_logits():
         n = auto_chunk_positions(v)
         assert n & (n - 1) == 0 and (n * v <= CHUNK_ELEMENTS or n == 16)
         assert n == 1024 or 2 * n * v > CHUNK_ELEMENTS  # the largest power of two that fits
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+def test_gjsd_is_trls_generalised_jsd(beta):
+    """Values and gradients against float64 brute force at every beta, TRL's forward / reverse KL branches at 0 and
+    1, the identity gjsd(beta) = beta skl(skew=beta) + (1 - beta) srkl(skew=1 - beta), and js at 1/2."""
+    s, t = _logits(3, 4, 11), _logits(3, 4, 11, seed=1)
+    got = divergence("gjsd", s.float(), t.float(), beta=beta, temperature=2.0, reduction="none")
+    torch.testing.assert_close(got.double(), brute("gjsd", s, t, 2.0, beta=beta), atol=1e-5, rtol=1e-5)
+    d = lambda name, **kw: divergence(name, s.float(), t.float(), reduction="none", **kw)  # noqa: E731
+    if beta in (0.0, 1.0):
+        torch.testing.assert_close(got, d("fkl" if beta == 0.0 else "rkl", temperature=2.0))
+    else:
+        torch.testing.assert_close(d("gjsd", beta=beta), beta * d("skl", skew=beta) + (1 - beta) * d("srkl", skew=1 - beta))
+        s64 = s.clone().requires_grad_()
+        closed_form64("gjsd", s64, t, 1.0, beta=beta).sum().backward()
+        s32 = s.float().requires_grad_()
+        divergence("gjsd", s32, t.float(), beta=beta, reduction="sum").backward()
+        torch.testing.assert_close(s32.grad.double(), s64.grad, atol=1e-5, rtol=1e-4)
+    if beta == 0.5:
+        torch.testing.assert_close(got, d("js", temperature=2.0))

@@ -25,7 +25,7 @@ from stages import teacher_cache
 
 ROWS = 6
 SAME = ["sft", "kd", "dskd", "dskd_v2", "uld"]
-CROSS = ["dskd_eta", "dskd_cma", "uld", "mined"]
+CROSS = ["dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm", "alm_eta"]
 
 
 class Setup:
@@ -42,6 +42,7 @@ class Setup:
         self.teacher_tok = load_tokenizer(ModelRef(path=str(tiny.teacher / "final")))
         self.teacher_model = load_model(ModelRef(path=str(tiny.teacher / "final")))
         self.vmap = None if self.reader.manifest.same_tokenizer else self.reader.vocab_map()
+        self.vmap_t = None if self.vmap is None else torch.from_numpy(self.vmap).long()
         self.pad = special_ids(self.student_tok)[1]
         self.online = OnlineTeacher(self.teacher_model, self.teacher_tok, self.student_tok if cross else None,
                                     cfg.tokenize, self.reader.manifest.top_k)
@@ -52,11 +53,12 @@ class Setup:
 
     def cache_side(self) -> TeacherSide:
         return TeacherSide(self.reader.load_head(), check_tol=1e-3, embeddings=self.reader.load_embeddings(),
-                           mined_map=self.mined)
+                           mined_map=self.mined, vocab_map=self.vmap_t)
 
     def online_side(self) -> TeacherSide:
         emb = self.teacher_model.get_input_embeddings().weight.detach()
-        return TeacherSide(self.online.head, check_tol=1e-3, embeddings=emb, mined_map=self.mined)
+        return TeacherSide(self.online.head, check_tol=1e-3, embeddings=emb, mined_map=self.mined,
+                           vocab_map=self.vmap_t)
 
     def cache_batch(self):
         return collate_cache_rows([self.reader[i] for i in range(ROWS)], self.pad)
@@ -172,6 +174,10 @@ FLOW = {
     "dskd_eta": {"t2s_ce": {"student": False, "t2s": True},
                  "t2s_kd": {"student": True, "t2s": False},
                  "s2t_kd": {"student": True, "t2s": False, "student.lm_head.weight": False}},
+    "alm_eta": {"t2s_ce": {"student": False, "t2s": True},
+                "t2s_kd": {"student": True, "t2s": False},
+                "s2t_kd": {"student": True, "t2s": False, "student.lm_head.weight": False},
+                "alm": {"student": True, "t2s": False}},
     "dskd_cma": {"t2s_ce": {"student": False, "t2s": True, "s2t": False, "query": True},
                  "t2s_kd": {"student": True, "t2s": False, "s2t": False, "query": False},
                  "s2t_kd": {"student": True, "t2s": False, "s2t": True, "query": True}},
@@ -180,7 +186,7 @@ FLOW = {
 
 @pytest.mark.parametrize("objective", list(FLOW))
 def test_gradients_reach_exactly_the_reference_parameters(request, objective):
-    s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma") else "same")
+    s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma", "alm_eta") else "same")
     cfg = _cfg(objective)
     student, proj = s.models(cfg, head_noise=HEAD_NOISE if objective == "dskd_v2" else None)
     teacher = s.cache_side()
@@ -205,9 +211,9 @@ def test_gradients_reach_exactly_the_reference_parameters(request, objective):
     assert not teacher.head.weight.requires_grad and teacher.head.weight.grad is None
 
 
-@pytest.mark.parametrize("objective", ["kd", "dskd_v2", "dskd_cma", "mined"])
+@pytest.mark.parametrize("objective", ["kd", "dskd_v2", "dskd_cma", "mined", "overlap_kd", "alm", "alm_eta"])
 def test_chunked_equals_unchunked(request, objective):
-    s = request.getfixturevalue("cross" if objective in ("dskd_cma", "mined") else "same")
+    s = request.getfixturevalue("same" if objective in ("kd", "dskd_v2") else "cross")
     cfg = _cfg(objective, divergence="js")
     student, proj = s.models(cfg)
     student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
@@ -222,7 +228,8 @@ def test_chunked_equals_unchunked(request, objective):
 
 
 def test_sparse_teacher_runs_every_teacher_objective(same, cross):
-    for s, objectives in ((same, ["kd", "dskd", "dskd_v2", "uld"]), (cross, ["dskd_eta", "dskd_cma", "mined"])):
+    for s, objectives in ((same, ["kd", "dskd", "dskd_v2", "uld"]),
+                          (cross, ["dskd_eta", "dskd_cma", "mined", "overlap_kd", "alm", "alm_eta"])):
         for objective in objectives:
             cfg = _cfg(objective)
             student, proj = s.models(cfg)
@@ -328,7 +335,8 @@ def test_dskd_v2_agreement_mask_is_a_local_mean_over_agreeing_positions(same):
         assert out.stats["t2s_agreement"] == pytest.approx(float(agree.float().mean()))
 
 
-@pytest.mark.parametrize("objective", ["kd", "dskd", "dskd_v2", "uld", "dskd_eta", "dskd_cma", "mined"])
+@pytest.mark.parametrize("objective", ["kd", "dskd", "dskd_v2", "uld", "dskd_eta", "dskd_cma", "mined", "overlap_kd",
+                                       "alm_eta"])
 def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
     """With chunking, forward and backward of an objective never create a (positions x vocabulary) float tensor:
     every op output whose last dimension is a vocabulary stays within max(chunk, d_S, d_T) x V elements (the heads
@@ -348,7 +356,7 @@ def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
                     self.numel, self.op = t.numel(), f"{func} {tuple(t.shape)}"
             return out
 
-    s = request.getfixturevalue("cross" if objective in ("dskd_eta", "dskd_cma", "mined") else "same")
+    s = request.getfixturevalue("same" if objective in ("kd", "dskd", "dskd_v2", "uld") else "cross")
     cfg = _cfg(objective)
     student, proj = s.models(cfg)
     rows = [s.reader[i] for i in range(min(len(s.reader), 96))]  # answers are short: enough rows for the bound
@@ -379,3 +387,102 @@ def test_s2t_matrix_is_reused_until_the_head_changes():
     assert proj.s2t_matrix(w_s) is q2
     proj.head_updated()
     torch.testing.assert_close(proj.s2t_matrix(w_s), w_s[ids].T @ proj.teacher_pinv)
+
+
+# ---- cross-tokenizer objectives against float64 brute force
+
+
+def _student_logits64(student, batch) -> torch.Tensor:
+    with torch.no_grad():
+        h = decoder_hidden(student, batch.input_ids, batch.attention_mask)[batch.labels != -100]
+        return h.double() @ student.get_output_embeddings().weight.double().T
+
+
+def test_overlap_kd_is_kd_on_the_shared_subvocabulary_renormalised(cross):
+    """Brute force, float64, loops: at each exact pair, the teacher's probabilities of the tokens that have a
+    same-text student token, summed per student token and renormalised, against the student's distribution
+    renormalised over those student tokens."""
+    cfg = _cfg("overlap_kd")
+    student, _ = cross.models(cfg)
+    batch = cross.cache_batch()
+    norm = batch.n_tokens / 2
+    out = run_objective(cfg, student, None, cross.cache_side(), batch, backward=False)
+    z_s = _student_logits64(student, batch) / 2.0
+    z_t = cross.reader.load_head().weight.double()
+    z_t = (batch.teacher_hidden.double() @ z_t.T) / 2.0
+    vmap = cross.vmap
+    shared = sorted({int(v) for v in vmap if v >= 0})
+    total = 0.0
+    for i, j in zip(batch.align_student.tolist(), batch.align_teacher.tolist()):
+        p_t = torch.softmax(z_t[j], -1)
+        mass = {u: 0.0 for u in shared}
+        for t, u in enumerate(vmap.tolist()):
+            if u >= 0:
+                mass[u] += float(p_t[t])
+        z = sum(mass.values())
+        q = torch.softmax(z_s[i, shared], -1)
+        total += sum(mass[u] / z * np.log(mass[u] / z / float(q[k])) for k, u in enumerate(shared) if mass[u] > 0)
+    assert 0 < len(shared) < len(vmap) and len(batch.align_student) > 0
+    assert float(out.terms["kd"]) == pytest.approx(total / norm, rel=1e-4)
+
+
+def test_alm_is_the_binarised_kl_of_chunk_likelihoods(cross, tiny):
+    """Brute force, float64: chunk log-likelihoods summed by loops over the cache's chunk ranges, the teacher's from
+    its own forward (not the cached log-probabilities), compared with tau * binary KL per chunk / N-bar."""
+    tau = 7.0
+    cfg = _cfg("alm", alm_temperature=tau)
+    student, _ = cross.models(cfg)
+    rows = [cross.reader[i] for i in range(ROWS)]
+    batch = cross.cache_batch()
+    norm = batch.n_tokens / 2
+    out = run_objective(cfg, student, None, cross.cache_side(), batch, backward=False)
+    lp_s = torch.log_softmax(_student_logits64(student, batch), -1).gather(
+        -1, batch.labels[batch.labels != -100][:, None])[:, 0]
+    total, s_off, n_chunks = 0.0, 0, 0
+    for r in rows:
+        with torch.no_grad():
+            logits = cross.teacher_model(torch.tensor(r.teacher_ids[None, :-1].astype(np.int64))).logits[0].double()
+        lp_t = torch.log_softmax(logits, -1)
+        for sb, se, tb, te in r.chunks.tolist():
+            a = sum(float(lp_t[p, int(r.teacher_ids[p + 1])]) for p in range(tb, te))  # teacher log-likelihood
+            b = sum(float(lp_s[s_off + p - (r.student_response_start - 1)]) for p in range(sb, se))
+            lp, lq = min(a / tau, -1e-6), min(b / tau, -1e-6)
+            p, q = np.exp(lp), np.exp(lq)
+            total += tau * (p * (lp - lq) + (1 - p) * (np.log1p(-p) - np.log1p(-q)))
+            n_chunks += 1
+        s_off += len(r.student_ids) - r.student_response_start
+    assert out.stats["chunks"] == n_chunks and out.stats["chunk_coverage"] == 1.0
+    assert float(out.terms["alm"]) == pytest.approx(total / norm, rel=1e-4)
+    torch.testing.assert_close(out.loss, 0.5 * out.terms["ce"] + 0.5 * out.terms["alm"])
+
+
+def test_alm_tends_to_the_generalised_kl_of_chunk_nlls_and_vanishes_at_equal_likelihoods():
+    from pipeline.losses import binary_log_probs, divergence_from_log_probs
+
+    a = -torch.tensor([0.3, 2.0, 9.0, 40.0], dtype=torch.float64)  # teacher chunk log-likelihoods
+    b = -torch.tensor([0.5, 1.0, 12.0, 35.0], dtype=torch.float64)
+    tau = 1e4
+    got = tau * divergence_from_log_probs("fkl", binary_log_probs(a / tau).double(), binary_log_probs(b / tau).double())
+    big_a, big_b = -a, -b
+    limit = big_a * torch.log(big_a / big_b) - big_a + big_b
+    torch.testing.assert_close(got, limit, rtol=2e-2, atol=1e-3)
+    same = divergence_from_log_probs("fkl", binary_log_probs(a / 5), binary_log_probs(a / 5))
+    assert same.abs().max() < 1e-6
+    p = binary_log_probs(torch.tensor([0.0, -1e-9, -3.0, -1e5])).exp()
+    torch.testing.assert_close(p.sum(-1), torch.ones(4))  # a distribution, finite at both ends
+
+
+def test_s2t_divergence_fkl_reproduces_dskd_v1(same, cross):
+    """DSKD v1 hard-codes forward KL in the teacher-space term: s2t_divergence fkl with divergence rkl gives the
+    s2t term of divergence fkl and the student-space terms of rkl."""
+    for s, objective in ((same, "dskd"), (cross, "dskd_eta")):
+        batch = s.cache_batch()
+        outs = {}
+        for div, s2t in (("rkl", "fkl"), ("fkl", "same"), ("rkl", "same")):
+            cfg = _cfg(objective, divergence=div, s2t_divergence=s2t)
+            student, proj = s.models(cfg)
+            outs[div, s2t] = run_objective(cfg, student, proj, s.cache_side(), batch, backward=False)
+        v1, fkl, rkl = outs["rkl", "fkl"], outs["fkl", "same"], outs["rkl", "same"]
+        torch.testing.assert_close(v1.terms["s2t_kd"], fkl.terms["s2t_kd"])
+        torch.testing.assert_close(v1.terms["t2s_kd"], rkl.terms["t2s_kd"])
+        assert not torch.allclose(v1.terms["s2t_kd"], rkl.terms["s2t_kd"])

@@ -12,9 +12,15 @@ Every objective is L = (1 - alpha) * CE + alpha * KD (reference sections 2-7), e
 - uld        sorted-probability L1 between the i-th response positions of both sides (any vocabularies).
 - mined      the teacher's distribution carried into the student vocabulary by a minimum-edit-distance token map,
              at the exactly aligned positions.
+- overlap_kd KD at the exactly aligned positions on the shared sub-vocabulary (tokens of the same text), both
+             distributions renormalised there.
+- alm        approximate likelihood matching: the chunk likelihoods of both sides (every student token lies in a
+             chunk) compared with a binarised divergence (objectives/alm.py says which variant and why).
+- alm_eta    alm plus dskd_eta's dual-space terms on the exactly aligned positions.
+- s2t_divergence: fkl reproduces DSKD v1, which uses forward KL in the teacher-space term whatever the divergence.
 Normalisation: sums are divided by the global token normaliser N-bar (losses.token_normaliser) so accumulation and
 world size do not change the scale; v2's agreement-masked and ETA terms use local counts, as the reference does.
-Memory: vocabulary-sized tensors are only built inside `_chunked`, a chunk of positions at a time, recomputed in
+Memory: vocabulary-sized tensors are only built inside `base.chunked`, a chunk of positions at a time, recomputed in
 backward, so no objective holds more than one chunk's (positions, vocabulary) logits per space.
 The teacher model is never needed: its logits come from cached hidden states x its head (dense) or from the cached
 top-k + log-sum-exp (sparse), and `teacher_max_err` proves the dense recomputation against the cached top-k.
@@ -25,6 +31,7 @@ from __future__ import annotations
 from pipeline.batch import Batch
 from pipeline.config import LossConfig
 from pipeline.losses import auto_chunk_positions, cross_entropy_sum
+from pipeline.objectives.alm import alm, alm_eta
 from pipeline.objectives.base import (
     ObjectiveBase,
     ObjectiveOutput,
@@ -80,8 +87,10 @@ class Objective(ObjectiveBase):
                            student.hidden, labels)
             ce = out["ce"] / normaliser  # the whole loss: alpha weighs CE against a KD term, and sft has none
             return ObjectiveOutput(ce, {"ce": ce}, {})
-        if name in ("kd", "uld", "mined"):
+        if name in ("kd", "uld", "mined", "overlap_kd"):
             return student_space_kd(self, batch, student, labels, normaliser)
+        if name in ("alm", "alm_eta"):
+            return (alm if name == "alm" else alm_eta)(self, batch, student, labels, normaliser)
         if name == "dskd_cma":
             return dskd_cma(self, batch, student, labels, normaliser)
         return dskd(self, batch, student, labels, normaliser)

@@ -43,6 +43,7 @@ class TeacherSide:
     check_source: str = "the cache"  # named when the check fails
     embeddings: torch.Tensor | None = None  # (V_T, d_T), dskd_cma
     mined_map: torch.Tensor | None = None  # (V_T,) long teacher id -> student id (mined)
+    vocab_map: torch.Tensor | None = None  # (V_T,) long teacher id -> student id with the same text, -1 (overlap_kd)
 
 
 @dataclass
@@ -58,8 +59,9 @@ class ObjectiveOutput:
 
 def chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
     """fn(*rows) -> dict of scalar tensors, over chunks of `size` rows of each tensor / SparseLogits in `args`
-    (None passes through); values are summed over chunks, keys starting with "max_" maxed. Under autograd each
-    chunk is checkpointed, so its (rows, vocabulary) intermediates are recomputed in backward, not kept."""
+    (None passes through); values are summed over chunks, keys starting with "max_" maxed, keys starting with "cat_"
+    (per-row values) concatenated. Under autograd each chunk is checkpointed, so its (rows, vocabulary)
+    intermediates are recomputed in backward, not kept."""
     if n <= size:
         return fn(*args)
     out: dict[str, torch.Tensor] = {}
@@ -68,7 +70,12 @@ def chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
         part = [a if a is None else a[start : start + size] for a in args]
         got = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
         for k, v in got.items():
-            out[k] = v if k not in out else (torch.maximum(out[k], v) if k.startswith("max_") else out[k] + v)
+            if k not in out:
+                out[k] = v
+            elif k.startswith("cat_"):
+                out[k] = torch.cat([out[k], v])
+            else:
+                out[k] = torch.maximum(out[k], v) if k.startswith("max_") else out[k] + v
     return out
 
 
@@ -110,10 +117,11 @@ class ObjectiveBase:
     def __init__(self, cfg: LossConfig, teacher: TeacherSide | None, projectors: Projectors | None, chunk_positions: int):
         self.cfg, self.teacher, self.proj, self.chunk = cfg, teacher, projectors, chunk_positions
 
-    def div(self, student_logits, target) -> torch.Tensor:
+    def div(self, student_logits, target, name: str | None = None) -> torch.Tensor:
+        """Per-position D(target || student) with the configured divergence (or `name`) and its parameters."""
         c = self.cfg
-        return divergence(c.divergence, student_logits, target, temperature=c.temperature, skew=c.skew,
-                          akl_mu=c.akl_mu, reduction="none")
+        return divergence(name or c.divergence, student_logits, target, temperature=c.temperature, skew=c.skew,
+                          akl_mu=c.akl_mu, beta=c.beta, reduction="none")
 
     def sparse(self, batch: Batch, rows: torch.Tensor | None = None) -> SparseLogits:
         s = SparseLogits(batch.teacher_topk_ids, batch.teacher_topk_logits, batch.teacher_lse, self.teacher.head.vocab_size)

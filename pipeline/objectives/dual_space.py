@@ -8,7 +8,7 @@ import math
 import torch
 
 from pipeline.batch import Batch
-from pipeline.losses import cross_entropy_sum
+from pipeline.losses import cross_entropy_sum, label_log_probs
 from pipeline.models import detached_full
 from pipeline.objectives.base import (
     ObjectiveBase,
@@ -21,25 +21,31 @@ from pipeline.objectives.base import (
 )
 
 
-def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows) -> dict[str, torch.Tensor]:
+def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows,
+                  logp: bool = False) -> dict[str, torch.Tensor]:
     """Sums over the student's positions: ce; t2s_ce of the projected teacher on `t2s_labels`; the divergence
     between the student and the (stop-gradient) projected teacher over `t2s_rows`, and over the rows where
-    the projected teacher's argmax equals its label ("agree")."""
+    the projected teacher's argmax equals its label ("agree"). With `logp`, also "cat_logp": (N,) the student's
+    log-probability of each label (alm_eta's chunk likelihoods, from the same head output)."""
 
     def fn(h, y, ht, yt, rows):
         z_s = student.head(h)
         z_t2s = linear_sg(ht, student.head)
         per = ob.div(z_s, z_t2s.detach())
         agree = (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
-        return {
+        out = {
             "ce": cross_entropy_sum(z_s, y),
             "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100)),
             "kd_rows": (per * rows).sum(),
             "kd_agree": (per * agree).sum(),
             "n_agree": agree.sum().float(),
         }
+        if logp:
+            out["cat_logp"] = label_log_probs(z_s, y)
+        return out
 
     return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float())
+
 
 def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sum over the given teacher positions of D(teacher, teacher head applied to the projected student)."""
@@ -48,9 +54,11 @@ def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: 
 
     def fn(hs, ht, sp):
         target, err = teacher_target(t, ht, sp)
-        return {"s2t_kd": ob.div(t.head.logits(hs), target).sum(), "max_err": err}
+        name = None if ob.cfg.s2t_divergence == "same" else ob.cfg.s2t_divergence
+        return {"s2t_kd": ob.div(t.head.logits(hs), target, name).sum(), "max_err": err}
 
     return chunked(fn, len(t_rows), ob.chunk, h_s2t, hidden_t, ob.sparse(batch, t_rows))
+
 
 def kd_terms(ob: ObjectiveBase, st: dict, te: dict | None, norm_t2s: float, t2s_kd: torch.Tensor, norm_s2t: float) -> dict:
     spaces = ob.cfg.spaces
@@ -62,12 +70,21 @@ def kd_terms(ob: ObjectiveBase, st: dict, te: dict | None, norm_t2s: float, t2s_
         kd["s2t_kd"] = te["s2t_kd"] / norm_s2t
     return kd
 
+
 def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
     """dskd (v1), dskd_v2 (same vocabulary) and dskd_eta (exact-token alignments)."""
+    ce, kd, stats, _ = dskd_terms(ob, batch, student, labels, normaliser)
+    return ob.done(ce, kd, stats)
+
+
+def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float,
+               logp: bool = False) -> tuple[torch.Tensor, dict, dict, dict]:
+    """(normalised ce, the KD terms, stats, the student-space sums) of `dskd`; alm_eta takes dskd_eta's."""
     c, name, proj = ob.cfg, ob.cfg.objective, ob.proj
     n, dev = len(labels), labels.device
     h_t = batch.teacher_hidden.float()
-    if name == "dskd_eta":
+    eta = name in ("dskd_eta", "alm_eta")
+    if eta:
         valid = batch.align_label != -100
         s_rows, t_rows, t2s_y = batch.align_student[valid], batch.align_teacher[valid], batch.align_label[valid]
     else:
@@ -81,7 +98,7 @@ def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Te
     h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
     y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
     rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
-    st = student_space(ob, student, labels, h_t2s, y_t2s, rows)
+    st = student_space(ob, student, labels, h_t2s, y_t2s, rows, logp=logp)
     # teacher space
     te = None
     if c.spaces != "student":
@@ -97,14 +114,15 @@ def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Te
     else:
         # the projected teacher is trusted only where it agrees with its label, as a local fraction
         masked = n_agree / max(n_rows, 1) <= c.t2s_agreement
-        local = name == "dskd_eta"
+        local = eta
         t2s_norm = max(n_rows, 1e-3) if local else normaliser
         t2s_kd = st["kd_agree"] / max(n_agree, 1e-3) if masked else st["kd_rows"] / t2s_norm
         kd = kd_terms(ob, st, te, t2s_norm, t2s_kd, max(n_rows, 1e-8) if local else normaliser)
     stats = {"t2s_agreement": n_agree / max(n_rows, 1), "aligned_positions": float(n_rows)}
     if te is not None:
         stats["teacher_max_err"] = float(te["max_err"])
-    return ob.done(st["ce"] / normaliser, kd, stats)
+    return st["ce"] / normaliser, kd, stats, st
+
 
 def dskd_cma(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
     """v1 cross-model attention (reference section 4): within each example, student position i attends over

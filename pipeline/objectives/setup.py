@@ -10,10 +10,10 @@ from pipeline.config import LossConfig
 from pipeline.objectives.base import StudentSide, TeacherSide
 from pipeline.projectors import Projectors
 
-OBJECTIVES = ("sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined")
+OBJECTIVES = ("sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm", "alm_eta")
 NEEDS_TEACHER = {name: name != "sft" for name in OBJECTIVES}
 SAME_VOCAB_ONLY = {"kd", "dskd", "dskd_v2"}
-CROSS_VOCAB_ONLY = {"dskd_eta", "mined"}
+CROSS_VOCAB_ONLY = {"dskd_eta", "mined", "overlap_kd", "alm", "alm_eta"}
 NEEDS_EMBEDDINGS = {"dskd_cma"}
 
 
@@ -32,7 +32,7 @@ def check_compatible(objective: str, same_tokenizer: bool, has_embeddings: bool,
     """A clear error when the cache cannot serve the objective."""
     if objective in SAME_VOCAB_ONLY and not same_tokenizer:
         raise ValueError(f"objective {objective!r} needs the teacher and the student to share a tokenizer; {where} is "
-                         "a cross-tokenizer cache (use dskd_eta, dskd_cma, uld or mined)")
+                         "a cross-tokenizer cache (use dskd_eta, dskd_cma, uld, mined, overlap_kd, alm or alm_eta)")
     if objective in CROSS_VOCAB_ONLY and same_tokenizer:
         raise ValueError(f"objective {objective!r} is for different tokenizers; {where} has one tokenizer "
                          "(use kd or dskd_v2)")
@@ -49,7 +49,7 @@ def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None) 
         return None
     w_s = student.get_output_embeddings().weight
     proj = Projectors(cfg.objective, w_s.shape[1], teacher.head.hidden_size).to(w_s.device)
-    if cfg.objective in ("dskd_v2", "dskd_eta"):
+    if cfg.objective in ("dskd_v2", "dskd_eta", "alm_eta"):
         s_ids, t_ids = shared_vocabulary(w_s.shape[0], teacher.head.vocab_size, vmap)
         proj.init_logit_identity(w_s, teacher.head.weight, s_ids.to(w_s.device), t_ids.to(w_s.device),
                                  init_t2s=cfg.init_t2s)

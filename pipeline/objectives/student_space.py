@@ -1,6 +1,12 @@
-"""kd, uld, mined (and overlap_kd): the teacher's distribution compared with the student's in the student's
-space, at one teacher position per student position (the same position, the i-th response position, or an exactly
-aligned one)."""
+"""kd, uld, mined and overlap_kd: the teacher's distribution compared with the student's in the student's space, at
+one teacher position per student position (the same position, the i-th response position, or an exactly aligned one).
+
+- mined: the teacher's probabilities summed into student ids through a minimum-edit-distance token map, against
+  the student's whole distribution.
+- overlap_kd: both distributions restricted to the shared sub-vocabulary (teacher tokens whose text is a student
+  token's, through the cache's exact vocabulary map) and renormalised there, so neither side is asked to put mass
+  on tokens the other cannot name: the simple cross-tokenizer default of the DSKD authors' newer toolkit (KDFlow).
+Both carry the teacher's mass with `_carry`; kd needs one tokenizer, uld none."""
 
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
         s_rows, t_rows = torch.arange(n, device=labels.device), torch.arange(n, device=labels.device)
     elif name == "uld":  # the i-th response position of each side, up to the shorter response
         s_rows, t_rows = _first_positions(labels, batch)
-    else:  # mined: exactly aligned positions
+    else:  # mined, overlap_kd: exactly aligned positions
         s_rows, t_rows = batch.align_student, batch.align_teacher
+    if name == "overlap_kd":
+        overlap = _overlap(t.vocab_map)
     pair = torch.full((n,), -1, dtype=torch.long, device=labels.device)
     pair[s_rows] = t_rows
     has = pair >= 0
@@ -39,26 +47,46 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
             per = ob.div(z_s[:, :v], target[:, :v] if t.dense else _truncate(target, v))
         elif name == "uld":
             per = sorted_l1(z_s, target, temperature=c.temperature)
+        elif name == "mined":
+            keep_t = t.mined_map >= 0
+            log_p = _carry(ob, target, torch.nonzero(keep_t)[:, 0], t.mined_map[keep_t], z_s.shape[-1])
+            per = _student_div(ob, log_p, z_s)
         else:
-            per = _mined(ob, z_s, target)
+            t_ids, s_ids, s_index = overlap
+            per = _student_div(ob, _carry(ob, target, t_ids, s_index, len(s_ids)), z_s[:, s_ids])
         return {"ce": cross_entropy_sum(z_s, y), "kd": (per * keep).sum(), "max_err": err}
 
     out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float())
     ob.check(out["max_err"], batch)
     return ob.done(out["ce"] / normaliser, {"kd": out["kd"] / normaliser},
-                      {"teacher_max_err": float(out["max_err"]), "kd_positions": float(has.sum())})
+                   {"teacher_max_err": float(out["max_err"]), "kd_positions": float(has.sum())})
 
-def _mined(ob: ObjectiveBase, z_s: torch.Tensor, target) -> torch.Tensor:
-    """D between the student and the teacher's probabilities summed into the student ids of the token map."""
-    c, t = ob.cfg, ob.teacher
+
+def _carry(ob: ObjectiveBase, target, t_ids: torch.Tensor, into: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) floored log-probabilities: the teacher's probabilities of ids `t_ids` (at the loss temperature)
+    summed into entries `into` of a support of `size`, renormalised over it."""
+    c = ob.cfg
     log_p_t = target.dense_log_probs(c.temperature) if isinstance(target, SparseLogits) else \
         F.log_softmax(target.float() / c.temperature, -1)
-    keep = t.mined_map >= 0
-    mass = torch.zeros(z_s.shape, device=z_s.device).index_add_(
-        -1, t.mined_map[keep], log_p_t[:, keep].exp())
-    log_p = torch.log(mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).clamp(min=LOG_FLOOR)
+    mass = log_p_t.new_zeros(log_p_t.shape[0], size).index_add_(-1, into, log_p_t[:, t_ids].exp())
+    return torch.log(mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).clamp(min=LOG_FLOOR)
+
+
+def _student_div(ob: ObjectiveBase, log_p: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+    """D(carried teacher || student) per position, the student's logits z_s over the same support as log_p."""
+    c = ob.cfg
     log_q = F.log_softmax(z_s.float() / c.temperature, -1).clamp(min=LOG_FLOOR)
-    return divergence_from_log_probs(c.divergence, log_p, log_q, skew=c.skew, akl_mu=c.akl_mu)
+    return divergence_from_log_probs(c.divergence, log_p, log_q, skew=c.skew, akl_mu=c.akl_mu, beta=c.beta)
+
+
+def _overlap(vocab_map: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(teacher ids with a same-text student token, the distinct student ids they map to (sorted), and for each
+    teacher id the index of its student id in that list)."""
+    if vocab_map is None:
+        raise ValueError("overlap_kd needs the cache's vocabulary map (a cross-tokenizer cache)")
+    t_ids = torch.nonzero(vocab_map >= 0)[:, 0]
+    s_ids, s_index = torch.unique(vocab_map[t_ids], return_inverse=True)
+    return t_ids, s_ids, s_index
 
 
 def _truncate(sparse: SparseLogits, v: int) -> SparseLogits:
