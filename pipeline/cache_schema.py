@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 4
+from pipeline.versions import SCHEMA_VERSION  # noqa: F401  (declared where the quick checks read it without torch)
+
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"

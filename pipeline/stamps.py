@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.config import ModelRef, config_identity
 from pipeline.io_utils import atomic_write_text, hash_json, write_text_if_changed
+from pipeline.versions import SCHEMA_VERSION
 
 STAMPS = ".dskd-stamps.json"
 # bump when what a fingerprint covers changes, so older quick keys stop matching
@@ -114,6 +115,8 @@ def teacher_cache_up_to_date(cfg) -> Path | None:
     d = root / got["dir"]
     manifest = _read(d / "manifest.json")
     if manifest is None or manifest.get("fingerprint") != got["fingerprint"]:
+        return None
+    if manifest.get("schema_version") != SCHEMA_VERSION:  # built by another version of dskd: the full run rebuilds
         return None
     for shard in manifest.get("shards", []):
         p = d / shard["file"]

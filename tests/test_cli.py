@@ -89,8 +89,18 @@ def test_up_to_date_stages_answer_in_about_a_second_without_torch(caches, tmp_pa
         assert time.perf_counter() - t0 < 5  # the interpreter start included; the check itself well under 1 s
     # a changed input file is noticed (the full check then runs)
     from pipeline import stamps
+    from pipeline.cache_schema import SCHEMA_VERSION
 
     assert stamps.distill_up_to_date(run_cfg) is not None
+    assert stamps.teacher_cache_up_to_date(caches.cache_cfg()) is not None
+    # a cache of another schema version (built by an older dskd) is not up to date, whatever the stamp says
+    manifest = teacher_cache.run(caches.cache_cfg()) / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text(original.replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 3'))
+    try:
+        assert stamps.teacher_cache_up_to_date(caches.cache_cfg()) is None
+    finally:
+        manifest.write_text(original)
     data = caches.data / "train.jsonl"
     data.touch()
     assert stamps.teacher_cache_up_to_date(caches.cache_cfg()) is None

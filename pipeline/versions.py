@@ -1,0 +1,6 @@
+"""Format versions, importable without torch: the quick up-to-date checks (pipeline/stamps.py) compare them before
+any heavy import, and the modules that own the formats re-export them."""
+
+# the teacher cache's Arrow schema and manifest (pipeline/cache_schema.py); 4 added the teacher's next-token
+# log-probabilities and the chunk alignment
+SCHEMA_VERSION = 4
