@@ -3,7 +3,8 @@
 For each (student <- teacher) pair, the responses of the first `--rows` Dolly test rows are tokenized by both sides
 (not timed), then both alignments run on the offsets (timed, side by side, best of `--repeat`):
 - exact: `exact_token_alignment`, the positions dskd_eta, mined and overlap_kd learn at;
-- chunks: `chunk_alignment`, the positions alm and alm_eta learn at (every token of a chunk).
+- chunks: `chunk_alignment`, the positions alm and alm_eta learn at (every token of a chunk);
+- both: `alignments`, what stage 1 computes per row (both, on spans trimmed once).
 Coverage = student tokens with a teacher signal / student tokens.
 
     python bench/alignment.py [--rows 200] [--repeat 3]      (make bench-alignment)
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.alignment import chunk_alignment, exact_token_alignment  # noqa: E402
+from pipeline.alignment import alignments, chunk_alignment, exact_token_alignment  # noqa: E402
 from pipeline.config import ModelRef  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from tests.conftest import SHARED, shared_tokenizer  # noqa: E402
@@ -62,18 +63,19 @@ def main() -> None:
     print(f"bench-alignment: responses of the first {len(texts)} Dolly test rows; coverage = student tokens with a "
           f"teacher signal; speed in sequence pairs/s (best of {args.repeat})")
     print(f"  {'student <- teacher':<28} {'exact':>7} {'chunks':>7} {'m:n chunks':>10} {'exact/s':>9} {'chunks/s':>9} "
-          f"{'time ratio':>10}")
+          f"{'chunks/exact':>12} {'both/exact':>10}")
     for student, teacher in pairs:
         items = list(zip(texts, offsets[student], offsets[teacher]))
         exact, t_exact = _timed(exact_token_alignment, items, args.repeat)
         chunks, t_chunks = _timed(chunk_alignment, items, args.repeat)
+        _, t_both = _timed(alignments, items, args.repeat)
         tokens = sum(len(so) for _, so, _ in items)
         covered = sum(int((c[:, 1] - c[:, 0]).sum()) for c in chunks)
         n_chunks = sum(len(c) for c in chunks)
         m_n = sum(int(((c[:, 1] - c[:, 0] > 1) | (c[:, 3] - c[:, 2] > 1)).sum()) for c in chunks)
         print(f"  {student + ' <- ' + teacher:<28} {sum(map(len, exact)) / tokens:7.3f} {covered / tokens:7.3f} "
               f"{m_n / max(n_chunks, 1):10.3f} {len(items) / t_exact:9.0f} {len(items) / t_chunks:9.0f} "
-              f"{t_chunks / t_exact:9.2f}x")
+              f"{t_chunks / t_exact:11.2f}x {t_both / t_exact:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pipeline.config import DistillConfig, TeacherCacheConfig, load_config  # no
 from stages import distill, teacher_cache  # noqa: E402
 
 SAME = ["sft", "kd", "dskd", "dskd_v2", "uld"]
-CROSS = ["sft", "dskd_eta", "dskd_cma", "uld", "mined"]
+CROSS = ["sft", "dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm", "alm_eta"]
 
 
 def step_time(cfg: DistillConfig, warmup: int) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     os.chdir(ROOT)
     if not (ROOT / "runs/tiny/cache/CURRENT").exists():
         sys.exit("run `make teacher-cache` first (the tiny default's cache)")
-    xtok = load_config(TeacherCacheConfig, ROOT / "configs/tiny/teacher_cache_xtok.yaml", ["cache.store_embeddings=true"])
+    xtok = load_config(TeacherCacheConfig, ROOT / "configs/tiny/teacher_cache_xtok.yaml")  # with embeddings
     xcache = teacher_cache.run(xtok)
     out = tempfile.mkdtemp(prefix="bench-objectives-")
     # step time only: no validation passes or intermediate checkpoints inside the timed steps

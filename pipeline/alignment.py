@@ -63,9 +63,12 @@ def _unique_span_keys(spans: np.ndarray, width: int) -> tuple[np.ndarray, np.nda
 def exact_token_alignment(student_offsets, teacher_offsets, text: str) -> np.ndarray:
     """(K, 2) int32 array of (student token index, teacher token index), sorted, for tokens of `text` covering the
     same trimmed character span. Both offset lists are (n, 2) character offsets into the same `text`."""
-    width = len(text) + 1
-    s_keys, s_idx = _unique_span_keys(trimmed_spans(student_offsets, text), width)
-    t_keys, t_idx = _unique_span_keys(trimmed_spans(teacher_offsets, text), width)
+    return _pairs(trimmed_spans(student_offsets, text), trimmed_spans(teacher_offsets, text), len(text) + 1)
+
+
+def _pairs(s: np.ndarray, t: np.ndarray, width: int) -> np.ndarray:
+    s_keys, s_idx = _unique_span_keys(s, width)
+    t_keys, t_idx = _unique_span_keys(t, width)
     _, si, ti = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
     pairs = np.stack([s_idx[si], t_idx[ti]], axis=1).astype(np.int32)
     return pairs[np.argsort(pairs[:, 0], kind="stable")]
@@ -100,10 +103,12 @@ def chunk_alignment(student_offsets, teacher_offsets, text: str) -> np.ndarray:
     When one side covers less of the text (truncation), the chunks end where it ends if the other side has a token
     boundary there; the longer side's remaining tokens belong to no chunk (and when the shorter side ends inside a
     token of the other, neither does the last, incomplete chunk)."""
-    s, t = trimmed_spans(student_offsets, text), trimmed_spans(teacher_offsets, text)
+    return _chunks(trimmed_spans(student_offsets, text), trimmed_spans(teacher_offsets, text), len(text) + 1)
+
+
+def _chunks(s: np.ndarray, t: np.ndarray, width: int) -> np.ndarray:
     if len(s) == 0 or len(t) == 0:
         return np.zeros((0, 4), dtype=np.int32)
-    width = len(text) + 1
     starts = np.intersect1d(s[s[:, 1] > s[:, 0], 0], t[t[:, 1] > t[:, 0], 0])
     crossed = _crossed(s, width) | _crossed(t, width)
     bounds = starts[~crossed[starts]]
@@ -122,31 +127,20 @@ def chunk_alignment(student_offsets, teacher_offsets, text: str) -> np.ndarray:
     return out.astype(np.int32).reshape(-1, 4)
 
 
-def label_alignment(student, teacher, response: str) -> np.ndarray:
-    """(K, 2) int32 (student label position, teacher label position) pairs for one example.
+def alignments(student_offsets, teacher_offsets, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(exact_token_alignment, chunk_alignment) of one text, its spans trimmed once for both."""
+    s, t = trimmed_spans(student_offsets, text), trimmed_spans(teacher_offsets, text)
+    return _pairs(s, t, len(text) + 1), _chunks(s, t, len(text) + 1)
 
-    `student` and `teacher` are `tokenize.Encoded` made with offsets over the same `response` text. Token pairs
-    become the label positions that predict them (index - 1); pairs cut off by truncation are dropped; the two
-    appended EOS tokens form a pair when both survived truncation."""
-    pairs = exact_token_alignment(student.offsets, teacher.offsets, response).astype(np.int64)
-    # offsets already cover only the kept response tokens, so every pair lies inside both sequences
-    pos = pairs + np.array([student.response_start - 1, teacher.response_start - 1])
-    if student.eos_kept and teacher.eos_kept:
-        pos = np.concatenate([pos, [[len(student.ids) - 2, len(teacher.ids) - 2]]])
-    return pos.astype(np.int32).reshape(-1, 2)
+
+def label_alignment(student, teacher, response: str) -> np.ndarray:
+    """(K, 2) int32 (student label position, teacher label position) pairs for one example: `row_alignment`'s."""
+    return row_alignment(student, teacher, response).pairs
 
 
 def label_chunks(student, teacher, response: str) -> np.ndarray:
-    """(C, 4) int32 chunks of one example in label positions [s_begin, s_end, t_begin, t_end): the label positions
-    predicting the tokens of each `chunk_alignment` chunk, and the two appended EOS as a last 1:1 chunk when both
-    survived truncation. `student` / `teacher` as in `label_alignment`."""
-    chunks = chunk_alignment(student.offsets, teacher.offsets, response).astype(np.int64)
-    shift = np.array([student.response_start - 1] * 2 + [teacher.response_start - 1] * 2)
-    pos = chunks + shift
-    if student.eos_kept and teacher.eos_kept:
-        s_eos, t_eos = len(student.ids) - 2, len(teacher.ids) - 2
-        pos = np.concatenate([pos, [[s_eos, s_eos + 1, t_eos, t_eos + 1]]])
-    return pos.astype(np.int32).reshape(-1, 4)
+    """(C, 4) int32 chunks of one example in label positions [s_begin, s_end, t_begin, t_end): `row_alignment`'s."""
+    return row_alignment(student, teacher, response).chunks
 
 
 @dataclass
@@ -155,6 +149,23 @@ class RowAlignment:
 
     pairs: np.ndarray  # (K, 2) exact-token pairs (student, teacher)
     chunks: np.ndarray  # (C, 4) chunks [s_begin, s_end, t_begin, t_end)
+
+
+def row_alignment(student, teacher, response: str) -> RowAlignment:
+    """Both alignments of one example in label positions (the spans trimmed once for both).
+
+    `student` and `teacher` are `tokenize.Encoded` made with offsets over the same `response` text. Token indices
+    become the label positions that predict them (index - 1); what truncation cut off is left out (the offsets cover
+    only the kept response tokens); the two appended EOS form a last pair and a last 1:1 chunk when both survived."""
+    pairs, chunks = alignments(student.offsets, teacher.offsets, response)
+    s0, t0 = student.response_start - 1, teacher.response_start - 1
+    pairs = pairs.astype(np.int64) + np.array([s0, t0])
+    chunks = chunks.astype(np.int64) + np.array([s0, s0, t0, t0])
+    if student.eos_kept and teacher.eos_kept:
+        s_eos, t_eos = len(student.ids) - 2, len(teacher.ids) - 2
+        pairs = np.concatenate([pairs, [[s_eos, t_eos]]])
+        chunks = np.concatenate([chunks, [[s_eos, s_eos + 1, t_eos, t_eos + 1]]])
+    return RowAlignment(pairs.astype(np.int32).reshape(-1, 2), chunks.astype(np.int32).reshape(-1, 4))
 
 
 def vocab_map(teacher_surfaces: list, student_surfaces: list, student_avoid: frozenset = frozenset()) -> np.ndarray:
@@ -219,7 +230,7 @@ def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
         raise TokenizerError(f"row {example.id!r}: {err}") from None
     if not aligned:
         return t, s, None
-    return t, s, RowAlignment(label_alignment(s, t, example.response), label_chunks(s, t, example.response))
+    return t, s, row_alignment(s, t, example.response)
 
 
 def tokenizer_vocab_map(teacher_tok, student_tok) -> np.ndarray:

@@ -118,7 +118,8 @@ def test_same_global_batch_gives_same_first_loss_with_accumulation(chain):
 
 
 def test_kd_refuses_cross_tokenizer_cache_but_sft_runs(tiny, tmp_path):
-    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
+    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", "cache.store_embeddings=false",
+                                              name="teacher_cache_xtok.yaml"))
     meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"]
     with pytest.raises(ConfigError, match="cross-tokenizer cache"):
         distill.run(tiny.distill_cfg(*meta))
@@ -191,7 +192,8 @@ def xcache(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective,cross", [("dskd", False), ("dskd_v2", False), ("uld", False),
-                                             ("dskd_eta", True), ("dskd_cma", True), ("mined", True)])
+                                             ("dskd_eta", True), ("dskd_cma", True), ("mined", True),
+                                             ("overlap_kd", True), ("alm", True), ("alm_eta", True)])
 def test_every_objective_trains_from_its_cache(chain, xcache, objective, cross):
     tiny, cache = chain
     meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"] if cross else []
@@ -200,13 +202,15 @@ def test_every_objective_trains_from_its_cache(chain, xcache, objective, cross):
     suffix = "" if objective == "uld" else "_srkl"
     assert run_dir.name == f"tiny-teacher_to_tiny-student__{objective}{suffix}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    terms = {"dskd": {"t2s_ce", "t2s_kd", "s2t_kd"}, "uld": {"kd"}, "mined": {"kd"}}.get(
+    terms = {"dskd": {"t2s_ce", "t2s_kd", "s2t_kd"}, "uld": {"kd"}, "mined": {"kd"}, "overlap_kd": {"kd"},
+             "alm": {"alm", "chunks", "chunk_coverage"},
+             "alm_eta": {"t2s_ce", "t2s_kd", "s2t_kd", "alm", "chunks"}}.get(
         objective, {"t2s_ce", "t2s_kd", "s2t_kd", "t2s_agreement"})
     for r in rows:
         assert {"loss", "ce"} | terms <= set(r), set(r)
         assert all(isinstance(v, (int, float)) and v == v for v in r.values())
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
-    has_projectors = objective not in ("uld", "mined")
+    has_projectors = objective not in ("uld", "mined", "overlap_kd", "alm")
     assert (run_dir / distill.PROJECTORS_FILE).exists() == has_projectors
     assert files(run_dir / "final") == CHECKPOINT_FILES
 
