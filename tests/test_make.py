@@ -102,6 +102,25 @@ def test_demo_trains_every_student_per_seed_then_evaluates_and_reports_them_all(
     assert "dskd report 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after
 
 
+def test_demo_xtok_trains_every_cross_tokenizer_objective_per_seed_from_the_xtok_cache():
+    """`make demo-xtok`'s loop with `dskd` replaced by echo: one metaspace student per objective and seed, named
+    <objective>__seed<N> (the shell must not read `$o__seed` as one variable), then eval and report of them all."""
+    out = subprocess.run(["make", "-n", "demo-xtok", "DEMO_SEEDS=1 2", "XTOK_DIR=x", "DSKD=echo dskd",
+                          "XTOK_OBJECTIVES=sft alm"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "dskd teacher-cache --config configs/tiny/teacher_cache_xtok.yaml" in out
+    start = out.index("set -e; for s in")
+    loop = out[start : out.index("\ndone\n", start) + len("\ndone")]
+    lines = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 4
+    for seed in (1, 2):
+        for objective in ("sft", "alm"):
+            (line,) = [x for x in lines if f"--set run_name={objective}__seed{seed}" in x]
+            assert "distill_xtok.yaml" in line and f"--set loss.objective={objective} " in line
+            assert f"--set train.seed={seed}" in line and "--set out_dir=x " in line
+    after = out[out.index("dskd eval"):]
+    assert after.count("--run x/") == 4 and "dskd report 'x/sft__seed*' 'x/alm__seed*'" in after
+
+
 def test_every_make_target_the_readme_names_exists():
     import re
 
