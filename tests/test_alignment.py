@@ -69,9 +69,10 @@ MIXED = st.text(
 @pytest.mark.parametrize("student,teacher", PAIRS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(st.text(max_size=120), MIXED))
-def test_alignment_is_the_definition_on_random_unicode(student, teacher, text):
-    check(student, teacher, text)
-    check(teacher, student, text)
+def test_both_alignments_are_their_definitions_on_random_unicode(student, teacher, text):
+    for a, b in ((student, teacher), (teacher, student)):
+        check(a, b, text)
+        check_chunks(a, b, text)
 
 
 @pytest.mark.parametrize("student,teacher", PAIRS)
@@ -117,12 +118,16 @@ def test_trimmed_spans_and_bad_offsets():
         trimmed_spans([(0, 9)], text)
 
 
-def test_label_alignment_positions_truncation_and_eos():
+def encode_both(prompt: str, response: str, cfg: TokenizeConfig):
+    """(GPT-2 tokenizer, Llama-2 tokenizer, GPT-2 Encoded, Llama-2 Encoded) of one example, with offsets."""
     gpt2, llama = shared_tokenizer("gpt-2"), shared_tokenizer("llama-spm")
+    return (gpt2, llama, encode(gpt2, prompt, response, cfg, with_offsets=True),
+            encode(llama, prompt, response, cfg, with_offsets=True))
+
+
+def test_label_alignment_positions_truncation_and_eos():
     prompt, response = "Q: say it.\nA:", " The quick brown fox jumps over the lazy dog, twice: the quick brown fox."
-    big = TokenizeConfig(max_prompt_length=32, max_length=128)
-    s = encode(gpt2, prompt, response, big, with_offsets=True)
-    t = encode(llama, prompt, response, big, with_offsets=True)
+    gpt2, llama, s, t = encode_both(prompt, response, TokenizeConfig(max_prompt_length=32, max_length=128))
     pos = label_alignment(s, t, response)
     # each pair predicts the same next token text; the last pair is the two EOS predictions
     for sp, tp in pos[:-1]:
@@ -133,9 +138,7 @@ def test_label_alignment_positions_truncation_and_eos():
     assert s.ids[-1] == gpt2.eos_token_id and t.ids[-1] == llama.eos_token_id
     assert all(s.response_start - 1 <= a < len(s.ids) - 1 for a in pos[:, 0])
     # cut both sequences inside the response: no pair points past either end, and no EOS pair
-    cut = TokenizeConfig(max_prompt_length=8, max_length=len(s.ids) - 4)
-    s2 = encode(gpt2, prompt, response, cut, with_offsets=True)
-    t2 = encode(llama, prompt, response, cut, with_offsets=True)
+    _, _, s2, t2 = encode_both(prompt, response, TokenizeConfig(max_prompt_length=8, max_length=len(s.ids) - 4))
     assert not s2.eos_kept and not t2.eos_kept
     pos2 = label_alignment(s2, t2, response)
     assert (pos2[:, 0] < len(s2.ids) - 1).all() and (pos2[:, 1] < len(t2.ids) - 1).all()
@@ -218,14 +221,6 @@ def check_chunks(student: str, teacher: str, text: str, so=None, to=None) -> np.
     return got
 
 
-@pytest.mark.parametrize("student,teacher", PAIRS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.one_of(st.text(max_size=120), MIXED))
-def test_chunks_are_the_definition_on_random_unicode(student, teacher, text):
-    check_chunks(student, teacher, text)
-    check_chunks(teacher, student, text)
-
-
 HAND = {
     "digits": "Numbers: 7, 42, 1234567 and 3.14159; dates 2024-01-31, 1e-9.",
     "cjk": "中文分词没有空格，日本語も同じ。한국어도 있다.",
@@ -260,18 +255,14 @@ def test_chunks_stop_where_the_shorter_side_stops():
     got = check_chunks("gpt-2", "llama-spm", text, so=cut, to=to)
     assert got[-1, 1] == 5 and text[: to[got[-1, 3] - 1][1]].endswith("jumps")
     # cut inside a teacher token: the incomplete last chunk is dropped
-    inside = [(0, 3), (3, 9)]  # 'The', ' quick' ... a student that stops at 'qu'
-    got = chunk_alignment([(0, 3), (3, 6)], to, text)
+    got = chunk_alignment([(0, 3), (3, 6)], to, text)  # 'The', ' qu': a student that stops inside 'quick'
     assert got.tolist() == [[0, 1, 0, 1]]
-    assert chunk_alignment(inside[:0], to, text).shape == (0, 4)
+    assert chunk_alignment([], to, text).shape == (0, 4)
 
 
 def test_label_chunks_positions_and_eos():
-    gpt2, llama = shared_tokenizer("gpt-2"), shared_tokenizer("llama-spm")
-    prompt, response = "Q: count.\nA:", " 1234567, then 89 and 1000000 twice."
-    cfg = TokenizeConfig(max_prompt_length=32, max_length=128)
-    s = encode(gpt2, prompt, response, cfg, with_offsets=True)
-    t = encode(llama, prompt, response, cfg, with_offsets=True)
+    response = " 1234567, then 89 and 1000000 twice."
+    gpt2, llama, s, t = encode_both("Q: count.\nA:", response, TokenizeConfig(max_prompt_length=32, max_length=128))
     got = label_chunks(s, t, response)
     # label positions partition both responses, EOS included, and each chunk predicts the same text
     assert got[0, 0] == s.response_start - 1 and got[0, 2] == t.response_start - 1
