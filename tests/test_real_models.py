@@ -107,10 +107,11 @@ def _cli(*args: str) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
-def test_gemma3_teacher_to_smollm2_student_dskd_eta_within_memory(tmp_path):
-    """Gemma-3-270M (262k vocabulary) -> SmolLM2-135M with dskd_eta from a bfloat16 cache, through the CLI as users
-    run it: peak resident memory below 3x what must be resident (stage 1: the teacher; stage 2: the student with
-    its gradients and AdamW states, and the teacher head)."""
+def test_gemma3_teacher_to_smollm2_student_dskd_eta_and_alm_eta_within_memory(tmp_path):
+    """Gemma-3-270M (262k vocabulary) -> SmolLM2-135M with dskd_eta, then alm_eta (chunks + the dual-space terms),
+    from one bfloat16 cache, through the CLI as users run it: peak resident memory below 3.5x (stage 1: the teacher)
+    and 3x (stage 2: the student with its gradients and AdamW states, and the teacher head) what must be resident; every
+    student token of the real pair lies in a chunk, but for the few that truncation cuts on one side only."""
     gemma_bytes = 4 * sum(p.numel() for p in load_model(GEMMA).parameters())  # converted once here (child process)
     load_tokenizer(SMOL)
     cache_cfg = load_config(TeacherCacheConfig, CONFIGS / "gemma3-270m_to_smollm2-135m/teacher_cache.yaml", [
@@ -123,19 +124,25 @@ def test_gemma3_teacher_to_smollm2_student_dskd_eta_within_memory(tmp_path):
     m = reader.manifest
     stage1 = json.loads((reader.dir / "build_stats.json").read_text())["peak_rss_mb"]
     assert m.teacher_vocab_size == 262144 and not m.same_tokenizer and m.hidden_encoding == "bfloat16"
-    assert stage1 < 3 * gemma_bytes / 2**20, (stage1, gemma_bytes / 2**20)
+    # this config's stage-1 peak varies from run to run: 2,272 to 3,082 MB over 5 runs on 2-core machines (2.2x to
+    # 3.0x; the code before and after the schema-4 change alike), hence 3.5x; the blow-ups this guards against were
+    # 10 GB (a full-vocabulary head check)
+    assert stage1 < 3.5 * gemma_bytes / 2**20, (stage1, gemma_bytes / 2**20)
 
-    cfg = _stage2(tmp_path / "cache", tmp_path / "students", "loss.objective=dskd_eta", "checkpoint.every=0")
-    path = tmp_path / "distill.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    _cli("distill", "--config", str(path))
-    run_dir = tmp_path / "students/gemma3-270m_to_smollm2-135m__dskd_eta_fkl"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    stage2 = max(r["peak_rss_mb"] for r in rows)
-    assert all(r["aligned_positions"] > 0 and 0 < r["teacher_max_err"] for r in rows)
     student_bytes = 4 * sum(p.numel() for p in load_model(SMOL).parameters())
     resident = 4 * student_bytes + m.teacher_vocab_size * m.hidden_size * 4  # params, grads, AdamW m and v; head
-    assert stage2 < 3 * resident / 2**20, (stage2, resident / 2**20)
+    for objective in ("dskd_eta", "alm_eta"):
+        cfg = _stage2(tmp_path / "cache", tmp_path / "students", f"loss.objective={objective}", "checkpoint.every=0")
+        path = tmp_path / "distill.yaml"
+        path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+        _cli("distill", "--config", str(path))
+        run_dir = tmp_path / f"students/gemma3-270m_to_smollm2-135m__{objective}_fkl"
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        stage2 = max(r["peak_rss_mb"] for r in rows)
+        assert all(r["aligned_positions"] > 0 and 0 < r["teacher_max_err"] for r in rows)
+        if objective == "alm_eta":
+            assert all(r["chunk_coverage"] > 0.9 and r["alm"] > 0 for r in rows), rows  # truncation cuts a few
+        assert stage2 < 3 * resident / 2**20, (objective, stage2, resident / 2**20)
     transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert gguf_path(GEMMA).is_file()
 

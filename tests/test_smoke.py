@@ -118,8 +118,7 @@ def test_same_global_batch_gives_same_first_loss_with_accumulation(chain):
 
 
 def test_kd_refuses_cross_tokenizer_cache_but_sft_runs(tiny, tmp_path):
-    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", "cache.store_embeddings=false",
-                                              name="teacher_cache_xtok.yaml"))
+    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
     meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"]
     with pytest.raises(ConfigError, match="cross-tokenizer cache"):
         distill.run(tiny.distill_cfg(*meta))
@@ -219,7 +218,8 @@ def test_objective_and_cache_mismatches_are_refused(chain, tiny, tmp_path):
     _, cache = chain
     with pytest.raises(ConfigError, match="for different tokenizers"):
         distill.run(tiny.distill_cfg("loss.objective=dskd_eta", "run_name=x"))
-    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
+    xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", "cache.store_embeddings=false",
+                                              name="teacher_cache_xtok.yaml"))
     with pytest.raises(ConfigError, match="store_embeddings"):
         distill.run(tiny.distill_cfg(f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}",
                                      "loss.objective=dskd_cma", "run_name=y"))
