@@ -117,8 +117,9 @@ def _chunks(s: np.ndarray, t: np.ndarray, width: int) -> np.ndarray:
     n_chunks = len(bounds) if len(bounds) else 1
     if end_s != end_t:  # truncation: the chunks stop where the shorter side stops
         end = min(end_s, end_t)
-        s_id = np.where(s[:, 0] < end, s_id, n_chunks) if end_s > end else s_id
-        t_id = np.where(t[:, 0] < end, t_id, n_chunks) if end_t > end else t_id
+        # (kept sorted: searchsorted below needs ids that never decrease along the sequence)
+        s_id = np.maximum.accumulate(np.where(s[:, 0] < end, s_id, n_chunks)) if end_s > end else s_id
+        t_id = np.maximum.accumulate(np.where(t[:, 0] < end, t_id, n_chunks)) if end_t > end else t_id
         if crossed[end]:  # the longer side has no boundary there: the last chunk is incomplete
             n_chunks -= 1
     c = np.arange(n_chunks)

@@ -19,6 +19,8 @@ from pipeline.objectives.base import ObjectiveBase, StudentSide, chunked, teache
 
 
 def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float):
+    """kd / uld / mined / overlap_kd: CE plus the KD term summed over the student positions that have a teacher
+    position (all, the first min(n_S, n_T), or the exact pairs), each divided by N-bar."""
     c, t, name = ob.cfg, ob.teacher, ob.cfg.objective
     n = len(labels)
     if name == "kd":  # same tokenizer: teacher position i is student position i
