@@ -52,9 +52,10 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
         row = reader[i]
         z = head.logits(row.hidden)
         err_topk = max(err_topk, (z.gather(-1, row.topk_ids.long()) - row.topk_logits).abs().max().item())
-        err_lse = max(err_lse, (torch.logsumexp(z, -1) - row.lse).abs().max().item())
+        lse = torch.logsumexp(z, -1)
+        err_lse = max(err_lse, (lse - row.lse).abs().max().item())
         targets = torch.from_numpy(row.teacher_ids[row.teacher_response_start :].astype(np.int64))
-        own = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)
+        own = z.gather(-1, targets[:, None])[:, 0] - lse
         err_target = max(err_target, (own - row.target_logprob).abs().max().item()) if len(own) else err_target
         ids = z.topk(m.top_k, dim=-1).indices
         top1 += int((ids[:, 0] == row.topk_ids[:, 0]).sum())

@@ -253,7 +253,7 @@ def verify(path, tolerance, as_json, repair):
         click.echo(
             f"{r.cache}: {r.rows} rows, {r.positions} positions\n"
             f"  max |top-k logit error| {r.max_topk_error:.3g}, max |lse error| {r.max_lse_error:.3g} "
-            f"(tolerance {r.tolerance:g})\n"
+            f"(tolerance {r.tolerance:g}), max |next-token log-probability error| {r.max_target_logprob_error:.3g}\n"
             f"  top-1 agreement {100 * r.top1_agreement:.2f}%, top-k id overlap {100 * r.topk_overlap:.2f}%\n"
             f"  KL(stored || recomputed) over top-k + tail: mean {r.kl_mean:.3g}, max {r.kl_max:.3g} nats"
         )

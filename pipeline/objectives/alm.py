@@ -33,15 +33,15 @@ from __future__ import annotations
 import torch
 
 from pipeline.batch import Batch
-from pipeline.losses import binary_log_probs, cross_entropy_sum, divergence_from_log_probs, label_log_probs
+from pipeline.losses import binary_log_probs, divergence_from_log_probs, label_log_probs
 from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, chunked
 from pipeline.objectives.dual_space import dskd_terms
 
 
 def alm(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
     def fn(h, y):
-        z_s = student.head(h)
-        return {"ce": cross_entropy_sum(z_s, y), "cat_logp": label_log_probs(z_s, y)}
+        logp = label_log_probs(student.head(h), y)  # one log-softmax gives both the CE and the chunk sums
+        return {"ce": -logp.sum(), "cat_logp": logp}
 
     out = chunked(fn, len(labels), ob.chunk, student.hidden, labels)
     term, stats = alm_term(ob, batch, out["cat_logp"], normaliser)

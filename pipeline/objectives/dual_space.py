@@ -33,15 +33,16 @@ def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_la
         z_t2s = linear_sg(ht, student.head)
         per = ob.div(z_s, z_t2s.detach())
         agree = (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
+        logp_y = label_log_probs(z_s, y) if logp else None  # one log-softmax gives both the CE and alm's sums
         out = {
-            "ce": cross_entropy_sum(z_s, y),
+            "ce": -logp_y.sum() if logp else cross_entropy_sum(z_s, y),
             "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100)),
             "kd_rows": (per * rows).sum(),
             "kd_agree": (per * agree).sum(),
             "n_agree": agree.sum().float(),
         }
         if logp:
-            out["cat_logp"] = label_log_probs(z_s, y)
+            out["cat_logp"] = logp_y
         return out
 
     return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float())
