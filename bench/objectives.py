@@ -19,12 +19,8 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
 
 from pipeline.config import DistillConfig, TeacherCacheConfig, load_config  # noqa: E402
 from stages import distill, teacher_cache  # noqa: E402

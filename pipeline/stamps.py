@@ -102,7 +102,7 @@ def record(root: Path, key: str | None, value: dict) -> None:
 
 def teacher_cache_key(cfg) -> str | None:
     refs = [cfg.teacher, cfg.teacher_tokenizer, cfg.student_tokenizer]
-    return quick_key(cfg, [Path(cfg.data.path), *refs])
+    return quick_key(cfg, [*(Path(d.path) for d in cfg.data.sources()), *refs])
 
 
 def teacher_cache_up_to_date(cfg) -> Path | None:
@@ -145,7 +145,7 @@ def distill_inputs(cfg) -> list:
         inputs.append(Path(cfg.continue_from) / "state.json")
     for data in (cfg.data, cfg.valid.data):
         if data is not None:
-            inputs.append(Path(data.path))
+            inputs += [Path(d.path) for d in data.sources()]
     return inputs
 
 

@@ -13,6 +13,7 @@ from pipeline.config import (
     DistillConfig,
     EvalConfig,
     OnPolicyConfig,
+    PruneConfig,
     RolloutConfig,
     TeacherCacheConfig,
     load_config,
@@ -37,6 +38,7 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     from pipeline.harness import HarnessError
     from pipeline.models import ModelLoadError
     from pipeline.objectives import TeacherMismatch
+    from pipeline.prune import PruneError
     from pipeline.rollout import GenerationError
     from pipeline.tokenize import TokenizerError
     from stages.onpolicy import StageFailed
@@ -44,7 +46,7 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     try:
         return stage_run(cfg, **kwargs)
     except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch, CheckpointError,
-            TrainingDiverged, GenerationError, StageFailed, HarnessError) as e:
+            TrainingDiverged, GenerationError, StageFailed, HarnessError, PruneError) as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
@@ -54,7 +56,7 @@ def main() -> None:
 
 
 _STAGE_CONFIGS = {"assets": AssetsConfig, "teacher-cache": TeacherCacheConfig, "distill": DistillConfig,
-                  "eval": EvalConfig, "rollout": RolloutConfig, "onpolicy": OnPolicyConfig}
+                  "eval": EvalConfig, "rollout": RolloutConfig, "onpolicy": OnPolicyConfig, "prune": PruneConfig}
 
 
 @main.command()
@@ -74,6 +76,16 @@ def assets(config_path, overrides):
     from stages import assets as stage
 
     _run(stage.run, _load(AssetsConfig, config_path, overrides))
+
+
+@main.command()
+@_config
+@_set
+def prune(config_path, overrides):
+    """A student made from a decoder by keeping some of its layers (weights copied from the teacher)."""
+    from stages import prune as stage
+
+    _run(stage.run, _load(PruneConfig, config_path, overrides))
 
 
 @main.command("teacher-cache")

@@ -73,7 +73,8 @@ def run(cfg: ReportConfig) -> Path:
             missing.append(entry)
         else:
             summary["name"] = r.name
-            if Path(r.ref.path).exists() and checkpoint_hash(r.ref) != summary["checkpoint"]:
+            own = r.eval_dir.resolve() == Path(r.ref.path).resolve()  # a named model's results: no weights here
+            if not own and Path(r.ref.path).exists() and checkpoint_hash(r.ref) != summary["checkpoint"]:
                 stale.append(r.name)
             results.append(summary)
         run_curves: dict = {}

@@ -157,3 +157,39 @@ def caches(tiny) -> TinyDefault:
     teacher_cache.run(tiny.cache_cfg())
     teacher_cache.run(tiny.valid_cache_cfg())
     return tiny
+
+
+def tiny_lm(kind: str, layers: int = 2, vocab: int = 97):
+    """A tiny causal LM built from a config (seeded, eval mode): llama, qwen2-tied, qwen2-windows (sliding windows
+    in the first half of the layers), gemma3 (its sliding / global layer pattern), gemma3-softcap, gpt2."""
+    import torch
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2-tied":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    elif kind == "qwen2-windows":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True,
+                                             sliding_window=3, max_window_layers=layers // 2))
+    elif kind == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=3))
+    elif kind == "gemma3-softcap":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, final_logit_softcapping=5.0, sliding_window=4))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=64))
+    else:
+        raise ValueError(kind)
+    return model.eval()

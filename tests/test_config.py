@@ -14,6 +14,7 @@ from pipeline.config import (
     DistillConfig,
     EvalConfig,
     OnPolicyConfig,
+    PruneConfig,
     RolloutConfig,
     TeacherCacheConfig,
     dump_config,
@@ -23,7 +24,7 @@ from tests.conftest import CONFIGS
 
 STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig,
             "distill_xtok": DistillConfig, "eval": EvalConfig,
-            "seqkd": DistillConfig, "onpolicy": OnPolicyConfig}
+            "seqkd": DistillConfig, "onpolicy": OnPolicyConfig, "prune": PruneConfig}
 
 
 def stage_class(path: Path):
@@ -152,3 +153,13 @@ def test_identity_leaves_out_defaults_so_new_settings_keep_old_runs(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(old))
     assert _what_changed(run, cfg) == "data, cache or student weights (same config)"
     assert "train.steps 7 -> 8" in _what_changed(run, load_config(DistillConfig, write(tmp_path, {**BASE, "train": {"steps": 8}})))
+
+
+def test_tensor_parallel_rollouts_need_vllm():
+    from pipeline.config import SamplingConfig
+
+    assert SamplingConfig(backend="vllm", tensor_parallel_size=4).tensor_parallel_size == 4
+    assert SamplingConfig(backend="auto", tensor_parallel_size=2).tensor_parallel_size == 2
+    for bad in ({"backend": "hf", "tensor_parallel_size": 2}, {"backend": "vllm", "tensor_parallel_size": 0}):
+        with pytest.raises(ConfigError, match="tensor_parallel_size"):
+            SamplingConfig(**bad)

@@ -83,3 +83,50 @@ def test_real_minillm_format():
     path = SHARED / "data/minillm_eval/dolly/valid.jsonl"
     ex = load_examples(DataConfig(path=str(path), response_field="output", limit=5))
     assert len(ex) == 5 and ex[0].prompt.endswith("### Response:\n")
+
+
+def test_sources_appended_with_a_prompt_template(tmp_path):
+    """Dolly dev + GSM8K train as one training set: each source keeps its own fields and limit; GSM8K's prompt is
+    the evaluation suite's Alpaca template filled with its question."""
+    from pipeline.config import load_config
+    from pipeline.evaluation import ALPACA
+
+    dolly = jsonl(tmp_path, [json.dumps({"prompt": "P1", "output": "R1"}), json.dumps({"prompt": "P2", "output": "R2"})])
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(3)))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(json.dumps({"path": str(dolly), "response_field": "output", "also": [
+        {"path": str(gsm), "prompt_template": ALPACA.format("{question}"), "response_field": "answer", "limit": 2}]}))
+    cfg = load_config(DataConfig, cfg_file)
+    ex = load_examples(cfg)
+    assert [e.id for e in ex] == ["train:1", "train:2", "gsm:1", "gsm:2"]
+    assert ex[2].prompt == ALPACA.format("q0") and ex[2].response == "a0" and ex[1].prompt == "P2"
+    # a row without a field the template names: file, line and field
+    gsm.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + json.dumps({"answer": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"gsm\.jsonl:2: missing field 'question' \(named in data.prompt_template\)"):
+        load_examples(cfg)
+    # the same file name twice: ids collide, the error says how to fix it
+    with pytest.raises(DataError, match="duplicate id 'train:1'.*different file names"):
+        load_examples(DataConfig(path=str(dolly), response_field="output",
+                                 also=[DataConfig(path=str(dolly), response_field="output")]))
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="named fields"):
+        DataConfig(path="x", prompt_template="no fields")
+
+
+def test_quick_checks_see_every_source(tmp_path):
+    """The up-to-date checks of stage 1 and 2 look at every source file: a changed GSM8K file is not missed."""
+    from pipeline.config import DistillConfig, ModelRef, TeacherCacheConfig
+    from pipeline.stamps import distill_inputs, teacher_cache_key
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(GOOD + "\n")
+    b.write_text(GOOD + "\n")
+    data = DataConfig(path=str(a), also=[DataConfig(path=str(b))])
+    cfg = TeacherCacheConfig(data=data, teacher=ModelRef(path=str(tmp_path)), out_dir=str(tmp_path / "c"))
+    key = teacher_cache_key(cfg)
+    b.write_text(GOOD + "\n" + GOOD + "\n")
+    assert teacher_cache_key(cfg) != key
+    d = DistillConfig(student=ModelRef(path=str(tmp_path)), out_dir=str(tmp_path), data=data)
+    assert b in distill_inputs(d)

@@ -374,6 +374,12 @@ def test_report_of_two_fake_runs_is_exactly_the_table(tmp_path):
     # a checkpoint that changed after its eval is marked stale
     (a / "config.json").write_text("{}")
     assert "**Stale**" in report.run(ReportConfig(runs=[str(a)], out_dir=str(tmp_path / "r3"))).read_text()
+    # the results directory of a model an eval config names in `models` (<out_dir>/<name>) is read as it is
+    named = tmp_path / "eval-out" / "teacher"
+    named.mkdir(parents=True)
+    (t / "eval/results-protocol.json").rename(named / "results-protocol.json")
+    text = report.run(ReportConfig(runs=[str(a), f"gguf-teacher={named}"], out_dir=str(tmp_path / "r4"))).read_text()
+    assert "| gguf-teacher (teacher) | 31.00 ± 1.41 |" in text and "No results" not in text
 
 
 def test_report_groups_training_seeds_into_one_row(tmp_path):

@@ -22,6 +22,7 @@ from pipeline.projectors import Projectors, logit_identity_t2s
 from pipeline.teacher import OnlineTeacher
 from pipeline.tokenize import special_ids, token_surfaces
 from stages import teacher_cache
+from tests.conftest import ROOT
 
 ROWS = 6
 SAME = ["sft", "kd", "dskd", "dskd_v2", "uld"]
@@ -486,3 +487,38 @@ def test_s2t_divergence_fkl_reproduces_dskd_v1(same, cross):
         torch.testing.assert_close(v1.terms["s2t_kd"], fkl.terms["s2t_kd"])
         torch.testing.assert_close(v1.terms["t2s_kd"], rkl.terms["t2s_kd"])
         assert not torch.allclose(v1.terms["s2t_kd"], rkl.terms["s2t_kd"])
+
+
+@pytest.mark.parametrize("pairing,objective", [("same", o) for o in ("sft", "kd", "uld", "dskd_v2")]
+                         + [("cross", o) for o in ("dskd_eta", "mined", "overlap_kd", "alm", "alm_eta", "dskd_cma")])
+def test_flop_floor_is_a_lower_bound_of_the_counted_flops(request, pairing, objective):
+    """bench/floor.py's floor of one step (forward + backward of the student and the objective) is at most what
+    torch's FLOP counter counts for that step, and not far below it: padding is the only matrix work the counter
+    sees beyond it on these rows (so the implementation does no avoidable matrix work either)."""
+    import sys
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from floor import Counts, counts_of, dims_of, floor
+
+    s = request.getfixturevalue(pairing)
+    cfg = _cfg(objective)
+    student, proj = s.models(cfg)
+    batch = s.cache_batch()
+    rows = [s.reader[i] for i in range(ROWS)]
+    shared = len(proj.student_ids) if proj is not None and getattr(proj, "student_ids", None) is not None else 0
+    # torch's counter does not see attention on CPU (scaled_dot_product_attention there is not a counted op)
+    d = replace(dims_of(student.config, s.teacher_model.config, shared), attn_s=0)
+    c = counts_of(rows, ROWS)
+    with FlopCounterMode(display=False) as counter:
+        run_objective(cfg, student, proj, s.cache_side(), batch)
+    counted = counter.get_total_flops()
+    # the counter sees the padded batch: the same floor with padded lengths is an upper reference
+    width = batch.input_ids.shape[1]
+    padded = Counts(tokens_s=ROWS * width, sq_s=0, labels=c.labels, teacher=c.teacher,
+                    pairs=c.pairs, cross=c.cross)
+    lo, hi = floor(objective, d, c), floor(objective, d, padded)
+    assert lo <= counted * (1 + 1e-9), (objective, lo, counted)
+    assert counted <= hi * 1.05, (objective, counted, hi)

@@ -8,36 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from pipeline.cache_schema import decode_hidden, encode_hidden
 from pipeline.head import OutputHead
 from pipeline.teacher import check_head, teacher_forward
 from pipeline.tokenize import response_positions
+from tests.conftest import tiny_lm
 
 V = 97
-COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, pad_token_id=0, eos_token_id=1)
 
 
 def tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
-    if kind == "qwen2-tied":
-        return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)).eval()
-    if kind == "gemma3-softcap":
-        return Gemma3ForCausalLM(
-            Gemma3TextConfig(**COMMON, head_dim=8, final_logit_softcapping=5.0, sliding_window=4)
-        ).eval()
-    raise ValueError(kind)
+    return tiny_lm(kind, layers=2, vocab=V)
 
 
 SEQS = [[5, 6, 7, 8, 9, 10, 11, 1], [12, 13, 14, 15, 1], [20, 21, 22, 23, 24, 25, 26, 27, 28, 1]]

