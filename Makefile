@@ -132,7 +132,7 @@ assets: check
 
 prune: check
 	$(if $(wildcard $(CONFIGS)/prune.yaml),$(DSKD) prune --config $(CONFIGS)/prune.yaml $(call own_set,prune),\
-	  @echo "$(CONFIGS) has no prune.yaml: its student is used as it is")
+	  $(if $(filter prune,$(MAKECMDGOALS)),@echo "$(CONFIGS) has no prune.yaml: its student is used as it is"))
 
 teacher: assets prune
 	$(if $(wildcard $(CONFIGS)/teacher_sft.yaml),$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml \

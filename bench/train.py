@@ -1,13 +1,15 @@
 """`make bench-train`: stage-2 step time and peak memory, from the cache vs with the teacher resident, and each
 objective's step time relative to `sft` next to its FLOP floor (bench/floor.py), on two real students:
 
-- `same`: SmolLM2-135M-Instruct -> its 10-layer prune (configs/smollm2-135m_to_smollm2-135m-l10/prune.yaml; 49.6M
-  parameters, the head about 45 % of sft's floor): sft, kd (dense teacher logits from cached hidden states x head),
+- `same`: SmolLM2-135M-Instruct -> its 10-layer prune (configs/smollm2-135m_to_smollm2-135m-l10/prune.yaml; 63.7M
+  parameters): sft, kd (dense teacher logits from cached hidden states x head),
   kd sparse (cached top-k + tail), uld, dskd_v2, and `kd online`: the same trainer and objective with each
   micro-batch's teacher rows computed by the resident teacher (`pipeline.teacher.OnlineTeacher`), as a trainer
   without an offline cache (DistillKit online, TRL GKD) does every step;
 - `vocab`: SmolLM2-135M-Instruct -> the 6-layer Gemma-3 prune (configs/smollm2-135m_to_gemma3-270m-l6; 262,144
-  tokens, the head about 85 % of sft's floor): sft and the cross-tokenizer objectives.
+  tokens, 201M parameters, 168M of them the tied embedding / head): sft and the cross-tokenizer objectives, and
+  dskd_eta at 4x the micro-batch with chunked and with naive (all positions at once) vocabulary-sized logits.
+The head's share of sft's floor is printed per pair: a vocabulary-dominated student and a body-dominated one.
 
 Caches hold float32 hidden states (the online and offline runs compute the same loss) of `--rows` Dolly rows. Each
 variant trains `--steps` steps in its own process (its peak resident memory is its own); step time is the median
@@ -139,7 +141,8 @@ def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
         d.shared = d.v_s
     rows = [reader[i] for i in range(len(reader))]
     out = {}
-    for v, (obj, _, extra) in VARIANTS[pair].items():
+    for v, (obj, online, extra) in VARIANTS[pair].items():
+        obj = "kd online" if online else obj
         micro = next((int(e.split("=")[1]) for e in extra if e.startswith("train.micro_batch_size=")), PAIRS[pair]["micro"])
         out[v] = floor(obj, d, counts_of(rows, micro), dense=not any("sparse" in e for e in extra))
     c = counts_of(rows, PAIRS[pair]["micro"])
