@@ -208,7 +208,8 @@ def main() -> None:
           f"Budget: a cache of {args.dolly} Dolly dev + {args.gsm8k} GSM8K train rows (prompt <= {args.max_prompt}, "
           f"sequence <= {args.max_length} tokens); per student "
           + ", ".join(f"{PAIRS[q]['dir']} {PAIRS[q].get('steps', args.steps)} steps of micro-batch "
-                      f"{PAIRS[q].get('micro', args.micro)}" for q in pairs) + "; eval on the first {args.eval_rows} rows of the Dolly test set, "
+                      f"{PAIRS[q].get('micro', args.micro)}" for q in pairs)
+          + f"; eval on the first {args.eval_rows} rows of the Dolly test set, "
           f"greedy, {args.new_tokens} new tokens. Cells: mean ± std over training seeds "
           f"{', '.join(map(str, args.seeds))} (Rouge-L F x 100; NLL per token of the reference, teacher-forced).", ""]
     for pair, info in infos.items():
