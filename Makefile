@@ -36,7 +36,7 @@ SET         ?=
 CACHE_SET   ?=
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
-BENCH_SCALE ?= 1
+BENCH_SCALE ?= 0.5
 QUALITY_ARGS ?=
 SIM_ARGS    ?=
 NPROC       ?= 1
@@ -222,7 +222,8 @@ test: $(STAMP)
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
 # make bench: stage 1 vs a bare teacher forward, cache bytes and reconstruction KL, stage 2 from the cache vs online
 # and every objective against its FLOP floor, chunked vs naive loss at 262k, rollouts hf vs vllm, alignment: one
-# invocation, bench/results.json and bench/results.md (about 30 min on 2 CPU cores; BENCH_SCALE=4 on a GPU)
+# invocation, bench/results.json and bench/results.md (27.5 min measured on 2 CPU cores at the default BENCH_SCALE
+# 0.5; BENCH_SCALE=4 or more on a GPU)
 bench: teacher-cache $(VLLM_STAMP)
 	$(BIN)/python bench/run.py --scale $(BENCH_SCALE) $(BENCH_ARGS)
 

@@ -10,8 +10,8 @@ Sections, each in its own process (its numbers are its own) and in this order:
 3. rollout    generated tokens/s, hf vs vllm (bench/rollout.py; vllm where `make install-vllm` installed it)
 4. alignment  exact-pair and chunk alignment coverage and throughput on the real tokenizers (bench/alignment.py)
 
-BENCH_SCALE (default 1: about 30 minutes on 2 CPU cores) multiplies rows, steps and prompts; a GPU machine takes a
-larger one. `--sections cache,train` runs some of them and keeps the others' last results.
+BENCH_SCALE multiplies rows, steps and prompts: 0.5 (make bench's default) took 27.5 minutes on 2 CPU cores; a GPU
+machine takes 4 or more. `--sections cache,train` runs some of them and keeps the others' last results.
 
     python bench/run.py [--scale 1] [--sections cache,train,rollout,alignment]
 """
@@ -66,7 +66,7 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
+    ap.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "0.5")))
     ap.add_argument("--sections", default="cache,train,rollout,alignment")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
