@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,11 +60,14 @@ def main() -> None:
         for objective in CROSS
     ]
     samples: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.rounds):
-        for pairing, objective, extra in runs:
-            cfg = load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml",
-                              [*common, *extra, f"loss.objective={objective}", f"run_name={pairing[:5]}-{objective}"])
-            samples.setdefault((pairing, objective), []).append(step_time(cfg, args.warmup))
+    try:
+        for _ in range(args.rounds):
+            for pairing, objective, extra in runs:
+                cfg = load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml",
+                                  [*common, *extra, f"loss.objective={objective}", f"run_name={pairing[:5]}-{objective}"])
+                samples.setdefault((pairing, objective), []).append(step_time(cfg, args.warmup))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     results: list[tuple[str, dict[str, float]]] = []
     for (pairing, objective), ts in samples.items():
         if not results or results[-1][0] != pairing:

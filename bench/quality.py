@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -100,10 +99,9 @@ def run_pair(pair: str, args) -> dict:
                 f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={p.get('steps', args.steps)}",
                 f"train.micro_batch_size={p.get('micro', args.micro)}", "train.grad_accum=1", f"train.lr={p['lr']}",
                 f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, p.get('steps', args.steps) // 10)}",
-                f"train.log_every={max(1, p.get('steps', args.steps) // 10)}", "checkpoint.every=0", *lengths]))
-            # the resumable checkpoint (weights + AdamW moments, ~1 GB at this size) is not needed once final/ is
-            # written: 21 students would hold 20 GB of them
-            shutil.rmtree(out / "students" / name / "checkpoints", ignore_errors=True)
+                f"train.log_every={max(1, p.get('steps', args.steps) // 10)}", "checkpoint.every=0",
+                # no resumable checkpoint (weights + AdamW moments, ~1 GB at this size): 21 would hold 20 GB
+                "checkpoint.keep_at_end=false", *lengths]))
     t_train = time.perf_counter() - t0 - t_cache
     # the teacher (the ceiling) and the student before distillation (the floor), evaluated alike
     models = {"teacher": {"path": p["teacher"][1], "gguf_file": p["teacher"][2]}}

@@ -77,7 +77,8 @@ def distill_cfg(pair: str, cache: Path, student: Path, objective: str, steps: in
                 extra: list[str]) -> DistillConfig:
     return load_config(DistillConfig, ROOT / "configs/tiny/distill.yaml", [
         f"student.path={student}", f"cache={cache}", f"out_dir={OUT}/students", f"run_name={name}",
-        "valid.every=0", "valid.cache=null", "checkpoint.every=0", "checkpoint.keep_best=0", *LENGTHS,
+        "valid.every=0", "valid.cache=null", "checkpoint.every=0", "checkpoint.keep_best=0",
+        "checkpoint.keep_at_end=false", *LENGTHS,
         f"loss.objective={objective}", f"train.steps={steps}", f"train.micro_batch_size={PAIRS[pair]['micro']}",
         "train.log_every=1", "train.warmup_steps=0", "train.lr=1e-5", *extra])
 

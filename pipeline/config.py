@@ -365,10 +365,18 @@ class CheckpointConfig:
     # besides the latest, keep the N best checkpoints by `metric` (needs validation); 0 = the latest only
     keep_best: int = 0
     metric: Literal["valid_loss", "valid_rougeL"] = "valid_loss"
+    # once final/ is written, keep the run's checkpoints (the last step's is where `continue_from` and on-policy rounds
+    # go on from); false writes none at the last step and deletes the run's checkpoints after final/: a sweep whose
+    # students are not trained further then keeps final/ only (a checkpoint holds the weights twice and AdamW's two
+    # moments: 4x the student's fp32 size)
+    keep_at_end: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_best < 0:
             raise ConfigError("checkpoint.every and checkpoint.keep_best must be >= 0")
+        if self.keep_best > 0 and not self.keep_at_end:
+            raise ConfigError("checkpoint.keep_best keeps the best checkpoints after the run: it needs "
+                              "checkpoint.keep_at_end true")
 
 
 @dataclass(frozen=True)

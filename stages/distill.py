@@ -623,8 +623,8 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
             tok_s = reduced[-1] / step_s
 
             last = step == tcfg.steps
-            ckpt_now = last or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
-            valid = validation(engine, compute) if validation and (ckpt_now or step % cfg.valid.every == 0) else {}
+            ckpt_now = cfg.checkpoint.keep_at_end if last else cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
+            valid = validation(engine, compute) if validation and (ckpt_now or last or step % cfg.valid.every == 0) else {}
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
             if log is not None and (step % tcfg.log_every == 0 or step == 1 or last or valid):
@@ -671,6 +671,8 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
                                     "wall_s": time.perf_counter() - t_start})
         stamps.record(Path(cfg.out_dir), stamps.quick_key(cfg, stamps.distill_inputs(cfg)),
                       {"dir": run_name, "fingerprint": fingerprint})
+        if not cfg.checkpoint.keep_at_end:  # after done.json: a kill in between leaves a finished run with checkpoints
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
         print(f"distill: {tcfg.steps} steps, final loss {total:.4f}, student in {final}")
     barrier()
     return run_dir

@@ -82,6 +82,9 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
     if base.cache is None or base.loss.objective == "sft":
         raise ConfigError(f"{cfg.distill}: on-policy rounds train from a teacher cache with a distillation objective "
                           f"(objective {base.loss.objective!r}, cache {base.cache!r})")
+    if not base.checkpoint.keep_at_end:
+        raise ConfigError(f"{cfg.distill}: each on-policy round continues from the last checkpoint of the round before: "
+                          "checkpoint.keep_at_end must be true")
     prompts = cfg.prompts
     if prompts is None:  # the gold cache's own copy of its data
         from pipeline.cache_io import resolve_cache_dir

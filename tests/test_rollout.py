@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
+from pipeline.config import ConfigError, DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
 from pipeline.data import DataError, load_examples
 from pipeline.models import load_model, load_tokenizer
 from pipeline.rollout import HFGenerator, decode_response, vllm_available
@@ -428,6 +428,9 @@ def test_plan_offpolicy_rounds_and_the_schedule_over_rounds(caches, tmp_path):
     whole = distill.lr_lambda(dataclasses.replace(rounds[0].distill.train, steps=15, schedule_steps=0))
     per_round = [distill.lr_lambda(r.distill.train)(s) for r in rounds for s in range(5)]
     assert per_round == pytest.approx([whole(s) for s in range(15)])
+    with pytest.raises(ConfigError, match="keep_at_end"):  # round r + 1 continues from round r's last checkpoint
+        cfg = onpolicy_cfg(caches, tmp_path)
+        onpolicy.plan(dataclasses.replace(cfg, distill_set=[*cfg.distill_set, "checkpoint.keep_at_end=false"]))
 
 
 @pytest.mark.slow

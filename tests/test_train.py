@@ -388,6 +388,22 @@ def test_validation_terms_rouge_and_best_checkpoints(caches):
 def test_keep_best_without_validation_is_a_config_error(caches):
     with pytest.raises(ConfigError, match="keep_best"):
         caches.distill_cfg("checkpoint.keep_best=2")
+    with pytest.raises(ConfigError, match="keep_at_end"):
+        caches.distill_cfg("checkpoint.keep_best=1", "checkpoint.keep_at_end=false", "valid.every=1")
+
+
+def test_keep_at_end_false_leaves_final_only_and_the_same_student(caches):
+    """A sweep's run that will not be trained further: checkpoints along the way (a kill still resumes), none at
+    the last step, and the run's checkpoints deleted once final/ and done.json are written."""
+    common = ["train.steps=3", "train.log_every=1", "checkpoint.every=2"]
+    kept = distill.run(caches.distill_cfg(*common, "run_name=keep-end"))
+    assert [s for s, _ in checkpoint.complete(kept)] == [3]
+    dropped = distill.run(caches.distill_cfg(*common, "run_name=drop-end", "checkpoint.keep_at_end=false"))
+    assert not (dropped / checkpoint.CHECKPOINTS).exists() and (dropped / "done.json").is_file()
+    assert_same_curve(kept, dropped, keys=("loss",))
+    assert_same_weights(kept, dropped)
+    again = distill.run(caches.distill_cfg(*common, "run_name=drop-end", "checkpoint.keep_at_end=false"))
+    assert again == dropped and not (dropped / checkpoint.CHECKPOINTS).exists()  # done: skipped
 
 
 # --------------------------------------------------------------------------------------------------------------
