@@ -53,8 +53,32 @@ REPORT_DIR  ?= runs/report
 ANALYZE_ARGS ?=
 DEMO_SEEDS  ?= 10 11 12
 DEMO_DIR    ?= runs/tiny/demo
-XTOK_DIR    ?= runs/tiny/demo-xtok
+DEMO_OBJECTIVES ?= sft kd dskd dskd_v2
+DEMO_SCRATCH ?= kd dskd_v2
+XTOK        ?= xtok
+XTOK_DIR    ?= runs/tiny/demo-$(XTOK)
 XTOK_OBJECTIVES ?= sft dskd_eta dskd_cma uld mined overlap_kd alm alm_eta
+XTOK_SCRATCH ?= dskd_eta alm_eta
+
+# The built-in default reproduces bit for bit on any x86-64 CPU with AVX2: its stages run the AVX2 kernels of torch,
+# MKL and oneDNN on 2 threads whatever the machine has (pipeline/cpu.py). CPU_ISA= CPU_THREADS= (empty) lets the
+# libraries choose; other config sets are not pinned unless asked (real models keep the fastest kernels).
+ifeq ($(CONFIGS),configs/tiny)
+CPU_ISA     ?= avx2
+CPU_THREADS ?= 2
+endif
+export DSKD_CPU_ISA := $(CPU_ISA)
+export DSKD_CPU_THREADS := $(CPU_THREADS)
+# benchmarks measure the machine's own kernels and threads, whatever the config set
+UNPINNED = DSKD_CPU_ISA= DSKD_CPU_THREADS=
+
+# the run names the demos train, evaluate and report (<name>__seed<N>): the objective and, but for sft, the divergence
+run_name = $(1)$(if $(filter sft,$(1)),,_fkl)
+DEMO_RUNS = student-sft $(foreach o,$(DEMO_OBJECTIVES),$(call run_name,$(o))) \
+	$(foreach o,$(DEMO_SCRATCH),scratch-$(call run_name,$(o))) onpolicy_kd_fkl
+XTOK_RUNS = student-sft $(XTOK_OBJECTIVES) $(foreach o,$(XTOK_SCRATCH),scratch-$(o))
+# the random initialisation of XTOK's student (its from-scratch rows)
+XTOK_INIT = runs/tiny/assets/student-init-$(if $(filter xtok,$(XTOK)),metaspace,$(XTOK))
 
 BIN    := $(VENV)/bin
 DSKD   := $(BIN)/dskd
@@ -71,7 +95,7 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets prune teacher teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
+.PHONY: install install-vllm install-harness check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
 	analyze \
 	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
 
@@ -118,8 +142,10 @@ check: $(STAMP)
 	$(call check_config,distill,$(CONFIGS)/teacher_sft.yaml,$(call own_set,teacher))
 	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
+	$(call check_config,distill,$(CONFIGS)/student_sft.yaml,$(call own_set,student-sft))
 	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep) $(call own_set,demo))
-	$(call check_config,distill,$(CONFIGS)/distill_xtok.yaml,$(call own_set,demo-xtok))
+	$(call check_config,distill,$(CONFIGS)/student_sft_$(XTOK).yaml,)
+	$(call check_config,distill,$(CONFIGS)/distill_$(XTOK).yaml,$(call own_set,demo-xtok))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
 	$(call check_config,rollout,$(CONFIGS)/rollout_teacher.yaml,$(call own_set,rollout))
 	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
@@ -138,16 +164,22 @@ teacher: assets prune
 	$(if $(wildcard $(CONFIGS)/teacher_sft.yaml),$(DSKD) distill --config $(CONFIGS)/teacher_sft.yaml \
 	  $(call own_set,teacher) $(call force_flag,teacher))
 
+# the papers' workflow: the student SFT'd on its labelled rows before distillation, when the config set has a
+# student_sft.yaml (its distill.yaml then starts from that run's final/)
+student-sft: assets prune
+	$(if $(wildcard $(CONFIGS)/student_sft.yaml),$(TRAIN) distill --config $(CONFIGS)/student_sft.yaml \
+	  $(call own_set,student-sft) $(call force_flag,student-sft))
+
 # the training cache, and the validation split's when the config set has one (stage 2's validation reads it)
 teacher-cache: teacher
 	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache.yaml $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache)
 	$(if $(VALID_CACHE_CONFIG),$(DSKD) teacher-cache --config $(VALID_CACHE_CONFIG) $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 
-distill: teacher-cache
+distill: teacher-cache student-sft
 	$(TRAIN) distill --config $(CONFIGS)/distill.yaml $(RESUME_FLAG) $(call force_flag,distill) $(call own_set,distill)
 
 # one student per divergence from the one cache (built at most once, by the teacher-cache step)
-sweep: teacher-cache
+sweep: teacher-cache student-sft
 	set -e; for d in $(DIVERGENCES); do \
 	  $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(OBJECTIVE) --set loss.divergence=$$d \
 	    $(RESUME_FLAG) $(call force_flag,sweep) $(call own_set,sweep); \
@@ -161,42 +193,54 @@ seqkd: rollout
 	$(TRAIN) distill --config $(CONFIGS)/seqkd.yaml $(RESUME_FLAG) $(call force_flag,seqkd) $(call own_set,seqkd)
 
 # rounds of rollout -> teacher-cache -> distill, each stage in its own process (re-run to resume a killed one)
-onpolicy: teacher-cache
+onpolicy: teacher-cache student-sft
 	$(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set rounds=$(ROUNDS) $(call force_flag,onpolicy) $(call own_set,onpolicy)
 
-# The built-in default's comparison: per training seed an sft, a kd and a dskd_v2 student (stage 2 from the one cache,
-# 300 steps each) and an on-policy student (3 rounds of 100 steps), named <objective>__seed<N>; then the teacher and
-# every student under the evaluation protocol (5 sampling seeds) and the report over training seeds. Everything done
-# is skipped on a re-run (stages and eval results are never redone).
+# The built-in default's comparison, per training seed s: the student SFT'd from scratch on its 300 rows
+# (student-sft__seed<s>, 300 steps: the start of the others and the from-scratch SFT row); from it, one student per
+# objective of DEMO_OBJECTIVES (300 more steps each; sft is the equal-steps SFT baseline) and an on-policy student
+# (3 rounds of 100 steps); from the random initialisation, one student per objective of DEMO_SCRATCH
+# (scratch-<objective>__seed<s>, 300 steps); then the teacher and every student under the evaluation protocol (5
+# sampling seeds) and the report over training seeds. Everything done is skipped on a re-run.
 demo: teacher-cache
 	set -e; for s in $(DEMO_SEEDS); do \
-	  for o in sft kd dskd_v2; do \
-	    $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$$o --set train.seed=$$s \
-	      --set out_dir=$(DEMO_DIR) --set run_name=$$o$$([ $$o = sft ] || echo _fkl)__seed$$s $(call own_set,demo); \
-	  done; \
+	  $(TRAIN) distill --config $(CONFIGS)/student_sft.yaml --set train.seed=$$s --set out_dir=$(DEMO_DIR) \
+	    --set run_name=student-sft__seed$$s; \
+	  $(foreach o,$(DEMO_OBJECTIVES),$(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(o) \
+	    --set train.seed=$$s --set student.path=$(DEMO_DIR)/student-sft__seed$$s/final --set out_dir=$(DEMO_DIR) \
+	    --set run_name=$(call run_name,$(o))__seed$$s $(call own_set,demo);) \
+	  $(foreach o,$(DEMO_SCRATCH),$(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(o) \
+	    --set train.seed=$$s --set student.path=runs/tiny/assets/student-init --set out_dir=$(DEMO_DIR) \
+	    --set run_name=scratch-$(call run_name,$(o))__seed$$s $(call own_set,demo);) \
 	  $(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set seed=$$s --set out_dir=$(DEMO_DIR)/onpolicy_kd_fkl__seed$$s \
-	    --set "distill_set=[checkpoint.keep_best=0, valid.generate_rows=0, train.seed=$$s]"; \
+	    --set "distill_set=[checkpoint.keep_best=0, valid.generate_rows=0, train.seed=$$s, student.path=$(DEMO_DIR)/student-sft__seed$$s/final]"; \
 	done
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
-	  $(foreach s,$(DEMO_SEEDS),$(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,--run $(DEMO_DIR)/$(o)__seed$(s)))
-	$(DSKD) report $(foreach o,sft kd_fkl dskd_v2_fkl onpolicy_kd_fkl,'$(DEMO_DIR)/$(o)__seed*') \
+	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(DEMO_RUNS),--run $(DEMO_DIR)/$(o)__seed$(s)))
+	$(DSKD) report $(foreach o,$(DEMO_RUNS),'$(DEMO_DIR)/$(o)__seed*') \
 	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(DEMO_DIR)/report
 
-# The default across tokenizers (byte-level BPE teacher -> metaspace student, configs/tiny/distill_xtok.yaml): per
-# training seed one student per objective of XTOK_OBJECTIVES (sft and the seven cross-tokenizer objectives, forward
-# KL, 300 steps each, all from the one cross-tokenizer cache), named <objective>__seed<N>; then the protocol eval of
-# them and the teacher, and the report over training seeds. Done work is skipped on a re-run.
+# The default across tokenizers (byte-level BPE teacher -> the student tokenizer XTOK names: xtok = the metaspace
+# student, whole words like the teacher's; pieces = the small-vocabulary one, half the answer words in pieces), per
+# training seed s: the student SFT'd from scratch (student-sft__seed<s>), from it one student per objective of
+# XTOK_OBJECTIVES (sft and the seven cross-tokenizer objectives, forward KL, 300 more steps each, all from the one
+# cross-tokenizer cache), and from the random initialisation one per XTOK_SCRATCH; then the protocol eval of them and
+# the teacher, and the report over training seeds (runs/tiny/demo-<XTOK>/report). Done work is skipped on a re-run.
 demo-xtok: teacher
-	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache_xtok.yaml $(call sets,$(CACHE_SET))
+	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache_$(XTOK).yaml $(call sets,$(CACHE_SET))
 	set -e; for s in $(DEMO_SEEDS); do \
-	  for o in $(XTOK_OBJECTIVES); do \
-	    $(TRAIN) distill --config $(CONFIGS)/distill_xtok.yaml --set loss.objective=$$o --set train.seed=$$s \
-	      --set out_dir=$(XTOK_DIR) --set run_name=$${o}__seed$$s $(call own_set,demo-xtok); \
-	  done; \
+	  $(TRAIN) distill --config $(CONFIGS)/student_sft_$(XTOK).yaml --set train.seed=$$s --set out_dir=$(XTOK_DIR) \
+	    --set run_name=student-sft__seed$$s; \
+	  $(foreach o,$(XTOK_OBJECTIVES),$(TRAIN) distill --config $(CONFIGS)/distill_$(XTOK).yaml --set loss.objective=$(o) \
+	    --set train.seed=$$s --set student.path=$(XTOK_DIR)/student-sft__seed$$s/final --set out_dir=$(XTOK_DIR) \
+	    --set run_name=$(o)__seed$$s $(call own_set,demo-xtok);) \
+	  $(foreach o,$(XTOK_SCRATCH),$(TRAIN) distill --config $(CONFIGS)/distill_$(XTOK).yaml --set loss.objective=$(o) \
+	    --set train.seed=$$s --set student.path=$(XTOK_INIT) --set out_dir=$(XTOK_DIR) \
+	    --set run_name=scratch-$(o)__seed$$s $(call own_set,demo-xtok);) \
 	done
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
-	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(XTOK_OBJECTIVES),--run $(XTOK_DIR)/$(o)__seed$(s)))
-	$(DSKD) report $(foreach o,$(XTOK_OBJECTIVES),'$(XTOK_DIR)/$(o)__seed*') \
+	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(XTOK_RUNS),--run $(XTOK_DIR)/$(o)__seed$(s)))
+	$(DSKD) report $(foreach o,$(XTOK_RUNS),'$(XTOK_DIR)/$(o)__seed*') \
 	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(XTOK_DIR)/report
 
 # RUNS / PRESET / SUITES / TEACHER replace the config's runs, preset, suites and teacher
@@ -225,35 +269,35 @@ test: $(STAMP)
 # invocation, bench/results.json and bench/results.md (27.5 min measured on 2 CPU cores at the default BENCH_SCALE
 # 0.5; BENCH_SCALE=4 or more on a GPU)
 bench: teacher-cache $(VLLM_STAMP)
-	$(BIN)/python bench/run.py --scale $(BENCH_SCALE) $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/run.py --scale $(BENCH_SCALE) $(BENCH_ARGS)
 
 # make bench-quality: the real pairs' students (3 seeds per objective) trained and scored on held-out NLL and Rouge-L
 # (runs/bench-quality/report/report.md, bench/quality.md; about an hour on 2 CPU cores)
 bench-quality: $(STAMP)
-	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
+	$(UNPINNED) $(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 bench-cache: $(STAMP)
-	$(BIN)/python bench/cache.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/cache.py $(BENCH_ARGS)
 
 bench-objectives: teacher-cache
-	$(BIN)/python bench/objectives.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/objectives.py $(BENCH_ARGS)
 
 bench-train: $(STAMP)
-	$(BIN)/python bench/train.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/train.py $(BENCH_ARGS)
 
 # stage 1 and 2 peak memory and time per component on the real models (SmolLM2 -> quarter student, Gemma-3 -> SmolLM2)
 bench-memory: $(STAMP)
-	$(BIN)/python bench/memory.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/memory.py $(BENCH_ARGS)
 
 # generated tokens/s of the hf and vllm backends side by side (tiny default and SmolLM2-135M), and the wall-time
 # split of one on-policy round (rollout / stage 1 / stage 2)
 bench-rollout: teacher-cache
-	$(BIN)/python bench/rollout.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/rollout.py $(BENCH_ARGS)
 
 # share of student response tokens with a teacher signal (exact pairs vs chunks) and alignment speed, on the real
 # tokenizers over Dolly responses
 bench-alignment: $(STAMP)
-	$(BIN)/python bench/alignment.py $(BENCH_ARGS)
+	$(UNPINNED) $(BIN)/python bench/alignment.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

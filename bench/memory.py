@@ -90,7 +90,7 @@ def worker(stage: str, config: str, result: str, extra: list[str]) -> None:
         from stages import teacher_cache as s
 
         for name, label in (("load_model", "load teacher"), ("check_head", "head check"),
-                            ("tokenizer_vocab_map", "vocabulary map"), ("teacher_forward", "teacher forward (batch)"),
+                            ("tokenizer_label_map", "vocabulary map"), ("teacher_forward", "teacher forward (batch)"),
                             ("_write_shard", "write shard")):
             _instrument(records, s, name, label)
     else:

@@ -184,13 +184,91 @@ def vocab_map(teacher_surfaces: list, student_surfaces: list, student_avoid: fro
     return np.array([best.get(s, -1) if s is not None else -1 for s in teacher_surfaces], dtype=np.int32)
 
 
-def aligned_labels(top1: np.ndarray, pairs: np.ndarray, teacher_response_start: int, vmap: np.ndarray) -> np.ndarray:
-    """(K,) int32 student label for each aligned pair: the student id with the text of the teacher's top-1 prediction
-    at the pair's teacher position, -100 when no student token has that text (never EOS/unk, reference 12 #4).
+def _lead_and_trim(surface: str | None) -> tuple[str, str] | None:
+    """(leading whitespace, the rest) of a token's surface, as `trimmed_spans` trims a span; None for tokens without
+    a surface and for whitespace-only ones (those are matched by their exact surface only)."""
+    if surface is None:
+        return None
+    rest = surface.lstrip()  # str.isspace() characters: the alignment's _WHITESPACE
+    return (surface[: len(surface) - len(rest)], rest) if rest else None
 
-    top1: (n_resp,) the teacher's top-1 id at each response position; pairs: (K, 2) label positions."""
-    mapped = vmap[top1[pairs[:, 1] - (teacher_response_start - 1)]]
-    return np.where(mapped >= 0, mapped, -100).astype(np.int32)
+
+@dataclass
+class LabelMap:
+    """The student label of a teacher prediction at an exact-token pair (dskd_eta's t2s labels and agreement).
+
+    The alignment pairs tokens by their spans with leading whitespace trimmed, so at an aligned position the two
+    tokenizers may spell the same word with different leading whitespace: a byte-level BPE teacher's first response
+    word after "\\n" is "shovel", a SentencePiece student's is "▁shovel". The teacher's top-1 is translated the same
+    way: when it carries the same leading whitespace as the teacher's own token there, the label is the student token
+    with the student's leading whitespace at that position and the top-1's trimmed text; otherwise (or when the
+    student has no such token) the student token with exactly the top-1's text; otherwise any student token with its
+    trimmed text; otherwise -100 (never EOS/unk, reference 12 #4). The teacher's EOS maps to the student's EOS."""
+
+    exact: np.ndarray  # (V_T,) int32: `vocab_map` (same text), the teacher's EOS -> the student's EOS
+    t_lead: np.ndarray  # (V_T,) int64 id of the token's leading whitespace (-1: no trimmed text)
+    t_trim: np.ndarray  # (V_T,) int64 id of its trimmed text (-1: none)
+    s_lead: np.ndarray  # (V_S,) int64 the same for student tokens
+    keys: np.ndarray  # sorted lead_id * n_trim + trim_id of the student tokens that have them
+    key_ids: np.ndarray  # the student id of each key (the lowest outside `student_avoid`)
+    any_trim: np.ndarray  # (n_trim,) a student id with that trimmed text (the lowest outside `student_avoid`), -1
+
+    @classmethod
+    def build(cls, teacher_surfaces: list, student_surfaces: list, exact: np.ndarray,
+              student_avoid: frozenset = frozenset()) -> LabelMap:
+        leads: dict[str, int] = {}
+        trims: dict[str, int] = {}
+
+        def ids(surfaces):
+            lead, trim = np.full(len(surfaces), -1, np.int64), np.full(len(surfaces), -1, np.int64)
+            for i, s in enumerate(surfaces):
+                if (lt := _lead_and_trim(s)) is not None:
+                    lead[i], trim[i] = leads.setdefault(lt[0], len(leads)), trims.setdefault(lt[1], len(trims))
+            return lead, trim
+
+        t_lead, t_trim = ids(teacher_surfaces)
+        s_lead, s_trim = ids(student_surfaces)
+        n_trim = max(len(trims), 1)
+        # the preferred student id per key and per trimmed text: the lowest id, byte-fallback tokens last
+        order = sorted(np.flatnonzero(s_trim >= 0), key=lambda i: (int(i) in student_avoid, i))
+        by_key: dict[int, int] = {}
+        any_trim = np.full(n_trim, -1, np.int64)
+        for i in order:
+            by_key.setdefault(int(s_lead[i] * n_trim + s_trim[i]), int(i))
+            if any_trim[s_trim[i]] < 0:
+                any_trim[s_trim[i]] = i
+        keys = np.array(sorted(by_key), dtype=np.int64)
+        key_ids = np.array([by_key[k] for k in keys], dtype=np.int64)
+        return cls(np.asarray(exact, np.int32), t_lead, t_trim, s_lead, keys, key_ids, any_trim)
+
+    def _lookup(self, lead: np.ndarray, trim: np.ndarray) -> np.ndarray:
+        key = lead * len(self.any_trim) + trim
+        pos = np.clip(np.searchsorted(self.keys, key), 0, max(len(self.keys) - 1, 0))
+        found = (lead >= 0) & (trim >= 0) & (len(self.keys) > 0)
+        found &= self.keys[pos] == key if len(self.keys) else found
+        return np.where(found, self.key_ids[pos] if len(self.keys) else -1, -1)
+
+    def labels(self, top1: np.ndarray, teacher_gold: np.ndarray, student_gold: np.ndarray) -> np.ndarray:
+        """(K,) int32 student labels for K aligned positions: the teacher's top-1 there, the teacher's and the
+        student's own next tokens there (the aligned tokens)."""
+        top1, teacher_gold, student_gold = (np.asarray(a, np.int64) for a in (top1, teacher_gold, student_gold))
+        trim = self.t_trim[top1]
+        same_lead = self.t_lead[top1] == self.t_lead[teacher_gold]
+        out = np.where(same_lead, self._lookup(self.s_lead[student_gold], trim), -1)
+        out = np.where(out >= 0, out, self.exact[top1])
+        out = np.where(out >= 0, out, np.where(trim >= 0, self.any_trim[np.maximum(trim, 0)], -1))
+        return np.where(out >= 0, out, -100).astype(np.int32)
+
+
+def aligned_labels(top1: np.ndarray, pairs: np.ndarray, teacher, student, label_map: LabelMap) -> np.ndarray:
+    """(K,) int32 student label for each aligned pair: `label_map`'s translation of the teacher's top-1 prediction
+    at the pair's teacher position, -100 when no student token spells it.
+
+    top1: (n_resp,) the teacher's top-1 id at each response position; pairs: (K, 2) label positions;
+    teacher / student: the row's `tokenize.Encoded` (their ids give the aligned tokens, label position + 1)."""
+    t_pos, s_pos = pairs[:, 1].astype(np.int64), pairs[:, 0].astype(np.int64)
+    t_ids, s_ids = np.asarray(teacher.ids, np.int64), np.asarray(student.ids, np.int64)
+    return label_map.labels(top1[t_pos - (teacher.response_start - 1)], t_ids[t_pos + 1], s_ids[s_pos + 1])
 
 
 def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exact: np.ndarray) -> np.ndarray:
@@ -234,15 +312,17 @@ def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
     return t, s, row_alignment(s, t, example.response)
 
 
-def tokenizer_vocab_map(teacher_tok, student_tok) -> np.ndarray:
-    """`vocab_map` between two tokenizers: surfaces decoded from both, byte-fallback tokens avoided on the student
-    side, and the teacher's EOS mapped to the student's EOS (the teacher predicting its end is the student's)."""
+def tokenizer_label_map(teacher_tok, student_tok) -> LabelMap:
+    """The `LabelMap` between two tokenizers; its `exact` part is `vocab_map` of their surfaces (byte-fallback tokens
+    avoided on the student side) with the teacher's EOS mapped to the student's EOS (the teacher predicting its end
+    is the student's)."""
     from pipeline.tokenize import is_byte_token, special_ids, token_surfaces
 
     avoid = frozenset(i for i in range(len(student_tok)) if is_byte_token(student_tok, i))
-    vmap = vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), avoid)
+    t_surf, s_surf = token_surfaces(teacher_tok), token_surfaces(student_tok)
+    vmap = vocab_map(t_surf, s_surf, avoid)
     t_eos, _ = special_ids(teacher_tok, require_eos=False)
     s_eos, _ = special_ids(student_tok)
     if t_eos is not None:
         vmap[t_eos] = s_eos
-    return vmap
+    return LabelMap.build(t_surf, s_surf, vmap, avoid)

@@ -79,6 +79,36 @@ def representation_distance(model, rows: list) -> dict:
     return {**{k: v / used for k, v in sums.items()}, "rows": used, "positions": positions}
 
 
+# answer positions reported one by one; later ones are pooled
+AGREEMENT_POSITIONS = 8
+
+
+@torch.no_grad()
+def t2s_agreement_by_position(model, projectors, objective: str, batches: list) -> dict[str, float]:
+    """The projected teacher's agreement with its t2s labels (argmax of t2s(h_T) through the student's head == the
+    label) by position in the response: "0" is the first response token, ..., and "8+" the rest. Positions are
+    those `t2s_positions` trains (every label position, or the exact-token pairs with a label across tokenizers);
+    `batches` are cache batches (`batch.collate_cache_rows`)."""
+    from pipeline.objectives.dual_space import t2s_positions
+
+    head = model.get_output_embeddings()
+    agree: dict[str, list[float]] = {}
+    for batch in batches:
+        mask = batch.labels != -100
+        labels = batch.labels[mask]
+        s_rows, t_rows, y = t2s_positions(objective, batch, labels)
+        where = torch.nonzero(mask)
+        first = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.long).scatter_reduce(
+            0, where[:, 0], where[:, 1], "amin")
+        pos = (where[:, 1] - first[where[:, 0]])[s_rows]
+        z = head(projectors.t2s(batch.teacher_hidden[t_rows].float().to(projectors.t2s.weight.dtype)).to(head.weight.dtype))
+        hit = (z.argmax(-1) == y).float()
+        for p, h in zip(pos.tolist(), hit.tolist()):
+            agree.setdefault(str(p) if p < AGREEMENT_POSITIONS else f"{AGREEMENT_POSITIONS}+", []).append(h)
+    keys = sorted(agree, key=lambda k: int(k.rstrip("+")))
+    return {k: sum(agree[k]) / len(agree[k]) for k in keys}
+
+
 def plot_structures(teacher: torch.Tensor, students: dict[str, torch.Tensor], path, title: str):
     """Heat maps of the cosine structure matrix of one sequence: the teacher's and each student's."""
     import matplotlib

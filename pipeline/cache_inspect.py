@@ -94,7 +94,7 @@ def info(path: str | Path) -> dict:
     n_tok = max(m.response_tokens, 1)
     col_bytes: dict[str, int] = {}
     ratios = []
-    student_labels = exact = chunked = 0
+    student_labels = exact = usable = chunked = 0
     for s in range(len(m.shards)):
         table = reader.table(s)
         for name in table.column_names:
@@ -104,6 +104,7 @@ def info(path: str | Path) -> dict:
             student_labels += int(pc.sum(pc.subtract(pc.list_value_length(table["student_ids"]),
                                                      table["student_response_start"])).as_py() or 0)
             exact += len(table["align_student"].combine_chunks().values)
+            usable += int(np.count_nonzero(table["align_label"].combine_chunks().values.to_numpy() != -100))
             ranges = table["chunks"].combine_chunks().values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
             chunked += int((ranges[:, 1] - ranges[:, 0]).sum())
     cfg = yaml.safe_load((reader.dir / "config.yaml").read_text())
@@ -138,9 +139,10 @@ def info(path: str | Path) -> dict:
             "mean": float(r.mean()), "min": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
             "p90": float(q[3]), "max": float(q[4]),
         }
-        # student response labels with a teacher signal: at exact-token pairs (dskd_eta, mined, overlap_kd) and in
-        # chunks (alm, alm_eta)
-        out["coverage"] = {"exact": exact / max(student_labels, 1), "chunks": chunked / max(student_labels, 1)}
+        # student response labels with a teacher signal: at exact-token pairs (mined, overlap_kd); at exact pairs
+        # whose teacher top-1 has a student label (dskd_eta's three terms train only there); in chunks (alm, alm_eta)
+        n = max(student_labels, 1)
+        out["coverage"] = {"exact": exact / n, "exact_usable": usable / n, "chunks": chunked / n}
     return out
 
 

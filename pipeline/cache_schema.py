@@ -13,12 +13,13 @@ exactly the teacher label positions that predict a response token (response_star
   teacher's likelihood of the chunk's text (alm)
 Cross-tokenizer caches also hold two alignments of the response, in label-position coordinates:
 - align_student / align_teacher: (K,) student and teacher label positions whose next tokens cover the same text
-- align_label: (K,) the student id of the teacher's top-1 prediction at that teacher position, -100 when no single
-  student token spells it (stage 2 must not train on it, never EOS/unk)
+- align_label: (K,) the student id of the teacher's top-1 prediction at that teacher position, its leading
+  whitespace translated as the alignment trims it (`alignment.LabelMap`), -100 when no student token spells it
+  (stage 2 must not train on it, never EOS/unk)
 - align_ratio: K / number of student response labels
 - chunks: (C, 4) [s_begin, s_end, t_begin, t_end) label-position ranges of `alignment.chunk_alignment`: runs of
   student and teacher positions predicting the same text, partitioning both responses (plus EOS as a 1:1 chunk)
-Version 4 added target_logprob and chunks.
+Version 4 added target_logprob and chunks; version 5 translates align_label across leading whitespace.
 Readers refuse any other SCHEMA_VERSION instead of patching around it.
 """
 

@@ -123,19 +123,21 @@ class TinyModelConfig:
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
     # which trained tokenizer this model uses
-    tokenizer: Literal["bpe", "metaspace"] = "bpe"
+    tokenizer: Literal["bpe", "metaspace", "pieces"] = "bpe"
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class AssetsConfig:
-    """Stage `assets`: data, two tokenizers and randomly initialised tiny teacher/students."""
+    """Stage `assets`: data, three tokenizers and randomly initialised tiny teacher/students."""
 
     data_dir: str = "data/generated/tiny"
     out_dir: str = "runs/tiny/assets"
     task: TaskDataConfig = field(default_factory=TaskDataConfig)
     bpe_vocab_size: int = 512
     metaspace_vocab_size: int = 512
+    # a metaspace tokenizer stopped early: answer words split into pieces the teacher's tokens do not align with
+    pieces_vocab_size: int = 280
     # name -> model; each is written to <out_dir>/<name>
     models: dict[str, TinyModelConfig] = field(default_factory=dict)
 
@@ -241,9 +243,14 @@ class LossConfig:
     teacher_logits: Literal["auto", "dense", "sparse"] = "auto"
     # DSKD ablations: keep only the student-space terms (t2s_ce + t2s_kd) or only the teacher-space term (s2t_kd)
     spaces: Literal["both", "student", "teacher"] = "both"
-    # dskd_v2 / dskd_eta: start t2s at the logit-identity least squares; mask t2s_kd to agreeing positions while
-    # the local agreement fraction is <= this (1.0: always)
-    init_t2s: bool = True
+    # dskd_v2 / dskd_eta / alm_eta: where t2s starts. true: the logit-identity least squares through the student's
+    # head as it is at step 0 (the DSKD v2 reference); false: nn.Linear's default initialisation; auto: both are
+    # scored on a seeded sample of cached rows (t2s_ce and agreement with the t2s labels, no teacher pass) and the
+    # lower t2s_ce wins: the fit for a student whose head means something (SFT'd, pretrained), the plain start for a
+    # randomly initialised one, through whose head the fit is a large map that stops meaning anything as the head
+    # trains. Then t2s_kd is masked to agreeing positions while the local agreement fraction is <= t2s_agreement
+    # (1.0: always)
+    init_t2s: Literal["auto"] | bool = "auto"
     t2s_agreement: float = 1.0
     # dskd_cma values: the teacher's gold next-token embedding (v1, the paper; leaks the label) or its argmax (v2)
     cma_value: Literal["gold", "argmax"] = "gold"
@@ -281,8 +288,9 @@ class TrainConfig:
     deepspeed: str = "configs/deepspeed/zero0.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = 10
-    # projectors (DSKD objectives) get their own learning rate, on the same schedule
-    projector_lr: float = 1e-3
+    # projectors (DSKD objectives): their learning rate, on the same schedule; null = `lr` (the DSKD v2 reference's
+    # 1:1; a projector slower than the student's head it projects through cannot follow it)
+    projector_lr: float | None = None
     # after warmup: cosine or linear decay from lr to min_lr, or constant lr
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # micro-batches hold rows of similar length (sorted within windows of 64 micro-batches, then shuffled): less
@@ -304,6 +312,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ConfigError("train.lr must be > 0 and train.min_lr >= 0")
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ConfigError(f"train.projector_lr must be > 0 (or null: train.lr), got {self.projector_lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
         if self.schedule_steps < 0 or self.step_offset < 0:

@@ -9,7 +9,11 @@ category after the previous word's ("ladder island drum": any tool, any place, a
 the six words of the next category: what soft targets carry and one drawn label does not.
 The tokenizers are of different kinds, so the default shows both same- and cross-tokenizer distillation:
 - "bpe": byte-level BPE (GPT-2 / Llama-3 / Qwen style);
-- "metaspace": a SentencePiece-style BPE model with the Metaspace ('▁') pre-tokenizer (Llama-2 style).
+- "metaspace": a SentencePiece-style BPE model with the Metaspace ('▁') pre-tokenizer (Llama-2 style), whole words
+  like the teacher's: every student token aligns exactly with a teacher token;
+- "pieces": the same kind with a small vocabulary (280), stopped before it merges every word: about half the answer
+  words are one token, the others several pieces ("▁i s l an d"), so exact token pairs cover about half of the
+  response (chunks all of it), the regime where cross-tokenizer objectives differ by what they reach.
 """
 
 from __future__ import annotations

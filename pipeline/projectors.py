@@ -3,9 +3,9 @@
 Row-vector convention (reference section 5): logits = h @ A with A_S = W_S^T (d_S x V_S), A_T = W_T^T (d_T x V_T).
 - dskd (v1) and dskd_cma: t2s (d_T -> d_S) and s2t (d_S -> d_T) are trained nn.Linear with bias and PyTorch's
   default init; CMA adds the query projector (2 d_S -> 2 d_T).
-- dskd_v2 / dskd_eta: t2s (no bias) starts at the logit-identity least squares P = A~_T pinv(A~_S) over a shared
-  vocabulary U, so h_T P A~_S reproduces the teacher's logits on U as well as any linear map can; s2t is not a
-  parameter: each step Q = sg(A~_S) pinv(A~_T) is formed from the current (detached) student head and the teacher
+- dskd_v2 / dskd_eta: t2s (no bias) can start at the logit-identity least squares P = A~_T pinv(A~_S) over a shared
+  vocabulary U, so h_T P A~_S reproduces the teacher's logits on U as well as any linear map can (through the
+  student's head as it is at step 0: objectives/setup.py chooses, `loss.init_t2s`); s2t is not a parameter: each step Q = sg(A~_S) pinv(A~_T) is formed from the current (detached) student head and the teacher
   head's pseudo-inverse, computed once in float32 (the reference stores it in bf16, section 12 #15).
 """
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+# the trained projectors beside a run's final/ (and in each checkpoint)
+PROJECTORS_FILE = "projectors.safetensors"
 
 # projector modules per objective; dskd_v2 / dskd_eta derive s2t from the heads instead of learning it
 PROJECTORS = {
@@ -71,14 +74,17 @@ class Projectors(nn.Module):
     def init_logit_identity(
         self, student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor,
         *, init_t2s: bool = True,
-    ) -> None:
-        """Set t2s to the logit-identity solution (when `init_t2s`) and keep pinv(A~_T) for the per-step s2t."""
+    ) -> torch.Tensor:
+        """Keep pinv(A~_T) for the per-step s2t and return the logit-identity t2s weight P^T (d_S x d_T, float32);
+        t2s starts there when `init_t2s` (else it keeps its default initialisation)."""
         a_s, a_t = shared_head_columns(student_head, teacher_head, student_ids, teacher_ids)
+        fit = logit_identity_t2s(a_s, a_t).T.contiguous()
         if init_t2s:
             with torch.no_grad():
-                self.t2s.weight.copy_(logit_identity_t2s(a_s, a_t).T.to(self.t2s.weight.dtype))
+                self.t2s.weight.copy_(fit.to(self.t2s.weight.dtype))
         self.teacher_pinv = pinv_wide(a_t)  # (|U|, d_T), float32
         self.student_ids = student_ids.long()
+        return fit
 
     def s2t_matrix(self, student_head: torch.Tensor) -> torch.Tensor:
         """Q = sg(A~_S) pinv(A~_T) (d_S x d_T) from the current student head (V_S, d_S)."""

@@ -214,6 +214,44 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def is_diagnostic(key: str) -> bool:
+    """Gradient norms and projector norms: their own figure (projectors.png), not the loss curves."""
+    return key.startswith("grad_") or key.endswith("_norm")
+
+
+# the agreement counts as falling when the mean of its last quarter of logged values is this far below its first's
+AGREEMENT_DROP = 0.05
+
+
+def projector_flags(curves: dict[str, list[tuple[int, float]]], init: dict | None) -> list[str]:
+    """Why a projector-based run's projected teacher is not teaching what it should, from its metrics (`curves` as
+    `read_curves` gives them) and `t2s_init.json` (`init`, written by stage 2): its t2s_ce ends above a uniform
+    guess over the student's vocabulary (ln V_S), its agreement with its labels falls over training, or t2s started
+    at a logit-identity fit that went less than half of the way from a uniform guess to the teacher on the cached
+    sample (through a student head that means nothing yet: `loss.init_t2s: auto` starts plain there)."""
+    from pipeline.objectives.setup import FIT_GAP_CLOSED
+
+    flags: list[str] = []
+    uniform = (init or {}).get("uniform_ce")
+    ce = sorted(curves.get("t2s_ce", []))
+    if ce and uniform is not None and ce[-1][1] > uniform:
+        flags.append(f"the projected teacher is not learning: t2s_ce ends at {ce[-1][1]:.2f} nats, above a uniform "
+                     f"guess over the student's vocabulary (ln V_S = {uniform:.2f})")
+    agree = [v for _, v in sorted(curves.get("t2s_agreement", []))]
+    if len(agree) >= 4:
+        q = len(agree) // 4
+        first, last = sum(agree[:q]) / q, sum(agree[-q:]) / q
+        if last < first - AGREEMENT_DROP:
+            flags.append(f"the projected teacher is not learning: its agreement with the t2s labels falls over "
+                         f"training ({first:.2f} in the first quarter of the logged steps, {last:.2f} in the last)")
+    if init and init.get("t2s_init") == "fit" and init.get("fit_gap_closed", 1.0) < FIT_GAP_CLOSED:
+        flags.append(f"t2s started at the logit-identity fit through a student head that does not mean anything yet "
+                     f"(on the cached sample it went {100 * init['fit_gap_closed']:.0f}% of the way from a uniform "
+                     f"guess, t2s_ce {init['t2s_init_fit_ce']:.2f}, to the teacher's {init['teacher_ce']:.2f}); "
+                     "loss.init_t2s: auto starts plain there")
+    return flags
+
+
 def run_colors(names: list[str]) -> dict[str, object]:
     """One colour per run, the same in every figure."""
     plt = _plt()
@@ -260,9 +298,10 @@ def plot_scores(results: list[dict], suites: list[str], path: Path) -> Path:
     return path
 
 
-def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path | None:
-    """One panel per loss term / validation metric, one line per run."""
-    keys = sorted({k for c in curves.values() for k in c}, key=lambda k: (k.startswith("valid_"), k))
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, keep=None) -> Path | None:
+    """One panel per loss term / validation metric (those `keep(name)` accepts), one line per run."""
+    keys = sorted({k for c in curves.values() for k in c if keep is None or keep(k)},
+                  key=lambda k: (k.startswith("valid_"), k))
     if not keys:
         return None
     plt = _plt()

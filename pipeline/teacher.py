@@ -128,7 +128,7 @@ class OnlineTeacher:
     the model's dtype; nothing is encoded or written."""
 
     def __init__(self, model, teacher_tok, student_tok, tok_cfg, top_k: int):
-        from pipeline.alignment import tokenizer_vocab_map
+        from pipeline.alignment import tokenizer_label_map
         from pipeline.models import tokenizer_fingerprint
         from pipeline.tokenize import special_ids
 
@@ -138,7 +138,7 @@ class OnlineTeacher:
         self.head = OutputHead.from_model(model)
         self.top_k = min(top_k, self.head.vocab_size)
         self.pad_id = special_ids(teacher_tok, require_eos=False)[1]
-        self.vmap = None if same else tokenizer_vocab_map(teacher_tok, student_tok)
+        self.label_map = None if same else tokenizer_label_map(teacher_tok, student_tok)
 
     def rows(self, examples) -> list:
         """`cache_io.CacheRow` for each example (prompt/response), in order."""
@@ -153,7 +153,7 @@ class OnlineTeacher:
             kw = {}
             if al is not None:
                 kw = dict(align_student=al.pairs[:, 0], align_teacher=al.pairs[:, 1],
-                          align_label=aligned_labels(r.topk_ids[:, 0].numpy(), al.pairs, t.response_start, self.vmap),
+                          align_label=aligned_labels(r.topk_ids[:, 0].numpy(), al.pairs, t, s, self.label_map),
                           align_ratio=len(al.pairs) / s.n_response, chunks=al.chunks)
             rows.append(CacheRow(e.id, np.asarray(s.ids, np.int32), s.response_start, np.asarray(t.ids, np.int32),
                                  t.response_start, r.hidden, r.topk_ids, r.topk_logits, r.lse, r.target_logprob, **kw))

@@ -3,6 +3,8 @@
 For `rows` training rows drawn (seeded) from the teacher cache, the structure-matrix distances between the cached
 teacher hidden states and the student's, for the trained student and for the student it started from. Writes
 <run>/analysis/representation.json and structure.png (one sequence's cosine matrices, teacher beside students).
+For a run with a t2s projector (dskd, dskd_v2, dskd_eta, alm_eta), also the trained projected teacher's agreement
+with its t2s labels by response position.
 A result whose inputs (checkpoint hash, cache, rows, seed) are unchanged is not recomputed.
 """
 
@@ -12,14 +14,44 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.analysis import paired_positions, plot_structures, representation_distance, student_hidden
+from pipeline.analysis import (
+    paired_positions,
+    plot_structures,
+    representation_distance,
+    student_hidden,
+    t2s_agreement_by_position,
+)
 from pipeline.cache_io import CacheReader
 from pipeline.config import ConfigError, DistillConfig, load_config
 from pipeline.evaluation import checkpoint_hash, read_result, resolve_run
 from pipeline.io_utils import write_json
 from pipeline.models import load_model
+from pipeline.projectors import PROJECTORS_FILE
 
 RESULT = "representation.json"
+
+
+# objectives whose t2s projector is a linear map with labels (not CMA's attention)
+T2S_AGREEMENT = ("dskd", "dskd_v2", "dskd_eta", "alm_eta")
+# bump when the result gains a field: older results are recomputed
+VERSION = 2
+
+
+def _agreement(model, cfg: DistillConfig, reader: CacheReader, proj_file: Path, sample: list, ref) -> dict[str, float]:
+    """The trained projector's agreement with its t2s labels by response position (pipeline/analysis.py)."""
+    from safetensors.torch import load_file
+
+    from pipeline.batch import collate_cache_rows
+    from pipeline.models import load_tokenizer
+    from pipeline.projectors import Projectors
+    from pipeline.tokenize import special_ids
+
+    head = model.get_output_embeddings().weight
+    proj = Projectors(cfg.loss.objective, head.shape[1], reader.manifest.hidden_size)
+    proj.load_state_dict(load_file(str(proj_file)))
+    pad = special_ids(load_tokenizer(ref))[1]
+    batches = [collate_cache_rows(sample[i : i + 16], pad) for i in range(0, len(sample), 16)]
+    return t2s_agreement_by_position(model, proj, cfg.loss.objective, batches)
 
 
 def analysis_dir(entry: str) -> Path:
@@ -42,7 +74,7 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
         reader = CacheReader(cache_path)
         pick = sorted(np.random.default_rng(seed).choice(len(reader), min(rows, len(reader)), replace=False).tolist())
         key = {"checkpoint": checkpoint_hash(r.ref), "initial": checkpoint_hash(cfg.student),
-               "cache": reader.manifest.fingerprint, "rows": pick}
+               "cache": reader.manifest.fingerprint, "rows": pick, "version": VERSION}
         target = analysis_dir(entry) / RESULT
         old = read_result(target)
         if old is not None and old.get("key") == key:
@@ -50,6 +82,7 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
             out[r.name] = old
             continue
         sample = [reader[i] for i in pick]
+        proj_file = Path(r.ref.path).parent / PROJECTORS_FILE
         shown = next((x for x in sample if len(paired_positions(x)[0]) >= 4), sample[0])
         s_idx, t_idx = paired_positions(shown)
         result, hidden = {"name": r.name, "key": key, "cache": str(reader.dir)}, {}
@@ -59,6 +92,8 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
             result[label] = {k: d[k] for k in ("cosine_l1", "inner_l1")}
             result["rows"], result["positions"] = d["rows"], d["positions"]
             hidden[f"{label} student"] = student_hidden(model, shown)[s_idx]
+            if label == "trained" and cfg.loss.objective in T2S_AGREEMENT and proj_file.is_file():
+                result["t2s_agreement_by_position"] = _agreement(model, cfg, reader, proj_file, sample, r.ref)
             del model
         target.parent.mkdir(parents=True, exist_ok=True)
         plot_structures(shown.hidden.float()[t_idx], hidden, analysis_dir(entry) / "structure.png",
@@ -67,5 +102,8 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
         t, i = result["trained"], result["initial"]
         print(f"analyze {r.name}: L1 cosine {t['cosine_l1']:.4f} (initial {i['cosine_l1']:.4f}), L1 inner product "
               f"{t['inner_l1']:.4f} (initial {i['inner_l1']:.4f}) over {result['rows']} rows -> {target}")
+        if a := result.get("t2s_agreement_by_position"):
+            print(f"analyze {r.name}: t2s agreement by response position: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in a.items()))
         out[r.name] = result
     return out

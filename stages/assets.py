@@ -1,4 +1,4 @@
-"""Stage `assets`: build the built-in default from nothing (data splits, two tokenizers, tiny initial models).
+"""Stage `assets`: build the built-in default from nothing (data splits, three tokenizers, tiny initial models).
 
 Skipped when `<out_dir>/assets.json` records the same config: the outputs are deterministic functions of it.
 """
@@ -35,6 +35,7 @@ def run(cfg: AssetsConfig) -> Path:
     tokenizers = {
         "bpe": train_bpe_tokenizer(texts, cfg.bpe_vocab_size),
         "metaspace": train_metaspace_tokenizer(texts, cfg.metaspace_vocab_size),
+        "pieces": train_metaspace_tokenizer(texts, cfg.pieces_vocab_size),
     }
     for name, tok in tokenizers.items():
         tok.save_pretrained(out / f"tokenizer-{name}")

@@ -53,6 +53,12 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
 @click.group()
 def main() -> None:
     """dskd: cache the teacher once (teacher-cache), train students from the cache (distill), evaluate (eval)."""
+    from pipeline import cpu
+
+    try:  # before any stage imports torch: the kernels and threads the default pins (pipeline/cpu.py)
+        cpu.pin()
+    except cpu.CpuPinError as e:
+        raise click.UsageError(str(e)) from None
 
 
 _STAGE_CONFIGS = {"assets": AssetsConfig, "teacher-cache": TeacherCacheConfig, "distill": DistillConfig,
@@ -296,8 +302,8 @@ def info(path, as_json):
     if ratio:
         click.echo(f"{'alignment ratio':>26}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
     if cover:
-        click.echo(f"{'teacher signal':>26}: exact pairs {cover['exact']:.3f}, chunks {cover['chunks']:.3f} "
-                   "of student response tokens")
+        click.echo(f"{'teacher signal':>26}: exact pairs {cover['exact']:.3f} (with a t2s label: "
+                   f"{cover['exact_usable']:.3f}), chunks {cover['chunks']:.3f} of student response tokens")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Stage `report`: runs side by side from what `dskd eval` and `dskd analyze` stored (nothing is generated).
 
 Writes <out_dir>/report.md (the scores table, NLL and lengths, representation distances, how to read them) and the
-PNGs it shows: scores.png, curves.png, representation.png. A run without stored results is listed with the command
-that produces them; a run whose checkpoint changed since its eval is marked stale.
+PNGs it shows: scores.png, curves.png, diagnostics.png (per-term gradient norms, projector norms), representation.png.
+A run without stored results is listed with the command that produces them; a run whose checkpoint changed since its
+eval is marked stale; a projector-based run whose projected teacher is not learning is flagged (Warnings).
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from pathlib import Path
 from pipeline.config import ConfigError, ReportConfig
 from pipeline.evaluation import checkpoint_hash, read_result, resolve_run, split_entry
 from pipeline.io_utils import atomic_write_text
+from pipeline.objectives.setup import T2S_INIT_FILE
 from pipeline.report import (
     analysis_table,
     details_table,
     harness_table,
+    is_diagnostic,
     markdown_table,
     plot_curves,
     plot_distances,
     plot_scores,
     plot_seeds,
+    projector_flags,
     read_curves,
     seed_groups,
     seeds_table,
@@ -65,7 +69,7 @@ def _rel(path: Path, start: Path) -> str:
 def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, missing, stale, curves, analyses = [], [], [], {}, {}
+    results, missing, stale, curves, analyses, flags = [], [], [], {}, {}, {}
     for entry in expand(cfg.runs):
         r = resolve_run(entry)
         summary = read_result(r.eval_dir / f"results-{cfg.preset}.json")
@@ -83,6 +87,9 @@ def run(cfg: ReportConfig) -> Path:
                 run_curves.setdefault(k, []).extend(pts)
         if run_curves:
             curves[r.name] = run_curves
+        init = next((json.loads(p.read_text()) for m in r.metrics if (p := m.parent / T2S_INIT_FILE).is_file()), None)
+        if run_flags := projector_flags(run_curves, init):
+            flags[r.name] = run_flags
         if (a := read_result(analysis_dir(entry) / RESULT)) is not None:
             analyses[r.name] = a
     if not results:
@@ -97,6 +104,11 @@ def run(cfg: ReportConfig) -> Path:
         for suite in suites:
             png = plot_seeds(groups, suite, out / f"seeds-{suite}.png")
             md += [f"### {suite}", "", seeds_table(groups, suite), "", f"![seeds]({png.name})", ""]
+    if flags:
+        md += ["## Warnings", "", *[f"- **{name}**: {f}" for name, fs in flags.items() for f in fs], ""]
+        for name, fs in flags.items():
+            for f in fs:
+                print(f"report: WARNING {name}: {f}")
     if stale:
         md += [f"**Stale** (the checkpoint changed after its eval; re-run `make eval`): {', '.join(stale)}", ""]
     if missing:
@@ -110,11 +122,15 @@ def run(cfg: ReportConfig) -> Path:
         md += ["## lm-evaluation-harness", "", "Tasks run by `dskd eval --harness` (lm-eval's own metrics and "
                "standard errors).", "", harness_table(results), ""]
     md += ["## Training curves", ""]
-    if (p := plot_curves(curves, out / "curves.png")) is not None:
+    if (p := plot_curves(curves, out / "curves.png", keep=lambda k: not is_diagnostic(k))) is not None:
         md += ["Every loss term and validation metric of each run's metrics.jsonl, by step.", "", f"![curves]({p.name})",
                ""]
     else:
         md += ["(no run has a metrics.jsonl)", ""]
+    if (p := plot_curves(curves, out / "diagnostics.png", keep=is_diagnostic)) is not None:
+        md += ["Per-term gradient norms (`grad_<term>_<tensor>`: each term as weighted in the loss, on the student's "
+               "hidden states at the label positions, its head and t2s; first micro-batch of each logged step) and "
+               "the projectors' norms: which term moves what.", "", f"![diagnostics]({p.name})", ""]
     md += ["## Representation structure (DSKD section 5.3)", ""]
     if analyses:
         md += ["Mean L1 distance between the teacher's and the student's structure matrices (cosine, normalised "

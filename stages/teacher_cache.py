@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import stamps
-from pipeline.alignment import RowAlignment, aligned_labels, encode_pair, tokenizer_vocab_map
+from pipeline.alignment import LabelMap, RowAlignment, aligned_labels, encode_pair, tokenizer_label_map
 from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
 from pipeline.cache_schema import (
     CHANNEL_SCALE_FILE,
@@ -207,14 +207,14 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
             f"teacher-cache: WARNING: the output head does not reproduce {cfg.teacher.path!r}'s logits (max error "
             f"{head_err:.3g}); falling back to top-k + tail from the model's own logits (stage 2 cannot recompute them)"
         )
-    vmap = None if same else tokenizer_vocab_map(teacher_tok, student_tok)
+    label_map = None if same else tokenizer_label_map(teacher_tok, student_tok)
     if dist.is_main:  # the once-per-cache files (deterministic: a resume or a repair writes the same bytes)
         writer.begin()
         head.save(out / HEAD_FILE)
         if cfg.cache.store_embeddings:
             _save_embeddings(model, out / EMBEDDINGS_FILE)
-        if vmap is not None:
-            atomic_save_npy(out / VOCAB_MAP_FILE, vmap)
+        if label_map is not None:
+            atomic_save_npy(out / VOCAB_MAP_FILE, label_map.exact)
         _save_tokenizer(teacher_tok, out / "teacher_tokenizer")
         _save_tokenizer(student_tok, out / "student_tokenizer")
         write_jsonl(out / DATA_FILE, [e.record() for e in examples])
@@ -267,7 +267,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
             pending = pool.submit(
-                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, vmap, err
+                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, label_map, err
             )
         if pending is not None:
             pending.result()
@@ -459,7 +459,7 @@ def _save_tokenizer(tok, dest: Path) -> None:
 
 
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
-                 channel_scale: np.ndarray | None, vmap: np.ndarray | None, err: StorageError) -> None:
+                 channel_scale: np.ndarray | None, label_map: LabelMap | None, err: StorageError) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     hidden = torch.cat([o.hidden for o in outputs])
     values, scale = encode_hidden(hidden, encoding, channel_scale)
@@ -483,7 +483,7 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
     if prep.alignments is not None:
         labels, ratios = [], []
         for s, t, o, al in zip(prep.student, prep.teacher, outputs, prep.alignments):
-            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), al.pairs, t.response_start, vmap))
+            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), al.pairs, t, s, label_map))
             ratios.append(len(al.pairs) / s.n_response)
         pairs = [al.pairs for al in prep.alignments]
         cols["align_student"] = list_column([p[:, 0] for p in pairs], schema.field("align_student").type)

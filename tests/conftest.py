@@ -36,7 +36,7 @@ TOKENIZE = ["tokenize.max_prompt_length=48", "tokenize.max_length=64"]
 
 def _models_overrides() -> list[str]:
     out = []
-    for name in ("teacher-init", "student-init", "student-init-metaspace"):
+    for name in ("teacher-init", "student-init", "student-init-metaspace", "student-init-pieces"):
         out += [f"models.{name}.{kv}" for kv in SMALL_MODEL]
     return out
 

@@ -355,10 +355,11 @@ def test_reader_refuses_bad_manifest(cache, tmp_path, edit, match):
         CacheReader(with_manifest_edit(cache, tmp_path, edit))
 
 
-def test_a_version_3_cache_is_refused_with_the_command_that_rebuilds_it(cache, tmp_path):
-    """Version 4 added the teacher's next-token log-probabilities and the chunks: an older cache has neither."""
-    old = with_manifest_edit(cache, tmp_path, lambda m: m.update(schema_version=3))
-    with pytest.raises(CacheError, match=r"schema version 3 is not 4 .*rebuild it: `dskd teacher-cache --config "):
+def test_a_version_4_cache_is_refused_with_the_command_that_rebuilds_it(cache, tmp_path):
+    """Version 5 translates align_label across leading whitespace: a version-4 cross-tokenizer cache left the first
+    response word of a SentencePiece student without a label."""
+    old = with_manifest_edit(cache, tmp_path, lambda m: m.update(schema_version=4))
+    with pytest.raises(CacheError, match=r"schema version 4 is not 5 .*rebuild it: `dskd teacher-cache --config "):
         CacheReader(old)
 
 

@@ -468,12 +468,35 @@ def test_analyze_eval_and_report_on_trained_students(caches, tmp_path):
         assert a["trained"]["cosine_l1"] > 0 and a["initial"]["cosine_l1"] > 0
         assert (run / "analysis/structure.png").stat().st_size > 10_000
     assert analyze.run([str(kd)], rows=8)[kd.name] == res[kd.name]  # unchanged inputs: not recomputed
+    by_pos = res[v2.name]["t2s_agreement_by_position"]  # the projected teacher's agreement per answer position
+    assert "t2s_agreement_by_position" not in res[kd.name] and list(by_pos)[0] == "0"
+    assert all(0.0 <= v <= 1.0 for v in by_pos.values())
     for run in (kd, v2):
         evaluate.run(caches.eval_cfg(run, "presets.tiny.generate.seeds=[10,20]", "presets.tiny.generate.do_sample=true"))
     out = report.run(ReportConfig(runs=[str(kd), str(v2)], preset="tiny", out_dir=str(tmp_path / "report")))
     text = out.read_text()
     assert f"| {kd.name} | " in text and f"| {v2.name} | " in text and " ± " in text
     assert (out.parent / "representation.png").stat().st_size > 10_000
+    assert (out.parent / "diagnostics.png").stat().st_size > 10_000 and "](diagnostics.png)" in text
+
+
+def test_projector_flags_name_a_projected_teacher_that_does_not_learn():
+    from pipeline.report import projector_flags
+
+    steps = range(0, 300, 20)
+    good = {"t2s_ce": [(s, 6.0 - s / 60) for s in steps], "t2s_agreement": [(s, s / 300) for s in steps]}
+    init = {"t2s_init": "plain", "uniform_ce": 5.77}
+    assert projector_flags(good, init) == [] and projector_flags({}, None) == []
+    high = {**good, "t2s_ce": [(s, 13.0) for s in steps]}
+    (flag,) = projector_flags(high, init)
+    assert flag.startswith("the projected teacher is not learning: t2s_ce ends at 13.00 nats") and "5.77" in flag
+    falling = {**good, "t2s_agreement": [(s, 0.6 - s / 1000) for s in steps]}
+    (flag,) = projector_flags(falling, init)
+    assert "agreement with the t2s labels falls" in flag and "(0.58 in the first quarter of the logged steps, 0.34 in the last)" in flag
+    fit = {"t2s_init": "fit", "uniform_ce": 6.39, "fit_gap_closed": 0.01, "t2s_init_fit_ce": 6.37, "teacher_ce": 1.23}
+    (flag,) = projector_flags(good, fit)
+    assert flag.startswith("t2s started at the logit-identity fit") and "1% of the way" in flag
+    assert projector_flags(good, {**fit, "fit_gap_closed": 0.9}) == []
 
 
 @pytest.mark.slow  # lm-eval's import and task setup: about a minute on 2 cores

@@ -22,12 +22,12 @@ def test_set_goes_to_the_named_stage_only():
     by_stage = {line.split("--config ")[1].split()[0]: line for line in lines}
     assert set(by_stage) == {
         "configs/tiny/assets.yaml", "configs/tiny/teacher_sft.yaml", "configs/tiny/teacher_cache.yaml",
-        "configs/tiny/teacher_cache_valid.yaml", "configs/tiny/distill.yaml",
+        "configs/tiny/teacher_cache_valid.yaml", "configs/tiny/student_sft.yaml", "configs/tiny/distill.yaml",
     }
     assert "--set loss.divergence=rkl --set train.steps=5" in by_stage["configs/tiny/distill.yaml"]
     assert "--set cache.top_k=8" in by_stage["configs/tiny/teacher_cache.yaml"]
     assert "--set cache.top_k=8" in by_stage["configs/tiny/teacher_cache_valid.yaml"]
-    for stage in ("assets", "teacher_sft", "teacher_cache"):
+    for stage in ("assets", "teacher_sft", "teacher_cache", "student_sft"):
         assert "loss.divergence" not in by_stage[f"configs/tiny/{stage}.yaml"]
 
     lines = dry_run("teacher-cache", "SET=cache.top_k=4")  # assets, teacher, the train and the valid cache
@@ -80,45 +80,67 @@ def test_onpolicy_rounds_and_set_reach_the_onpolicy_stage():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_demo_trains_every_student_per_seed_then_evaluates_and_reports_them_all():
-    """`make demo`'s loop, run with `dskd` replaced by echo: per training seed sft / kd / dskd_v2 from the one cache
-    and an on-policy student, all named <objective>__seed<N>; SET reaches the demo's distill runs only."""
+    """`make demo`'s loop, run with `dskd` replaced by echo: per training seed the student SFT'd from scratch, from it
+    sft / kd / dskd / dskd_v2 and an on-policy student, from the random initialisation kd and dskd_v2, all named
+    <name>__seed<N>; SET reaches the demo's distill runs only."""
     out = subprocess.run(["make", "-n", "demo", "DEMO_SEEDS=1 2", "DEMO_DIR=d", "DSKD=echo dskd", "SET=train.steps=3"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     start = out.index("set -e; for s in")
     loop = out[start : out.index("\ndone\n", start) + len("\ndone")]
     ran = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, check=True)
     lines = ran.stdout.splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 2 * 8
     for seed in (1, 2):
-        for run in ("sft", "kd_fkl", "dskd_v2_fkl"):
+        (start,) = [x for x in lines if f"run_name=student-sft__seed{seed}" in x]
+        assert "student_sft.yaml" in start and f"--set train.seed={seed}" in start and "train.steps" not in start
+        for run in ("sft", "kd_fkl", "dskd_fkl", "dskd_v2_fkl", "scratch-kd_fkl", "scratch-dskd_v2_fkl"):
             (line,) = [x for x in lines if f"run_name={run}__seed{seed}" in x]
             assert f"--set train.seed={seed}" in line and "--set out_dir=d " in line and "--set train.steps=3" in line
-            assert f"--set loss.objective={run.removesuffix('_fkl')} " in line
+            assert f"--set loss.objective={run.removeprefix('scratch-').removesuffix('_fkl')} " in line
+            start_from = "runs/tiny/assets/student-init" if run.startswith("scratch") else f"d/student-sft__seed{seed}/final"
+            assert f"--set student.path={start_from} " in line
         (on,) = [x for x in lines if f"out_dir=d/onpolicy_kd_fkl__seed{seed}" in x]
-        assert on.startswith("dskd onpolicy") and f"train.seed={seed}]" in on and f"--set seed={seed}" in on
-        assert "train.steps" not in on
+        assert on.startswith("dskd onpolicy") and f"train.seed={seed}," in on and f"--set seed={seed}" in on
+        assert f"student.path=d/student-sft__seed{seed}/final]" in on and "train.steps" not in on
     after = out[out.index("dskd eval"):]
-    assert after.count("--run d/") == 8 and "--preset protocol" in after
-    assert "dskd report 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after
+    assert after.count("--run d/") == 2 * 8 and "--preset protocol" in after
+    assert "dskd report 'd/student-sft__seed*' 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after
 
 
-def test_demo_xtok_trains_every_cross_tokenizer_objective_per_seed_from_the_xtok_cache():
-    """`make demo-xtok`'s loop with `dskd` replaced by echo: one metaspace student per objective and seed, named
-    <objective>__seed<N> (the shell must not read `$o__seed` as one variable), then eval and report of them all."""
-    out = subprocess.run(["make", "-n", "demo-xtok", "DEMO_SEEDS=1 2", "XTOK_DIR=x", "DSKD=echo dskd",
-                          "XTOK_OBJECTIVES=sft alm"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "dskd teacher-cache --config configs/tiny/teacher_cache_xtok.yaml" in out
+@pytest.mark.parametrize("xtok", ["xtok", "pieces"])
+def test_demo_xtok_trains_every_cross_tokenizer_objective_per_seed_from_the_xtok_cache(xtok):
+    """`make demo-xtok`'s loop with `dskd` replaced by echo: per seed the student SFT'd from scratch, from it one
+    student per objective, from the random initialisation one per XTOK_SCRATCH, named <name>__seed<N> (the shell must
+    not read `$o__seed` as one variable), then eval and report of them all; XTOK picks the student tokenizer."""
+    out = subprocess.run(["make", "-n", "demo-xtok", f"XTOK={xtok}", "DEMO_SEEDS=1 2", "XTOK_DIR=x", "DSKD=echo dskd",
+                          "XTOK_OBJECTIVES=sft alm", "XTOK_SCRATCH=alm_eta"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert f"dskd teacher-cache --config configs/tiny/teacher_cache_{xtok}.yaml" in out
     start = out.index("set -e; for s in")
     loop = out[start : out.index("\ndone\n", start) + len("\ndone")]
     lines = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 2 * 4
+    init = "runs/tiny/assets/student-init-" + ("metaspace" if xtok == "xtok" else "pieces")
     for seed in (1, 2):
-        for objective in ("sft", "alm"):
+        (start,) = [x for x in lines if f"--set run_name=student-sft__seed{seed}" in x]
+        assert f"student_sft_{xtok}.yaml" in start
+        for objective in ("sft", "alm", "scratch-alm_eta"):
             (line,) = [x for x in lines if f"--set run_name={objective}__seed{seed}" in x]
-            assert "distill_xtok.yaml" in line and f"--set loss.objective={objective} " in line
+            assert f"distill_{xtok}.yaml" in line and f"--set loss.objective={objective.removeprefix('scratch-')} " in line
             assert f"--set train.seed={seed}" in line and "--set out_dir=x " in line
+            assert f"--set student.path={init if 'scratch' in objective else f'x/student-sft__seed{seed}/final'} " in line
     after = out[out.index("dskd eval"):]
-    assert after.count("--run x/") == 4 and "dskd report 'x/sft__seed*' 'x/alm__seed*'" in after
+    assert after.count("--run x/") == 2 * 4 and "dskd report 'x/student-sft__seed*' 'x/sft__seed*' 'x/alm__seed*'" in after
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_distill_runs_the_student_sft_first_when_the_config_set_has_one():
+    lines = dry_run("distill")
+    stages = [line.split("--config ")[1].split()[0] for line in lines]
+    assert stages.index("configs/tiny/student_sft.yaml") < stages.index("configs/tiny/distill.yaml")
+    # a config set without one distils its student as it is
+    real = [line.split("--config ")[1].split()[0] for line in dry_run("distill", "CONFIGS=configs/gemma3-270m_to_smollm2-135m")]
+    assert not any("student_sft" in c for c in real)
 
 
 def test_every_make_target_the_readme_names_exists():

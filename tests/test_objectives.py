@@ -79,7 +79,7 @@ class Setup:
             with torch.no_grad():
                 w = student.get_output_embeddings().weight
                 w.copy_(w_t + head_noise * w_t.std() * torch.randn_like(w_t))
-        return student, build_projectors(cfg, student, self.cache_side(), self.vmap)
+        return student, build_projectors(cfg, student, self.cache_side(), self.vmap, [self.cache_batch()])
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +256,9 @@ def test_logit_identity_init_is_the_least_squares_optimum():
 
 
 def test_projector_init_reproduces_teacher_logits_on_the_shared_vocabulary(same, cross):
+    """init_t2s: true is the DSKD v2 reference's initialisation, whatever the student's head."""
     for s in (same, cross):
-        cfg = _cfg("dskd_v2" if s is same else "dskd_eta")
+        cfg = _cfg("dskd_v2" if s is same else "dskd_eta", init_t2s=True)
         student, proj = s.models(cfg)
         head_s, head_t = student.get_output_embeddings().weight.detach(), s.reader.load_head().weight
         s_ids, t_ids = shared_vocabulary(head_s.shape[0], head_t.shape[0], s.vmap)
@@ -278,6 +279,71 @@ def test_projector_init_reproduces_teacher_logits_on_the_shared_vocabulary(same,
         assert q.shape == (head_s.shape[1], head_t.shape[1])
         resid = q @ a_t - a_s
         assert (resid @ a_t.T).abs().max() < 1e-6 * a_s.abs().max() * a_t.abs().sum(-1).max()  # 1% off Q: ~1e-3x
+
+
+def confident_batch(s: Setup):
+    """The cache batch with a confident teacher: the test teacher is barely trained (no surer of its top-1 than a
+    uniform guess, so no t2s start can be told better than another); the same head on hidden states 16x as long
+    is, with the top-k and log-sum-exp recomputed from them (same argmax, so the same t2s labels)."""
+    batch = s.cache_batch()
+    batch.teacher_hidden = 16 * batch.teacher_hidden
+    z = s.reader.load_head().logits(batch.teacher_hidden)
+    batch.teacher_lse = torch.logsumexp(z, -1)
+    batch.teacher_topk_logits = z.gather(-1, batch.teacher_topk_ids.long())
+    assert (z.argmax(-1) == batch.teacher_topk_ids[:, 0]).all()
+    return batch
+
+
+@pytest.mark.parametrize("objective", ["dskd_v2", "dskd_eta", "alm_eta"])
+def test_init_t2s_auto_starts_plain_through_a_random_head(same, cross, objective):
+    """auto scores both starts on cached rows: through the randomly initialised student's head the logit-identity
+    fit goes nowhere, and the plain start (nn.Linear's default, as with init_t2s: false) wins."""
+    s = same if objective == "dskd_v2" else cross
+    batch = confident_batch(s)
+
+    def build(init):
+        student, _ = s.models(_cfg(objective))
+        torch.manual_seed(5)
+        return build_projectors(_cfg(objective, init_t2s=init), student, s.cache_side(), s.vmap, [batch])
+
+    proj, plain, forced = build("auto"), build(False), build(True)
+    r = proj.init_report
+    assert r["t2s_init"] == "plain" and r["init_t2s"] == "auto" and r["positions"] > 0, str(r)
+    assert r["teacher_ce"] < r["uniform_ce"] - 1 and r["fit_gap_closed"] < 0.5  # a teacher worth following
+    torch.testing.assert_close(proj.t2s.weight, plain.t2s.weight, rtol=0, atol=0)
+    assert plain.init_report["t2s_init"] == "plain"
+    assert forced.init_report["t2s_init"] == "fit" and "t2s_init_plain_ce" not in forced.init_report
+    assert forced.init_report["t2s_init_fit_ce"] == pytest.approx(r["t2s_init_fit_ce"])
+    assert not torch.allclose(forced.t2s.weight, plain.t2s.weight)
+
+
+def test_init_t2s_auto_starts_at_the_fit_through_a_head_aligned_with_the_teachers(same):
+    """A student whose head is a linear image of the teacher's (W_S = W_T M, M invertible: the test models share
+    d): the fit reproduces the teacher's logits, its t2s_ce is the teacher's own -log p(top-1), and auto keeps it,
+    the same weights as init_t2s: true. (Across tokenizers no head reproduces the teacher exactly: the shared
+    vocabulary pairs tokens of the same text, the labels translate leading whitespace.)"""
+    head_t = same.reader.load_head().weight
+    m = torch.linalg.qr(torch.randn(head_t.shape[1], head_t.shape[1], generator=torch.Generator().manual_seed(1)))[0]
+    batch = confident_batch(same)
+
+    def aligned(cfg):
+        st, _ = same.models(cfg)
+        assert st.config.hidden_size == head_t.shape[1]
+        with torch.no_grad():
+            st.get_output_embeddings().weight.copy_(3.0 * head_t @ m)
+        return st, build_projectors(cfg, st, same.cache_side(), same.vmap, [batch])
+
+    st, proj = aligned(_cfg("dskd_v2", init_t2s="auto"))
+    r = proj.init_report
+    assert r["t2s_init"] == "fit", str(r)
+    assert r["t2s_init_fit_ce"] == pytest.approx(r["teacher_ce"], abs=1e-3) and r["t2s_init_fit_agreement"] > 0.99
+    assert r["t2s_init_fit_ce"] < r["t2s_init_plain_ce"] and r["fit_gap_closed"] == pytest.approx(1.0, abs=1e-3)
+    _, forced = aligned(_cfg("dskd_v2", init_t2s=True))
+    torch.testing.assert_close(proj.t2s.weight, forced.t2s.weight)
+    _, kept = aligned(_cfg("dskd_v2", init_t2s=False))
+    assert kept.init_report["t2s_init"] == "plain" and not torch.allclose(kept.t2s.weight, forced.t2s.weight)
+    with pytest.raises(ValueError, match="needs sample batches"):
+        build_projectors(_cfg("dskd_v2", init_t2s="auto"), st, same.cache_side(), same.vmap)
 
 
 def test_kd_truncates_a_padded_teacher_head_to_the_shared_ids(same):

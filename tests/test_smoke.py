@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import transformers
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ModelRef
+from pipeline.models import load_tokenizer
 from stages import distill, evaluate, teacher_cache
 
 STUDENT_FILES = {"config.yaml", "metrics.jsonl", "done.json", "final", "checkpoints"}
@@ -28,8 +30,8 @@ def chain(tiny):
 def test_assets_and_teacher_sft_files(tiny):
     assert files(tiny.data) == {"train.jsonl", "valid.jsonl", "test.jsonl"}
     assert files(tiny.assets) == {
-        "assets.json", "config.yaml", "tokenizer-bpe", "tokenizer-metaspace",
-        "teacher-init", "student-init", "student-init-metaspace",
+        "assets.json", "config.yaml", "tokenizer-bpe", "tokenizer-metaspace", "tokenizer-pieces",
+        "teacher-init", "student-init", "student-init-metaspace", "student-init-pieces",
     }
     assert files(tiny.teacher) == STUDENT_FILES
     assert files(tiny.teacher / "final") == CHECKPOINT_FILES
@@ -212,6 +214,21 @@ def test_every_objective_trains_from_its_cache(chain, xcache, objective, cross):
     has_projectors = objective not in ("uld", "mined", "overlap_kd", "alm")
     assert (run_dir / distill.PROJECTORS_FILE).exists() == has_projectors
     assert files(run_dir / "final") == CHECKPOINT_FILES
+    # diagnostics: every term's gradient norm on the student's hidden states and head, at every logged step
+    for r in rows:
+        assert {"grad_ce_hidden", "grad_ce_head"} <= set(r) and r["grad_ce_head"] > 0
+        if has_projectors:
+            assert r["t2s_norm"] > 0 and r["grad_t2s_ce_t2s"] > 0 and r["grad_t2s_ce_head"] == 0  # t2s_ce trains t2s only
+    assert (run_dir / distill.T2S_INIT_FILE).exists() == has_projectors
+    if has_projectors:  # which start t2s took, and why
+        init = json.loads((run_dir / distill.T2S_INIT_FILE).read_text())
+        vocab = len(load_tokenizer(ModelRef(path=str(run_dir / "final"))))
+        assert init["uniform_ce"] == pytest.approx(math.log(vocab))
+        if objective in ("dskd_v2", "dskd_eta", "alm_eta"):  # scored on cached rows; a random student head: plain
+            assert init["t2s_init"] == "plain" and init["init_t2s"] == "auto" and init["positions"] > 0
+            assert {"t2s_init_fit_ce", "t2s_init_plain_ce", "t2s_init_fit_agreement", "fit_gap_closed"} <= set(init)
+        else:
+            assert init["t2s_init"] == "plain"
 
 
 def test_objective_and_cache_mismatches_are_refused(chain, tiny, tmp_path):

@@ -97,6 +97,20 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_projectors_train_at_the_students_rate_unless_told(tiny):
+    from pipeline.projectors import Projectors
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny.assets / "student-init")
+    proj = Projectors("dskd", 64, 64)
+    for sets, want in (([], 3e-3), (["train.projector_lr=5e-4"], 5e-4)):
+        groups = distill.optimizer_groups(model, proj, tiny.distill_cfg("train.lr=3e-3", *sets).train)
+        assert [g["lr"] for g in groups] == [3e-3, 3e-3, want]
+        assert groups[-1]["params"] == list(proj.parameters())
+    assert [g["lr"] for g in distill.optimizer_groups(model, None, tiny.distill_cfg("train.lr=3e-3").train)] == [3e-3] * 2
+    with pytest.raises(ConfigError, match="train.projector_lr must be > 0"):
+        tiny.distill_cfg("train.projector_lr=0")
+
+
 def test_deepspeed_config_is_filled_from_the_run_config(tiny):
     t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=6", "train.grad_clip=0.5",
                          "train.deepspeed=configs/deepspeed/zero3_offload.json", "train.precision=bf16").train

@@ -39,14 +39,17 @@ from pipeline.objectives.base import (
     TeacherMismatch,
     TeacherSide,
     chunked,
+    term_grad_norms,
 )
 from pipeline.objectives.dual_space import dskd, dskd_cma
 from pipeline.objectives.setup import (
     CROSS_VOCAB_ONLY,
+    LOGIT_IDENTITY,
     NEEDS_EMBEDDINGS,
     NEEDS_TEACHER,
     OBJECTIVES,
     SAME_VOCAB_ONLY,
+    T2S_INIT_FILE,
     build_projectors,
     check_compatible,
     shared_vocabulary,
@@ -56,9 +59,9 @@ from pipeline.objectives.student_space import student_space_kd
 from pipeline.projectors import Projectors
 
 __all__ = [
-    "CROSS_VOCAB_ONLY", "NEEDS_EMBEDDINGS", "NEEDS_TEACHER", "OBJECTIVES", "SAME_VOCAB_ONLY", "Objective",
+    "CROSS_VOCAB_ONLY", "LOGIT_IDENTITY", "NEEDS_EMBEDDINGS", "NEEDS_TEACHER", "OBJECTIVES", "SAME_VOCAB_ONLY", "T2S_INIT_FILE", "Objective",
     "ObjectiveOutput", "StudentSide", "TeacherMismatch", "TeacherSide", "build_projectors", "check_compatible",
-    "shared_vocabulary", "student_side",
+    "shared_vocabulary", "student_side", "term_grad_norms",
 ]
 
 

@@ -98,6 +98,23 @@ def teacher_target(teacher: TeacherSide, hidden: torch.Tensor | None, sparse: Sp
     return z, err
 
 
+def term_grad_norms(out: ObjectiveOutput, alpha: float, wrt: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`grad_<term>_<name>`: the norm of the gradient of each term, weighted as it enters the loss ((1 - alpha) for
+    ce, alpha for the KD terms), with respect to each tensor of `wrt` (the student's hidden states at the label
+    positions, its head, a projector), without touching .grad (the graph is kept for the real backward). Which term
+    moves what, and against what: the diagnosis of a method that does not beat its baseline."""
+    norms: dict[str, float] = {}
+    parts = set(out.terms) - {"ce", "kd"}
+    for k, v in out.terms.items():
+        if (k == "kd" and parts) or not v.requires_grad:  # kd is then the sum of the terms logged one by one
+            continue
+        grads = torch.autograd.grad(((1 - alpha) if k == "ce" else alpha) * v, list(wrt.values()), retain_graph=True,
+                                    allow_unused=True)
+        for name, g in zip(wrt, grads):
+            norms[f"grad_{k}_{name}"] = 0.0 if g is None else float(g.norm())
+    return norms
+
+
 def apply_projector(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A projector on x in the projector's dtype (bf16 under mixed precision), result in float32."""
     return module(x.to(module.weight.dtype)).float()

@@ -21,6 +21,24 @@ from pipeline.objectives.base import (
 )
 
 
+def t2s_positions(name: str, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student label positions, cached teacher positions, t2s labels) where the projected teacher is taught and
+    teaches: every position with v1's gold labels or v2's teacher argmax (one tokenizer), the exact-token pairs whose
+    teacher top-1 has a student label (dskd_eta, alm_eta). labels: (N,) the student's labels at its label positions."""
+    if name in ("dskd_eta", "alm_eta"):
+        valid = batch.align_label != -100
+        return batch.align_student[valid], batch.align_teacher[valid], batch.align_label[valid]
+    n = len(labels)
+    if batch.teacher_hidden.shape[0] != n:
+        raise ValueError(f"{name}: {batch.teacher_hidden.shape[0]} cached teacher positions for {n} student labels "
+                         f"(rows {batch.ids[:4]}...); cross-tokenizer caches need dskd_eta or dskd_cma")
+    rows = torch.arange(n, device=labels.device)
+    if name == "dskd":  # v1: gold labels
+        return rows, rows, labels
+    top = batch.teacher_topk_ids.gather(-1, batch.teacher_topk_logits.argmax(-1, keepdim=True))  # v2: teacher argmax
+    return rows, rows, top.squeeze(-1).long()
+
+
 def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows,
                   logp: bool = False) -> dict[str, torch.Tensor]:
     """Sums over the student's positions: ce; t2s_ce of the projected teacher on `t2s_labels`; the divergence
@@ -85,15 +103,7 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     n, dev = len(labels), labels.device
     h_t = batch.teacher_hidden.float()
     eta = name in ("dskd_eta", "alm_eta")
-    if eta:
-        valid = batch.align_label != -100
-        s_rows, t_rows, t2s_y = batch.align_student[valid], batch.align_teacher[valid], batch.align_label[valid]
-    else:
-        if h_t.shape[0] != n:
-            raise ValueError(f"{name}: {h_t.shape[0]} cached teacher positions for {n} student labels "
-                             f"(rows {batch.ids[:4]}...); cross-tokenizer caches need dskd_eta or dskd_cma")
-        s_rows = t_rows = torch.arange(n, device=dev)
-        t2s_y = labels if name == "dskd" else ob.sparse(batch).argmax()  # v1: gold; v2: teacher argmax
+    s_rows, t_rows, t2s_y = t2s_positions(name, batch, labels)
     # student space: the projected teacher sits at the student positions it is aligned to (zeros elsewhere)
     h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev, dtype=student.hidden.dtype)
     h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))

@@ -3,6 +3,8 @@ the projectors, and the student's side of a batch."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pipeline.batch import Batch
@@ -41,19 +43,86 @@ def check_compatible(objective: str, same_tokenizer: bool, has_embeddings: bool,
                          "them (rebuild it with cache.store_embeddings: true)")
 
 
-def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None) -> Projectors | None:
-    """The objective's projectors for this student and teacher (None when it has none), initialised."""
+# objectives whose t2s can start at the logit-identity fit (DSKD v2); the others keep the default initialisation
+LOGIT_IDENTITY = ("dskd_v2", "dskd_eta", "alm_eta")
+# init_t2s auto keeps the fit when it beats the plain start's t2s_ce and goes at least this share of the way from a
+# uniform guess to the teacher's own -log p(top-1). Through a random student head the fit is barely better than
+# uniform (the tiny default: 6.365 vs ln 598 = 6.393 nats, 1% of the way) yet 15x the plain start's norm; through a
+# head that means something it goes most of the way.
+FIT_GAP_CLOSED = 0.5
+INFORMATIVE_NATS = 0.1
+# <run>/t2s_init.json: stage 2's `Projectors.init_report` (which start, both scores), read by `dskd report`
+T2S_INIT_FILE = "t2s_init.json"
+
+
+def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None,
+                     sample: list[Batch] = ()) -> Projectors | None:
+    """The objective's projectors for this student and teacher (None when it has none), initialised; `sample`:
+    cached batches on which `loss.init_t2s: auto` scores both initialisations (`proj.init_report` says how)."""
     from pipeline.projectors import PROJECTORS
 
     if cfg.objective not in PROJECTORS:
         return None
     w_s = student.get_output_embeddings().weight
     proj = Projectors(cfg.objective, w_s.shape[1], teacher.head.hidden_size).to(w_s.device)
-    if cfg.objective in ("dskd_v2", "dskd_eta", "alm_eta"):
+    proj.init_report = {"t2s_init": "plain", "uniform_ce": math.log(w_s.shape[0])}
+    if cfg.objective in LOGIT_IDENTITY:
         s_ids, t_ids = shared_vocabulary(w_s.shape[0], teacher.head.vocab_size, vmap)
-        proj.init_logit_identity(w_s, teacher.head.weight, s_ids.to(w_s.device), t_ids.to(w_s.device),
-                                 init_t2s=cfg.init_t2s)
+        fit = proj.init_logit_identity(w_s, teacher.head.weight, s_ids.to(w_s.device), t_ids.to(w_s.device),
+                                       init_t2s=cfg.init_t2s is True)
+        if cfg.init_t2s == "auto" and not sample:
+            raise ValueError("loss.init_t2s: auto needs sample batches of the cache to score the initialisations")
+        pick = "fit" if cfg.init_t2s is True else "plain"
+        if sample:  # scored whatever the setting: `dskd report` flags a fit that went nowhere
+            head = student.get_output_embeddings()
+            plain = proj.t2s.weight.detach().float().clone() if cfg.init_t2s is not True else None
+            scores = {"fit": t2s_scores(cfg.objective, fit, head, sample)}
+            if plain is not None:
+                scores["plain"] = t2s_scores(cfg.objective, plain, head, sample)
+            # how much of the way from a uniform guess (ln V_S) to the teacher's own -log p(top-1) the fit goes; a
+            # teacher no surer of its top-1 than a uniform guess has no way to go (its labels teach nothing)
+            uniform, floor = proj.init_report["uniform_ce"], scores["fit"]["teacher_ce"]
+            gap = uniform - floor
+            closed = (uniform - scores["fit"]["ce"]) / gap if gap > INFORMATIVE_NATS else 0.0
+            if cfg.init_t2s == "auto" and scores["fit"]["ce"] < scores["plain"]["ce"] and closed >= FIT_GAP_CLOSED:
+                pick = "fit"
+                with torch.no_grad():
+                    proj.t2s.weight.copy_(fit.to(proj.t2s.weight.dtype))
+            proj.init_report.update({"positions": scores["fit"]["positions"], "teacher_ce": floor,
+                                     "fit_gap_closed": closed, **{f"t2s_init_{k}_{m}": scores[k][m] for k in scores
+                                                                  for m in ("ce", "agreement")}})
+        proj.init_report.update(t2s_init=pick, init_t2s=cfg.init_t2s)
     return proj
+
+
+@torch.no_grad()
+def t2s_scores(objective: str, weight: torch.Tensor, head: torch.nn.Module, batches: list[Batch]) -> dict[str, float]:
+    """How a t2s weight (d_S x d_T) does on cached batches before any training: the mean t2s_ce of the projected
+    teacher (through the student's head as it is now) on the objective's t2s labels, and its agreement (argmax ==
+    label), over the positions `t2s_positions` trains; and the teacher's own mean -log p(top-1) there (the least a
+    projected teacher trained on those labels approaches). No teacher pass: the hidden states are the cache's."""
+    from pipeline.losses import auto_chunk_positions
+    from pipeline.models import detached_full
+    from pipeline.objectives.dual_space import t2s_positions
+
+    w_head = detached_full(head.weight).float()
+    bias = getattr(head, "bias", None)
+    b = None if bias is None else detached_full(bias).float()
+    chunk = auto_chunk_positions(w_head.shape[0])
+    ce = agree = teacher_ce = n = 0.0
+    for batch in batches:
+        labels = batch.labels[batch.labels != -100]
+        _, t_rows, y = t2s_positions(objective, batch, labels)
+        teacher_ce += float((batch.teacher_lse[t_rows] - batch.teacher_topk_logits[t_rows].max(-1).values).sum())
+        h = batch.teacher_hidden[t_rows].float().to(w_head.device) @ weight.to(w_head.device).T
+        y = y.to(w_head.device)
+        for i in range(0, len(y), chunk):
+            z = torch.nn.functional.linear(h[i : i + chunk], w_head, b)
+            ce += float(torch.nn.functional.cross_entropy(z, y[i : i + chunk], reduction="sum"))
+            agree += float((z.argmax(-1) == y[i : i + chunk]).sum())
+        n += len(y)
+    return {"ce": ce / max(n, 1), "agreement": agree / max(n, 1), "teacher_ce": teacher_ce / max(n, 1),
+            "positions": int(n)}
 
 
 def student_side(student, batch: Batch, hidden: torch.Tensor) -> StudentSide:
