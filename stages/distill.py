@@ -58,7 +58,6 @@ from pipeline.metrics import rouge_l
 from pipeline.models import (
     StudentWithProjectors,
     check_model_ref,
-    detached_full,
     gathered,
     keep_freed_memory,
     load_model,
@@ -415,19 +414,17 @@ def _report_t2s_init(run_dir: Path, report: dict) -> None:
               "the way)")
 
 
-def _diagnostics(out: ObjectiveOutput, side, projectors, alpha: float, zero3: bool) -> dict[str, float]:
+def _diagnostics(out: ObjectiveOutput, side, projectors, alpha: float) -> dict[str, float]:
     """What a distillation run logs beside its terms: each term's gradient norm on the student's hidden states at
-    the label positions, on its head and on t2s (the parameters only when not partitioned by ZeRO-3), and the
-    projectors' norms. Costs one backward of the loss per term (not through the body), at logged steps only."""
-    wrt = {"hidden": side.hidden}
-    if not zero3:
-        wrt["head"] = side.head.weight
-        if hasattr(projectors, "t2s"):
-            wrt["t2s"] = projectors.t2s.weight
+    the label positions, on its head and on t2s, and the projectors' norms. Costs one backward of the loss per term
+    (not through the body), at logged steps only."""
+    wrt = {"hidden": side.hidden, "head": side.head.weight}
+    if projectors is not None and hasattr(projectors, "t2s"):
+        wrt["t2s"] = projectors.t2s.weight
     norms = term_grad_norms(out, alpha, {k: v for k, v in wrt.items() if v.requires_grad})  # LoRA: a frozen head
     for name in ("t2s", "s2t"):
         if projectors is not None and hasattr(projectors, name):
-            norms[f"{name}_norm"] = float(detached_full(getattr(projectors, name).weight).norm())
+            norms[f"{name}_norm"] = float(getattr(projectors, name).weight.detach().norm())
     return norms
 
 
@@ -576,8 +573,9 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
     projectors = None
     if teacher is not None:
-        sample = _init_sample(source, tcfg, dist.device) if _scores_init(cfg, start_from) else []
-        projectors = build_projectors(cfg.loss, student, teacher, vmap, sample)
+        scores = _scores_init(cfg, start_from)
+        sample = _init_sample(source, tcfg, dist.device) if scores else []
+        projectors = build_projectors(cfg.loss, student, teacher, vmap, sample, weights_follow=not scores)
         if projectors is not None and dist.is_main and start_from is None and cfg.continue_from is None:
             _report_t2s_init(run_dir, projectors.init_report)
     if cfg.lora.enabled:
@@ -658,8 +656,10 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
                 if op_stream is None:
                     side = student_side(engine.module.student, batch, hidden)
                     out = compute(batch, side, normaliser)
-                    if teacher is not None and logged and not diag:  # this rank's first micro-batch
-                        diag = _diagnostics(out, side, projectors, cfg.loss.alpha, _zero_stage(ds) == 3)
+                    # this rank's first micro-batch; not under ZeRO-3, whose hooks would re-partition the head
+                    # during a backward of ours and leave the real one without its weights
+                    if teacher is not None and logged and not diag and _zero_stage(ds) < 3:
+                        diag = _diagnostics(out, side, projectors, cfg.loss.alpha)
                 else:
                     out = _mixed(engine, compute, ce_only, cfg.loss.alpha, batch, hidden, kd_batch, normaliser,
                                  kd_normaliser, dist.device)

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.alignment import tokenizer_label_map
 from pipeline.batch import collate_cache_rows
 from pipeline.cache_inspect import info, verify
 from pipeline.cache_io import CacheError, CacheReader, resolve_cache_dir
@@ -209,7 +211,9 @@ def test_cross_tokenizer_alignment_columns(tiny, xcache):
     s_tok, t_tok = load_tokenizer(ModelRef(str(xcache / "student_tokenizer"))), load_tokenizer(ModelRef(str(xcache / "teacher_tokenizer")))
     vmap = reader.vocab_map()
     assert vmap[t_tok.eos_token_id] == s_tok.eos_token_id
-    checked = 0
+    labels = tokenizer_label_map(t_tok, s_tok)
+    assert (labels.exact == vmap).all()
+    checked = first = 0
     for i in range(0, len(reader), 5):
         row = reader[i]
         s_lab = range(row.student_response_start - 1, len(row.student_ids) - 1)
@@ -224,7 +228,11 @@ def test_cross_tokenizer_alignment_columns(tiny, xcache):
             else:
                 assert s_tok.decode([s_next]).strip() == t_tok.decode([t_next]).strip()
             top1 = int(row.topk_ids[tp - (row.teacher_response_start - 1), 0])
-            assert label == (vmap[top1] if vmap[top1] >= 0 else -100)
+            assert label == labels.labels(np.array([top1]), np.array([t_next]), np.array([s_next]))[0]
+            # -100 only where no student token has the trimmed text of the teacher's top-1 (first words included)
+            spelt = vmap[top1] >= 0 or (labels.t_trim[top1] >= 0 and labels.any_trim[labels.t_trim[top1]] >= 0)
+            assert (label != -100) == spelt, (row.id, sp, top1)
+            first += sp == s_lab.start and spelt
             checked += 1
         # chunks: label-position ranges partitioning both responses, each predicting the same text
         ch = row.chunks
@@ -233,8 +241,9 @@ def test_cross_tokenizer_alignment_columns(tiny, xcache):
         for sb, se, tb, te in ch.tolist():
             s_text = s_tok.decode(row.student_ids[sb + 1 : se + 1].tolist(), skip_special_tokens=True).strip()
             assert s_text == t_tok.decode(row.teacher_ids[tb + 1 : te + 1].tolist(), skip_special_tokens=True).strip()
-    assert checked > 100
+    assert checked > 100 and first > 0
     d = info(xcache)
+    assert 0 < d["coverage"]["exact_usable"] <= d["coverage"]["exact"]
     assert 0.3 < d["alignment_ratio"]["median"] <= 1.0
     assert d["coverage"]["exact"] == pytest.approx(d["alignment_ratio"]["mean"], abs=0.05)
     assert d["coverage"]["chunks"] >= max(0.99, d["coverage"]["exact"])

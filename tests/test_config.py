@@ -23,13 +23,15 @@ from pipeline.config import (
 from tests.conftest import CONFIGS
 
 STAGE_OF = {"assets": AssetsConfig, "teacher_sft": DistillConfig, "distill": DistillConfig,
-            "distill_xtok": DistillConfig, "eval": EvalConfig,
+            "eval": EvalConfig,
             "seqkd": DistillConfig, "onpolicy": OnPolicyConfig, "prune": PruneConfig}
 
 
 def stage_class(path: Path):
     if path.stem.startswith("teacher_cache"):
         return TeacherCacheConfig
+    if path.stem.startswith(("distill", "student_sft")):
+        return DistillConfig
     if path.stem.startswith("rollout"):
         return RolloutConfig
     return STAGE_OF[path.stem]
@@ -65,6 +67,17 @@ def write(tmp_path, data) -> Path:
 
 
 BASE = {"student": {"path": "m"}, "out_dir": "o", "data": {"path": "d.jsonl"}}
+
+
+def test_init_t2s_is_auto_true_or_false_and_projector_lr_follows_lr_by_default(tmp_path):
+    from pipeline.config import ConfigError, LossConfig, TrainConfig
+
+    assert LossConfig().init_t2s == "auto" and TrainConfig().projector_lr is None
+    for value in ("auto", True, False):
+        cfg = load_config(DistillConfig, write(tmp_path, {**BASE, "loss": {"init_t2s": value}}))
+        assert cfg.loss.init_t2s == value
+    with pytest.raises(ConfigError, match="init_t2s"):
+        load_config(DistillConfig, write(tmp_path, {**BASE, "loss": {"init_t2s": "yes"}}))
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -55,10 +55,11 @@ INFORMATIVE_NATS = 0.1
 T2S_INIT_FILE = "t2s_init.json"
 
 
-def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None,
-                     sample: list[Batch] = ()) -> Projectors | None:
+def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None, sample: list[Batch] = (), *,
+                     weights_follow: bool = False) -> Projectors | None:
     """The objective's projectors for this student and teacher (None when it has none), initialised; `sample`:
-    cached batches on which `loss.init_t2s: auto` scores both initialisations (`proj.init_report` says how)."""
+    cached batches on which `loss.init_t2s: auto` scores both initialisations (`proj.init_report` says how), needed
+    unless `weights_follow` (a resumed or continued run loads trained projectors over whatever start this is)."""
     from pipeline.projectors import PROJECTORS
 
     if cfg.objective not in PROJECTORS:
@@ -70,7 +71,7 @@ def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None,
         s_ids, t_ids = shared_vocabulary(w_s.shape[0], teacher.head.vocab_size, vmap)
         fit = proj.init_logit_identity(w_s, teacher.head.weight, s_ids.to(w_s.device), t_ids.to(w_s.device),
                                        init_t2s=cfg.init_t2s is True)
-        if cfg.init_t2s == "auto" and not sample:
+        if cfg.init_t2s == "auto" and not sample and not weights_follow:
             raise ValueError("loss.init_t2s: auto needs sample batches of the cache to score the initialisations")
         pick = "fit" if cfg.init_t2s is True else "plain"
         if sample:  # scored whatever the setting: `dskd report` flags a fit that went nowhere
