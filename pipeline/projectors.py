@@ -70,6 +70,8 @@ class Projectors(nn.Module):
         self.teacher_pinv: torch.Tensor | None = None
         self.student_ids: torch.Tensor | None = None
         self._q: tuple[tuple, torch.Tensor] | None = None  # s2t_matrix's last result, keyed by the head's version
+        # how t2s was initialised and why (objectives/setup.build_projectors; <run>/t2s_init.json)
+        self.init_report: dict = {}
 
     def init_logit_identity(
         self, student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor,
