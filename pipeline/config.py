@@ -282,6 +282,9 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    # AdamW's (beta1, beta2); beta2 0.95, not torch's 0.999: the second moment follows a gradient scale that changes
+    # within a run (README, "Optimisation")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     seed: int = 10
     # DeepSpeed config template; batch size, accumulation and clipping are filled from this section
@@ -316,6 +319,8 @@ class TrainConfig:
             raise ConfigError(f"train.projector_lr must be > 0 (or null: train.lr), got {self.projector_lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.schedule_steps < 0 or self.step_offset < 0:
             raise ConfigError("train.schedule_steps and train.step_offset must be >= 0")
 

@@ -73,9 +73,11 @@ from pipeline.objectives import (
     T2S_INIT_FILE,
     Objective,
     ObjectiveOutput,
+    StudentSide,
     TeacherSide,
     build_projectors,
     check_compatible,
+    detached_side,
     student_side,
     term_grad_norms,
 )
@@ -414,11 +416,14 @@ def _report_t2s_init(run_dir: Path, report: dict) -> None:
               "the way)")
 
 
-def _diagnostics(out: ObjectiveOutput, side, projectors, alpha: float) -> dict[str, float]:
+def _diagnostics(compute: Objective, batch: Batch, side: StudentSide, normaliser, projectors,
+                 alpha: float) -> dict[str, float]:
     """What a distillation run logs beside its terms: each term's gradient norm on the student's hidden states at
-    the label positions, on its head and on t2s, and the projectors' norms. Costs one backward of the loss per term
-    (not through the body), at logged steps only."""
-    wrt = {"hidden": side.hidden, "head": side.head.weight}
+    the label positions, on its head and on t2s, and the projectors' norms. The objective runs once more on detached
+    copies of the student's side (no backward through the body, none through the engine), at logged steps only."""
+    leaf = detached_side(side)
+    out = compute(batch, leaf, normaliser)
+    wrt = {"hidden": leaf.hidden, "head": leaf.head.weight}
     if projectors is not None and hasattr(projectors, "t2s"):
         wrt["t2s"] = projectors.t2s.weight
     norms = term_grad_norms(out, alpha, {k: v for k, v in wrt.items() if v.requires_grad})  # LoRA: a frozen head
@@ -443,9 +448,9 @@ def _optimizer(groups: list[dict], tcfg: TrainConfig, ds: dict):
     if _offload(ds) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=tcfg.lr, betas=(0.9, 0.95), adamw_mode=True)
+        return DeepSpeedCPUAdam(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), adamw_mode=True)
     ds["zero_force_ds_cpu_optimizer"] = False
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
 
 
 def _check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) -> None:
@@ -655,11 +660,11 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
                 hidden = engine(batch.input_ids, batch.attention_mask)
                 if op_stream is None:
                     side = student_side(engine.module.student, batch, hidden)
-                    out = compute(batch, side, normaliser)
-                    # this rank's first micro-batch; not under ZeRO-3, whose hooks would re-partition the head
-                    # during a backward of ours and leave the real one without its weights
+                    # this rank's first micro-batch; not under ZeRO-3, whose partitioned head is gathered only
+                    # inside the engine's own passes
                     if teacher is not None and logged and not diag and _zero_stage(ds) < 3:
-                        diag = _diagnostics(out, side, projectors, cfg.loss.alpha)
+                        diag = _diagnostics(compute, batch, side, normaliser, projectors, cfg.loss.alpha)
+                    out = compute(batch, side, normaliser)
                 else:
                     out = _mixed(engine, compute, ce_only, cfg.loss.alpha, batch, hidden, kd_batch, normaliser,
                                  kd_normaliser, dist.device)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import AssetsConfig, DistillConfig, EvalConfig, TeacherCacheConfig, load_config
+from pipeline.cpu import pin
+
+# `make test` exports the tiny default's kernel pin (DSKD_CPU_ISA, DSKD_CPU_THREADS): applied here, before torch is
+# imported, this process runs the kernels its child `dskd` processes run, so in-process and subprocess runs compare
+pin()
+
+from pipeline.config import AssetsConfig, DistillConfig, EvalConfig, TeacherCacheConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

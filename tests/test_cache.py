@@ -185,7 +185,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, where, n):
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need a device each (one GPU here)")
 def test_two_ranks_equal_one(tiny, cache, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DSKD_CPU_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "two"
     cfg = tiny.cache_cfg()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -240,3 +241,28 @@ def test_objective_and_cache_mismatches_are_refused(chain, tiny, tmp_path):
     with pytest.raises(ConfigError, match="store_embeddings"):
         distill.run(tiny.distill_cfg(f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}",
                                      "loss.objective=dskd_cma", "run_name=y"))
+
+
+def test_diagnostics_stop_at_a_tied_head_and_leave_training_as_it_is(chain, tmp_path):
+    """A student whose head is its input embedding (SmolLM2, Gemma-3): a term's gradient on that weight would run
+    through the body and DeepSpeed's hooks on the engine's output (ZeRO-0 refuses a backward it did not start: the
+    real-model runs failed so). The diagnostics stop at detached copies of the head and hidden states: the run logs
+    them at every step, and its weights are the same bit for bit as a run that logs (and so diagnoses) only its
+    last step."""
+    from safetensors.torch import load_file
+
+    tiny, _ = chain
+    student = transformers.AutoModelForCausalLM.from_pretrained(tiny.assets / "student-init")
+    student.config.tie_word_embeddings = True
+    student.lm_head.weight = student.get_input_embeddings().weight
+    student.save_pretrained(tmp_path / "tied")
+    for f in (tiny.assets / "student-init").glob("tokenizer*"):  # the same files: the cache's tokenizer fingerprint
+        shutil.copy(f, tmp_path / "tied" / f.name)
+    common = [f"student.path={tmp_path / 'tied'}", "loss.objective=dskd_v2", "train.steps=3",
+              "train.deepspeed=configs/deepspeed/zero0.json", f"out_dir={tmp_path / 'runs'}"]
+    every = distill.run(tiny.distill_cfg(*common, "train.log_every=1", "run_name=every"))
+    last = distill.run(tiny.distill_cfg(*common, "train.log_every=100", "run_name=last"))
+    rows = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_ce_head"] > 0 and r["grad_s2t_kd_hidden"] > 0 for r in rows)
+    a, b = load_file(every / "final" / "model.safetensors"), load_file(last / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -111,6 +111,17 @@ def test_projectors_train_at_the_students_rate_unless_told(tiny):
         tiny.distill_cfg("train.projector_lr=0")
 
 
+def test_adamw_takes_the_configured_betas(tiny):
+    ds = {}
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    assert distill._optimizer(groups, tiny.distill_cfg().train, ds).defaults["betas"] == (0.9, 0.95)
+    ref = distill._optimizer(groups, tiny.distill_cfg("train.betas=[0.9,0.999]").train, ds)
+    assert ref.defaults["betas"] == (0.9, 0.999)  # the DSKD reference's (torch's default)
+    for bad in ("[0.9]", "[0.9,1.0]", "[-0.1,0.9]"):
+        with pytest.raises(ConfigError, match="train.betas must be two numbers"):
+            tiny.distill_cfg(f"train.betas={bad}")
+
+
 def test_deepspeed_config_is_filled_from_the_run_config(tiny):
     t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=6", "train.grad_clip=0.5",
                          "train.deepspeed=configs/deepspeed/zero3_offload.json", "train.precision=bf16").train
@@ -168,7 +179,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caches, tmp_
               "valid.max_new_tokens=4"]
     one = distill.run(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=one"))
     cfg = _write_config(caches.distill_cfg(*common, "train.grad_accum=2", "run_name=two"), tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSKD_CPU_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this process's own group
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -39,6 +39,7 @@ from pipeline.objectives.base import (
     TeacherMismatch,
     TeacherSide,
     chunked,
+    detached_side,
     term_grad_norms,
 )
 from pipeline.objectives.dual_space import dskd, dskd_cma
@@ -61,7 +62,7 @@ from pipeline.projectors import Projectors
 __all__ = [
     "CROSS_VOCAB_ONLY", "LOGIT_IDENTITY", "NEEDS_EMBEDDINGS", "NEEDS_TEACHER", "OBJECTIVES", "SAME_VOCAB_ONLY", "T2S_INIT_FILE", "Objective",
     "ObjectiveOutput", "StudentSide", "TeacherMismatch", "TeacherSide", "build_projectors", "check_compatible",
-    "shared_vocabulary", "student_side", "term_grad_norms",
+    "detached_side", "shared_vocabulary", "student_side", "term_grad_norms",
 ]
 
 

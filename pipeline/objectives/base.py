@@ -98,6 +98,27 @@ def teacher_target(teacher: TeacherSide, hidden: torch.Tensor | None, sparse: Sp
     return z, err
 
 
+class LeafHead(nn.Module):
+    """The student's head over leaf tensors that share its weights' storage: a term's gradient on the head, taken
+    here, stops at the head (a head tied to the input embeddings would otherwise send it through the body, and through
+    DeepSpeed's hooks on the engine's output)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.weight = head.weight.detach().requires_grad_(head.weight.requires_grad)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+        self.out_features = self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def detached_side(side: StudentSide) -> StudentSide:
+    """The student's side over new leaf tensors sharing its storage: gradients taken on it stop there."""
+    return StudentSide(side.hidden.detach().requires_grad_(), LeafHead(side.head), side.embeddings)
+
+
 def term_grad_norms(out: ObjectiveOutput, alpha: float, wrt: dict[str, torch.Tensor]) -> dict[str, float]:
     """`grad_<term>_<name>`: the norm of the gradient of each term, weighted as it enters the loss ((1 - alpha) for
     ce, alpha for the KD terms), with respect to each tensor of `wrt` (the student's hidden states at the label
