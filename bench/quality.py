@@ -242,7 +242,8 @@ def main() -> None:
           f"{(time.perf_counter() - t0) / 60:.0f} min in all. Command: `python bench/quality.py --pairs {args.pairs} "
           f"--seeds {','.join(map(str, args.seeds))} --dolly {args.dolly} --gsm8k {args.gsm8k} --steps {args.steps} "
           f"--micro {args.micro} --max-prompt {args.max_prompt} --max-length {args.max_length} --eval-rows "
-          f"{args.eval_rows} --new-tokens {args.new_tokens}`.", "",
+          f"{args.eval_rows} --new-tokens {args.new_tokens} --heal-steps {args.heal_steps} --rounds {args.rounds} "
+          f"--prompts-per-round {args.prompts_per_round} --rollout-tokens {args.rollout_tokens}`.", "",
           f"Budget: a cache of {args.dolly} Dolly dev + {args.gsm8k} GSM8K train rows (prompt <= {args.max_prompt}, "
           f"sequence <= {args.max_length} tokens); per student "
           + ", ".join(f"{PAIRS[q]['dir']} {PAIRS[q].get('steps', args.steps)} steps of micro-batch "
