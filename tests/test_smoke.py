@@ -248,7 +248,7 @@ def test_diagnostics_stop_at_a_tied_head_and_leave_training_as_it_is(chain, tmp_
     through the body and DeepSpeed's hooks on the engine's output (ZeRO-0 refuses a backward it did not start: the
     real-model runs failed so). The diagnostics stop at detached copies of the head and hidden states: the run logs
     them at every step, and its weights are the same bit for bit as a run that logs (and so diagnoses) only its
-    last step."""
+    first and last steps."""
     from safetensors.torch import load_file
 
     tiny, _ = chain
