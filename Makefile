@@ -24,6 +24,7 @@
 #   make prune CONFIGS=configs/smollm2-135m_to_smollm2-135m-l10   a layer-dropped student from the teacher (real pairs)
 #   make bench                      every benchmark side by side: bench/results.{json,md} (BENCH_SCALE=4 on a GPU)
 #   make bench-quality              the real pairs' students x 3 seeds, held-out NLL and Rouge-L (bench/quality.md)
+#   make bench-jobs                 two make-distill jobs side by side vs one alone (the default, interleaved rounds)
 #   make test                       the test suite (what .ci/run runs)
 #
 # SET applies to the stage of the target you name; CACHE_SET to the teacher cache when `make distill` builds it.
@@ -86,8 +87,16 @@ STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 HARNESS_STAMP := $(VENV)/.harness-installed
 sets    = $(foreach s,$(1),--set $(s))
-# SET goes to the stage whose target was named on the command line, not to the stages it depends on.
+# SET goes to the stage whose target was named on the command line, not to the stages it depends on; `make check
+# SET=...` validates it against distill.yaml (what `make distill SET=...` would run). A target that takes no SET
+# refuses one instead of ignoring it.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
+SET_GOALS = check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval
+ifneq ($(strip $(SET)),)
+ifeq ($(filter $(SET_GOALS),$(MAKECMDGOALS)),)
+$(error SET="$(SET)" is applied by the targets of stages ($(SET_GOALS)), not by '$(or $(MAKECMDGOALS),install)'; name one of them)
+endif
+endif
 # stage 2 on NPROC processes: torchrun sets the rank variables that pipeline/distributed.py reads
 TRAIN   = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli,$(DSKD))
 RESUME_FLAG = $(if $(RESUME),--resume)
@@ -97,7 +106,7 @@ VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
 .PHONY: install install-vllm install-harness check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
 	analyze \
-	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment
+	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment bench-jobs
 
 install: $(STAMP)
 
@@ -143,7 +152,8 @@ check: $(STAMP)
 	$(call check_config,teacher-cache,$(CONFIGS)/teacher_cache.yaml,$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,teacher-cache,$(VALID_CACHE_CONFIG),$(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
 	$(call check_config,distill,$(CONFIGS)/student_sft.yaml,$(call own_set,student-sft))
-	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep) $(call own_set,demo))
+	$(call check_config,distill,$(CONFIGS)/distill.yaml,$(call own_set,distill) $(call own_set,sweep) $(call own_set,demo) \
+	  $(if $(filter-out check,$(MAKECMDGOALS)),,$(call sets,$(SET))))
 	$(call check_config,distill,$(CONFIGS)/student_sft_$(XTOK).yaml,)
 	$(call check_config,distill,$(CONFIGS)/distill_$(XTOK).yaml,$(call own_set,demo-xtok))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
@@ -245,7 +255,7 @@ demo-xtok: teacher
 
 # RUNS / PRESET / SUITES / TEACHER replace the config's runs, preset, suites and teacher
 eval: check
-	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval) $(foreach r,$(RUNS),--run $(r)) \
+	$(DSKD) eval --config $(CONFIGS)/eval.yaml $(call own_set,eval) $(foreach r,$(RUNS),--run '$(r)') \
 	  $(if $(PRESET),--preset $(PRESET)) $(foreach s,$(SUITES),--suite $(s)) $(if $(TEACHER),--teacher $(TEACHER))
 
 # what eval and analyze stored, side by side (generates nothing); RUNS may hold globs and NAME=DIR entries
@@ -298,6 +308,11 @@ bench-rollout: teacher-cache
 # tokenizers over Dolly responses
 bench-alignment: $(STAMP)
 	$(UNPINNED) $(BIN)/python bench/alignment.py $(BENCH_ARGS)
+
+# two jobs on one machine: the default's distill alone and two side by side, interleaved rounds (about 6 min; the
+# default's pin, as make distill runs it); run it alone on the machine
+bench-jobs: teacher-cache student-sft
+	$(BIN)/python bench/jobs.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench

@@ -162,12 +162,11 @@ def run_pair(pair: str, args) -> dict:
 
 
 def summarise(pair: str, info: dict) -> tuple[list[str], dict]:
-    from pipeline.evaluation import read_result, resolve_run
+    from pipeline.evaluation import expand_runs, read_result, resolve_run
     from pipeline.report import seed_groups, seed_summary
-    from stages.report import expand
 
     results = []
-    for entry in expand(info["entries"]):
+    for entry in expand_runs(info["entries"], "report"):
         r = resolve_run(entry)
         s = read_result(r.eval_dir / "results-q.json")
         if s is not None:

@@ -303,12 +303,16 @@ class CacheReader:
         self._tables: dict[int, pa.Table] = {}
         self._starts = np.cumsum([0] + [s.rows for s in m.shards])
 
-    def check_student_tokenizer(self, fingerprint: str) -> None:
+    def check_student_tokenizer(self, fingerprint: str, student_set: str | None = None) -> None:
+        """Refuse a cache built for another student tokenizer, with the command that builds one for the student
+        (`student_set`: the --set options naming its tokenizer)."""
         m = self.manifest
         if m.student_tokenizer_fingerprint != fingerprint:
+            fix = (f"; build one for it with `dskd teacher-cache --config {self.dir / 'config.yaml'} "
+                   f"{student_set}` and set cache: to the directory it prints") if student_set else ""
             raise CacheError(
                 f"{self.dir}: the cache was built for another student tokenizer "
-                f"({m.student_tokenizer_fingerprint[:12]} vs this student's {fingerprint[:12]})"
+                f"({m.student_tokenizer_fingerprint[:12]} vs this student's {fingerprint[:12]}{fix})"
             )
 
     def __len__(self) -> int:

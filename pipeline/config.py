@@ -263,8 +263,9 @@ class LossConfig:
             raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.skew <= 1.0 or not 0.0 <= self.akl_mu <= 1.0 or not 0.0 <= self.beta <= 1.0:
-            raise ConfigError("loss.skew, loss.akl_mu and loss.beta must be in [0, 1]")
+        for name in ("skew", "akl_mu", "beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"loss.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.alm_temperature <= 0:
             raise ConfigError(f"loss.alm_temperature must be > 0, got {self.alm_temperature}")
         if self.chunk_positions < 0:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.io_utils import sha256_file
+from pipeline.io_utils import save_pretrained, sha256_file
 
 SOURCE_FILE = "source.json"
 
@@ -117,7 +117,7 @@ def _convert_model(gguf: str, tokenizer: str, final: str) -> None:
             str(src.parent), gguf_file=src.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
         plain(model)
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         PreTrainedTokenizerFast.from_pretrained(tokenizer).save_pretrained(tmp)
         _commit(tmp, final_dir, src)
     finally:

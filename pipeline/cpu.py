@@ -15,6 +15,8 @@ MKL_NUM_THREADS); child processes (stage processes of on-policy rounds, data-loa
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 # instruction set -> (ATen's capability, MKL's conditional numerical reproducibility branch, oneDNN's ISA cap)
 ISA = {
@@ -45,3 +47,98 @@ def pin(environ=None) -> dict[str, str]:
         out.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.update(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threads, and the other dskd jobs sharing the machine
+
+
+def allowed_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_threads(environ=None) -> tuple[int, str]:
+    """The intra-op thread count and why: DSKD_CPU_THREADS (the pin), else OMP_NUM_THREADS (torchrun sets 1 per
+    rank), else the cores this process may use. Written to OMP_NUM_THREADS / MKL_NUM_THREADS before torch starts,
+    so that torch, MKL and oneDNN take it (and so do child processes)."""
+    env = os.environ if environ is None else environ
+    if (pinned := env.get("DSKD_CPU_THREADS", "").strip()):
+        n, why = int(pinned), "DSKD_CPU_THREADS, pinned for reproducibility"
+    elif (omp := env.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(omp) > 0:
+        n, why = int(omp), "OMP_NUM_THREADS"
+    else:
+        n, why = allowed_cores(), "the cores this process may use"
+    env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+    return n, why
+
+
+# libgomp (torch's OpenMP) spins this long in a barrier before it sleeps; the library's default (300000) keeps a core
+# busy for a thread that is waiting for a sibling another process has descheduled: two 2-thread jobs on 2 cores then
+# ran a step 25x slower. Set only when another dskd job is running as this one starts (a job alone keeps the default
+# and its speed), and never over the user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT.
+SHARED_SPINCOUNT = "1000"
+
+
+def jobs_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"dskd-jobs-{os.getuid()}"
+
+
+_JOB_FD: int | None = None
+
+
+def register_job(stage: str) -> list[str]:
+    """Say that this process computes (held until it exits: an flock on <jobs_dir>/<pid>, taken before the others
+    are counted, so of two jobs starting together the later sees the earlier); returns the other live jobs, as
+    'stage (pid N)'. Files of jobs that ended are removed."""
+    global _JOB_FD
+    import fcntl
+
+    d = jobs_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if _JOB_FD is None:  # locked under a name the others skip, then renamed: never seen unlocked
+            tmp = d / f".{os.getpid()}"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, stage.encode())
+            os.replace(tmp, d / str(os.getpid()))
+            _JOB_FD = fd
+        others = []
+        for f in sorted(d.iterdir()):
+            if f.name == str(os.getpid()) or f.name.startswith("."):
+                continue
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:  # held: a live job
+                others.append(f"{os.pread(fd, 200, 0).decode(errors='replace').strip() or 'a job'} (pid {f.name})")
+            else:
+                f.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return others
+    except OSError:  # a read-only temporary directory: no registry, nothing else changes
+        return []
+
+
+def configure(stage: str, environ=None) -> str:
+    """Before torch starts, for a stage that computes: the pin, the thread count, this job in the registry and, when
+    other jobs share the machine, a short spin-wait. Returns the line the stage prints first."""
+    env = os.environ if environ is None else environ
+    pin(env)
+    n, why = choose_threads(env)
+    others = register_job(stage)
+    line = f"{stage}: {n} compute thread(s) ({why}; {allowed_cores()} core(s) allowed)"
+    if others:
+        if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+            env["GOMP_SPINCOUNT"] = SHARED_SPINCOUNT
+        line += (f"; sharing the machine with {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: "
+                 f"each job is slower (README: two jobs on one machine)")
+    return line

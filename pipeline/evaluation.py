@@ -16,6 +16,7 @@ files beside the old ones.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import statistics
@@ -197,6 +198,19 @@ def split_entry(entry: str) -> tuple[str, str]:
     """`NAME=PATH` -> (NAME, PATH); a bare PATH -> ("", PATH)."""
     name, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
     return name, path
+
+
+def expand_runs(entries: list[str], stage: str) -> list[str]:
+    """`[NAME=]PATH` entries with glob patterns expanded (sorted, directories only); the same for eval, report and
+    analyze, so that one RUNS works with each."""
+    out = []
+    for e in entries:
+        name, path = split_entry(e)
+        matches = sorted(p for p in glob.glob(path) if Path(p).is_dir()) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ConfigError(f"{stage}: {path!r} matches no run directory")
+        out += [f"{name}={m}" if name else m for m in matches]
+    return out
 
 
 def resolve_run(entry: str) -> RunDir:

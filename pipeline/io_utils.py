@@ -44,6 +44,33 @@ def write_text_if_changed(path: Path, text: str) -> Path:
     return atomic_write_text(path, text)
 
 
+def _umask() -> int:
+    try:  # read, not set: os.umask would change it for every thread for a moment
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def readable(path: Path) -> Path:
+    """Give `path` (a file, or every file under a directory) the mode a newly created file gets (0644 under the
+    usual umask): safetensors creates its files 0600, unlike every other file a stage writes."""
+    mode = 0o666 & ~_umask()
+    path = Path(path)
+    for f in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        if f.stat().st_mode & 0o777 != mode:
+            f.chmod(mode)
+    return path
+
+
+def save_pretrained(obj, path: Path) -> Path:
+    """`obj.save_pretrained(path)` (a model, an adapter, a tokenizer) with files as readable as the others."""
+    obj.save_pretrained(path)
+    return readable(Path(path))
+
+
 def atomic_save_npy(path: Path, array) -> Path:
     import io
 
@@ -63,6 +90,7 @@ def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = N
     tmp = _tmp_name(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        readable(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import ConfigError, LoraConfig, ModelRef
+from pipeline.io_utils import save_pretrained
 
 BASE_MODEL_FILE = "base_model.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -61,7 +62,7 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def save_adapter(model, path: Path, base: ModelRef) -> None:
     """The adapter weights and config (PEFT format) and the base model's reference."""
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     (path / BASE_MODEL_FILE).write_text(json.dumps(dataclasses.asdict(base), indent=2) + "\n")
 
 

@@ -121,6 +121,7 @@ def load_tokenizer(ref: ModelRef):
         path = str(tokenizer_dir(gguf_path(ref)))
     else:
         path = resolve_path(ref.path)
+        _not_a_file(path)
         if Path(path).is_dir():
             if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
                 raise ModelLoadError(f"{path}: no tokenizer files here ({', '.join(TOKENIZER_FILES[:4])}, ...); point "
@@ -155,6 +156,15 @@ def check_model_ref(ref: ModelRef) -> None:
         checkpoint_dir(ref)
 
 
+def _not_a_file(path: str) -> None:
+    """A model is a directory (or a hub name); a file's path is refused naming the directory that holds it."""
+    p = Path(path)
+    if p.is_file():
+        hint = (f"path: {p.parent} and gguf_file: {p.name}" if p.suffix == ".gguf" else
+                f"its directory ({p.parent})" if p.name in ("config.json", *TOKENIZER_FILES) else "a model directory")
+        raise ModelLoadError(f"{path} is a file, not a model directory; point at {hint}")
+
+
 def checkpoint_dir(ref: ModelRef) -> str:
     """Where `from_pretrained` reads `ref`'s weights: a GGUF file's cached conversion, else the path itself."""
     if ref.gguf_file:
@@ -165,6 +175,7 @@ def checkpoint_dir(ref: ModelRef) -> str:
         except ConversionError as e:
             raise ModelLoadError(str(e)) from None
     path = resolve_path(ref.path)
+    _not_a_file(path)
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file() and not _is_adapter(path):
             raise ModelLoadError(f"{path}: not a model directory (no config.json)")

@@ -33,10 +33,16 @@ def row_name(r: dict) -> str:
     return f"{r['name']} (teacher)" if r.get("role") == "teacher" else r["name"]
 
 
+def score_columns(results: list[dict], suites: list[str]) -> list[str]:
+    """The suites, and the average over the Rouge-L suites when there are several (with one it would repeat it)."""
+    several = any(len(r["summary"].get("average", {}).get("suites", [])) > 1 for r in results)
+    return list(suites) + (["average"] if several and len(suites) > 1 else [])
+
+
 def markdown_table(results: list[dict], suites: list[str]) -> str:
     """rows = runs, columns = suites and the average over the Rouge-L suites; cells `mean ± std` over seeds; the best
     mean of each column in bold (teachers, the ceiling, are not candidates)."""
-    cols = list(suites) + (["average"] if any("average" in r["summary"] for r in results) else [])
+    cols = score_columns(results, suites)
     best = {}
     for c in cols:
         means = [r["summary"][c]["mean"] for r in results if c in r["summary"] and r.get("role") != "teacher"]
@@ -88,7 +94,26 @@ def seed_summary(groups: dict[str, list[dict]], suite: str) -> dict[str, dict[st
     return out
 
 
-SEED_METRICS = (("exact_match", "exact match %", True), ("rougeL", "Rouge-L", True), ("nll", "NLL of the reference", False))
+SEED_METRICS = (("exact_match", "exact match %", True), ("rougeL", "Rouge-L", True), ("accuracy", "accuracy %", True),
+                ("nll", "NLL of the reference", False))
+
+
+def metrics_table(results: list[dict], suite: str) -> str:
+    """One suite, every metric it has per run (exact match, Rouge-L or accuracy, the reference's NLL): `mean ± std`
+    over the preset's sampling seeds (NLL does not depend on them)."""
+    from pipeline.evaluation import mean_std
+
+    rows = [(r, r["suites"][suite]) for r in results if suite in r["suites"]]
+    keys = [k for k, _, _ in SEED_METRICS if any(k in v["scores"] for _, s in rows for v in s["seeds"].values())]
+    has_nll = any(s.get("nll") for _, s in rows)
+    titles = [t for k, t, _ in SEED_METRICS if k in keys] + ["NLL of the reference"] * has_nll
+    lines = [f"| {suite} | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    for r, s in rows:
+        cells = [_cell(mean_std([v["scores"][k] for v in s["seeds"].values()]), False) for k in keys]
+        if has_nll:
+            cells.append(f"{s['nll']['nll']:.3f}" if s.get("nll") else "–")
+        lines.append(f"| {row_name(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def seeds_table(groups: dict[str, list[dict]], suite: str) -> str:
@@ -252,11 +277,34 @@ def projector_flags(curves: dict[str, list[tuple[int, float]]], init: dict | Non
     return flags
 
 
-def run_colors(names: list[str]) -> dict[str, object]:
-    """One colour per run, the same in every figure."""
+def group_name(name: str) -> str:
+    """A run's name without its `__seed<N>` suffix: the runs of one objective over training seeds share it."""
+    return SEED_SUFFIX.sub("", name.removesuffix(" (teacher)"))
+
+
+TEACHER_COLOR = (0.25, 0.25, 0.25)
+
+
+def run_colors(names: list[str], teachers: set[str] = frozenset()) -> dict[str, object]:
+    """One colour per group of runs (the training seeds of one objective share theirs), distinct for up to 20 groups
+    and the same in every figure; teachers are dark grey."""
     plt = _plt()
-    cycle = plt.get_cmap("tab10").colors
-    return {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
+    groups = list(dict.fromkeys(group_name(n) for n in names if n not in teachers))
+    cycle = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    color = {g: cycle[i % len(cycle)] for i, g in enumerate(groups)}
+    return {n: TEACHER_COLOR if n in teachers else color[group_name(n)] for n in names}
+
+
+def score_label(results: list[dict], cols: list[str]) -> str:
+    """The y label of the scores: what the columns' headline metrics are (gsm8k named only when it is there)."""
+    metrics = {}
+    for r in results:
+        for c in cols:
+            if (s := r["summary"].get(c)) is not None:
+                metrics.setdefault(s["metric"], []).append(c)
+    parts = ["Rouge-L F × 100"] * ("rougeL" in metrics)
+    parts += [f"{', '.join(dict.fromkeys(cs))}: {m} %" for m, cs in metrics.items() if m != "rougeL"]
+    return parts[0] if len(parts) == 1 else f"{parts[0]}  ({'; '.join(parts[1:])})" if parts else "score"
 
 
 def _plt():
@@ -269,26 +317,46 @@ def _plt():
 
 
 def plot_scores(results: list[dict], suites: list[str], path: Path) -> Path:
-    """Grouped bars: one group per suite (and the average), one bar per run, error bars = std over seeds."""
+    """Grouped bars: one group per suite (and the average of several Rouge-L suites), one bar per run or per run over
+    training seeds (`<name>__seed<N>`: mean ± std over the seeds, each seed a dot); a single run's error bar is the
+    std over the preset's sampling seeds."""
+    import statistics
+
     plt = _plt()
     import numpy as np
 
-    cols = list(suites) + (["average"] if any("average" in r["summary"] for r in results) else [])
-    colors = run_colors([row_name(r) for r in results])
-    width = 0.8 / max(len(results), 1)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(cols) * len(results) + 2), 5.0))
+    cols = score_columns(results, suites)
+    groups = seed_groups(results)
+    teachers = {g for g, rs in groups.items() if any(r.get("role") == "teacher" for r in rs)}
+    colors = run_colors(list(groups), teachers)
+    n = max(len(groups), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(cols) * n + 2), 5.0))
     x = np.arange(len(cols))
-    for i, r in enumerate(results):
-        means = [r["summary"][c]["mean"] if c in r["summary"] else np.nan for c in cols]
-        stds = [r["summary"][c]["std"] if c in r["summary"] else 0 for c in cols]
-        bars = ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-                      label=row_name(r), color=colors[row_name(r)], edgecolor="white",
-                      hatch="//" if r.get("role") == "teacher" else None)
+    over_seeds = False
+    for i, (g, runs) in enumerate(groups.items()):
+        vals = [[r["summary"][c]["mean"] for r in runs if c in r["summary"]] for c in cols]
+        if len(runs) > 1:
+            over_seeds = True
+            means = [statistics.fmean(v) if v else np.nan for v in vals]
+            errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        else:
+            means = [v[0] if v else np.nan for v in vals]
+            errs = [runs[0]["summary"][c]["std"] if c in runs[0]["summary"] else 0.0 for c in cols]
+        pos = x + (i - (n - 1) / 2) * width
+        label = g + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")  # a teacher's name says "(teacher)"
+        bars = ax.bar(pos, means, width, yerr=errs, capsize=3, label=label, color=colors[g], edgecolor="white",
+                      hatch="//" if g in teachers else None)
+        if len(runs) > 1:
+            for p, v in zip(pos, vals):
+                ax.scatter([p] * len(v), v, s=6, color="black", zorder=3)
         ax.bar_label(bars, labels=[f"{m:.1f}" if m == m else "" for m in means], fontsize=7, padding=2)
     ax.set_xticks(x, [column_title(c, results) if c != "average" else "average\n(Rouge-L)" for c in cols])
-    ax.set_ylabel("Rouge-L F × 100  (gsm8k: accuracy %)")
-    ax.set_title(f"Scores per test set: mean ± std over seeds (preset {results[0]['preset']})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(2, len(results)), frameon=False)
+    ax.set_ylabel(score_label(results, cols))
+    spread = ("mean ± std over training seeds, dots: each seed\n(a single run: mean ± std over its sampling seeds)"
+              if over_seeds else "mean ± std over sampling seeds")
+    ax.set_title(f"Scores per test set (preset {results[0]['preset']}): {spread}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(2, n), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     fig.tight_layout()
@@ -298,23 +366,67 @@ def plot_scores(results: list[dict], suites: list[str], path: Path) -> Path:
     return path
 
 
-def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, keep=None) -> Path | None:
-    """One panel per loss term / validation metric (those `keep(name)` accepts), one line per run."""
+# curves drawn as a running mean over this many logged values (a per-step 0/1 quantity reads as a zigzag otherwise)
+RUNNING_MEAN = {"onpolicy_fraction": 10}
+# what a curve's title says beside its name
+CURVE_NOTES = {"valid_rougeL": "greedy, vs each row's one label: test Rouge-L takes the best of all references"}
+
+
+def curve_title(key: str) -> str:
+    """A curve panel's title: its metric, and how it is drawn or scored where that is not what the name says."""
+    window = RUNNING_MEAN.get(key)
+    note = [f"running mean of {window} logged steps"] * bool(window) + ([CURVE_NOTES[key]] if key in CURVE_NOTES else [])
+    return key + (f"\n({'; '.join(note)})" if note else "")
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, keep=None,
+                title: str | None = None) -> Path | None:
+    """One panel per loss term / validation metric (those `keep(name)` accepts). One colour per run group: the runs
+    of one objective over training seeds (`<name>__seed<N>`) are their mean with a band from the lowest to the
+    highest seed at the steps they share; a single run is its line."""
     keys = sorted({k for c in curves.values() for k in c if keep is None or keep(k)},
                   key=lambda k: (k.startswith("valid_"), k))
     if not keys:
         return None
     plt = _plt()
-    colors = run_colors(list(curves))
+    import numpy as np
+
+    groups: dict[str, list[str]] = {}
+    for run in curves:
+        groups.setdefault(group_name(run), []).append(run)
+    colors = run_colors(list(groups))
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows + 0.6), squeeze=False)
     for ax, k in zip(axes.flat, keys):
-        for run, c in curves.items():
-            if k in c:
-                steps, values = zip(*sorted(c[k]))
-                ax.plot(steps, values, color=colors[run], marker="o" if len(steps) < 15 else None, markersize=3)
-        ax.set_title(k, fontsize=10)
+        window = RUNNING_MEAN.get(k)
+        for g, runs in groups.items():
+            series = []
+            for run in runs:
+                if k in curves[run]:
+                    steps, values = zip(*sorted(curves[run][k]))
+                    series.append(dict(zip(steps, _smooth(list(values), window) if window else values)))
+            if not series:
+                continue
+            common = sorted(set.intersection(*(set(s) for s in series)))
+            if len(series) > 1 and len(common) > 1:
+                table = np.array([[s[t] for t in common] for s in series])
+                ax.fill_between(common, table.min(0), table.max(0), color=colors[g], alpha=0.2, linewidth=0)
+                ax.plot(common, table.mean(0), color=colors[g])
+            else:
+                for one in series:
+                    steps = sorted(one)
+                    ax.plot(steps, [one[t] for t in steps], color=colors[g],
+                            marker="o" if len(steps) < 15 else None, markersize=3)
+        ax.set_title(curve_title(k), fontsize=10 if "\n" not in curve_title(k) else 8)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -322,8 +434,11 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         ax.axis("off")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[r], label=r) for r in curves]
+    handles = [Line2D([], [], color=colors[g], label=g + (f" ({len(runs)} seeds: mean, band min-max)"
+                                                         if len(runs) > 1 else "")) for g, runs in groups.items()]
     rows = (len(handles) + 1) // 2
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.legend(handles=handles, loc="lower center", ncol=min(2, len(handles)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.025 * rows * 6 / max(nrows, 1) / 3, 1, 1))
     fig.savefig(path, dpi=110)

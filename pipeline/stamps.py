@@ -89,11 +89,18 @@ def record(root: Path, key: str | None, value: dict) -> None:
     """Remember `key -> value` in `root` (the newest 64 keys are kept)."""
     if key is None:
         return
+    import fcntl
+
     path = Path(root) / STAMPS
-    stamps = _read(path) or {}
-    stamps.pop(key, None)
-    stamps[key] = value
-    atomic_write_text(path, json.dumps(dict(list(stamps.items())[-64:]), indent=1))
+    # two runs of one out_dir (other run names) update the file at once: read-modify-write under a brief lock, so
+    # neither loses the other's entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{STAMPS}.lock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stamps = _read(path) or {}
+        stamps.pop(key, None)
+        stamps[key] = value
+        atomic_write_text(path, json.dumps(dict(list(stamps.items())[-64:]), indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import lock
 from pipeline.config import AssetsConfig, config_to_dict, dump_config
 from pipeline.default_task import (
     build_tiny_model,
@@ -16,7 +17,7 @@ from pipeline.default_task import (
     train_metaspace_tokenizer,
     write_splits,
 )
-from pipeline.io_utils import hash_json, write_json
+from pipeline.io_utils import hash_json, save_pretrained, write_json
 
 STAMP = "assets.json"
 
@@ -25,9 +26,20 @@ def run(cfg: AssetsConfig) -> Path:
     out = Path(cfg.out_dir)
     fingerprint = hash_json(config_to_dict(cfg))
     stamp = out / STAMP
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
-        print(f"assets: up to date in {out} and {cfg.data_dir}")
+
+    def done() -> bool:  # the stamp is written last and whole: reading it needs no lock
+        if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+            print(f"assets: up to date in {out} and {cfg.data_dir}")
+            return True
+        return False
+
+    if done():
         return out
+    with lock.writer(out, "assets"):  # one writer of the models (the data directory is written only from here)
+        return out if done() else _build(cfg, out, fingerprint, stamp)
+
+
+def _build(cfg: AssetsConfig, out: Path, fingerprint: str, stamp: Path) -> Path:
 
     data_dir = Path(cfg.data_dir)
     splits = write_splits(cfg.task, data_dir)
@@ -42,7 +54,7 @@ def run(cfg: AssetsConfig) -> Path:
     for name, mcfg in cfg.models.items():
         tok = tokenizers[mcfg.tokenizer]
         model = build_tiny_model(mcfg, tok)
-        model.save_pretrained(out / name)
+        save_pretrained(model, out / name)
         tok.save_pretrained(out / name)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"assets: {name}: {mcfg.architecture}, {n_params / 1e6:.2f}M parameters, {mcfg.tokenizer} tokenizer")

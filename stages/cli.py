@@ -43,6 +43,8 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
     from pipeline.tokenize import TokenizerError
     from stages.onpolicy import StageFailed
 
+    if _THREADS_LINE and int(os.environ.get("RANK", "0")) == 0:  # the stage's first line: how it uses the CPU
+        print(_THREADS_LINE.pop(), flush=True)
     try:
         return stage_run(cfg, **kwargs)
     except (ConfigError, DataError, CacheError, ModelLoadError, TokenizerError, TeacherMismatch, CheckpointError,
@@ -50,13 +52,22 @@ def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for ca
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
+# the commands that compute (on-policy's own process only waits for its stages' processes)
+COMPUTE = {"assets", "prune", "teacher-cache", "distill", "rollout", "eval", "analyze", "simulate"}
+_THREADS_LINE: list[str] = []
+
+
 @click.group()
-def main() -> None:
+@click.pass_context
+def main(ctx) -> None:
     """dskd: cache the teacher once (teacher-cache), train students from the cache (distill), evaluate (eval)."""
     from pipeline import cpu
 
-    try:  # before any stage imports torch: the kernels and threads the default pins (pipeline/cpu.py)
-        cpu.pin()
+    try:  # before any stage imports torch: the kernels and threads the default pins, and the threads (pipeline/cpu.py)
+        if ctx.invoked_subcommand in COMPUTE:
+            _THREADS_LINE[:] = [cpu.configure(ctx.invoked_subcommand)]
+        else:
+            cpu.pin()
     except cpu.CpuPinError as e:
         raise click.UsageError(str(e)) from None
 
@@ -111,6 +122,9 @@ def teacher_cache(config_path, overrides, repair):
         return
     from stages import teacher_cache as stage
 
+    if _THREADS_LINE:  # beside the teacher's threads: the data preparation and the shard writes
+        _THREADS_LINE[0] += (f"; + {cfg.cache.loader_workers} loader worker process(es) of 1 thread preparing shards"
+                             " and 1 thread writing them, mostly waiting")
     _run(stage.run, cfg, repair=repair)
 
 
@@ -165,7 +179,8 @@ def _list(values) -> str:
 @main.command("eval")
 @_config
 @_set
-@click.option("--run", "runs", multiple=True, metavar="[NAME=]DIR", help="a run or model directory (replaces runs)")
+@click.option("--run", "runs", multiple=True, metavar="[NAME=]DIR",
+              help="a run or model directory, or a glob of them (replaces runs)")
 @click.option("--suite", "suites", multiple=True, help="a suite by name (replaces suites)")
 @click.option("--preset", default=None, help="protocol | quick | a preset of the config")
 @click.option("--teacher", default=None, metavar="DIR", help="also evaluate the teacher (the ceiling in reports)")
@@ -204,10 +219,10 @@ def report(runs, preset, suites, out_dir):
 def analyze(runs, rows, seed, cache):
     """The DSKD paper's representation analysis: structure-matrix distances between teacher and student hidden
     states (trained and initial student), per run."""
+    from pipeline.evaluation import expand_runs
     from stages import analyze as stage
-    from stages.report import expand
 
-    _run(stage.run, expand(list(runs)), rows=rows, seed=seed, cache=cache)
+    _run(stage.run, expand_runs(list(runs), "analyze"), rows=rows, seed=seed, cache=cache)
 
 
 @main.command()

@@ -16,6 +16,7 @@ continue a longer run in pieces (stages/onpolicy.py: one round per piece).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, stamps
+from pipeline import checkpoint, lock, stamps
 from pipeline.alignment import edit_distance_vocab_map
 from pipeline.batch import Batch, collate_cache_rows, collate_examples
 from pipeline.cache_io import CacheReader
@@ -51,7 +52,7 @@ from pipeline.config import (
 )
 from pipeline.data import Example, load_examples
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, env_rank_world, init_distributed
-from pipeline.io_utils import atomic_save_safetensors, hash_json, write_json
+from pipeline.io_utils import atomic_save_safetensors, hash_json, save_pretrained, write_json
 from pipeline.lora import apply_lora, save_adapter
 from pipeline.losses import token_normaliser
 from pipeline.metrics import rouge_l
@@ -165,7 +166,7 @@ def save_student(model, path: Path, tokenizer, base: ModelRef) -> None:
     if hasattr(model, "peft_config"):
         save_adapter(model, path, base)
     else:
-        model.save_pretrained(path)
+        save_pretrained(model, path)
     tokenizer.save_pretrained(path)
 
 
@@ -463,6 +464,11 @@ def _check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) ->
 
 
 def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
+    with contextlib.ExitStack() as held:  # the run directory's lock, from the first decision about it to the end
+        return _run(cfg, force, resume, held)
+
+
+def _run(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitStack) -> Path:
     tcfg = cfg.train
     # ---- checks that need no model and no process group, so that a mistake or an up-to-date run costs seconds:
     # processes, engine template, metric sinks, tokenizer, caches and data, the student's files, the run directory
@@ -496,9 +502,12 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
     objective = cfg.loss.objective
     student_name = cfg.student_name or short_name(cfg.student)
     tok_fp = tokenizer_fingerprint(tokenizer)
+    tok_ref = cfg.student_tokenizer or cfg.student  # what a cache for this student would be built with
+    student_tok_set = " ".join(f"--set student_tokenizer.{k}={v}" for k, v in
+                                (("path", tok_ref.path), ("gguf_file", tok_ref.gguf_file)) if v)
     source = valid_source = None
     if reader is not None:
-        reader.check_student_tokenizer(tok_fp)
+        reader.check_student_tokenizer(tok_fp, student_tok_set)
         try:
             check_compatible(objective, reader.manifest.same_tokenizer, reader.manifest.embeddings_sha256 is not None,
                              str(reader.dir))
@@ -510,21 +519,28 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{objective}"
         for other in (valid_reader, op_reader):
             if other is not None:
-                other.check_student_tokenizer(tok_fp)
+                other.check_student_tokenizer(tok_fp, student_tok_set)
                 _same_teacher(reader, other)
         source_fp, valid_fp = reader.manifest.fingerprint, valid_reader.manifest.fingerprint if valid_reader else None
     else:
-        say = rank == 0  # truncation is reported once, by rank 0
-        source = data_source(examples, tokenizer, cfg.tokenize, pad_id, f"distill ({cfg.data.path})" if say else "")
+        run_name = cfg.run_name or f"{student_name}__sft"
+        say = rank == 0  # truncation is reported once, by rank 0, naming the run (two SFT runs share their data)
+        source = data_source(examples, tokenizer, cfg.tokenize, pad_id,
+                             f"distill {run_name} ({cfg.data.path})" if say else "")
         if valid_examples is not None:
             valid_source = data_source(valid_examples, tokenizer, cfg.tokenize, pad_id,
-                                       f"distill valid ({cfg.valid.data.path})" if say else "")
-        run_name = cfg.run_name or f"{student_name}__sft"
+                                       f"distill {run_name} valid ({cfg.valid.data.path})" if say else "")
         source_fp, valid_fp = source.fingerprint, valid_source.fingerprint if valid_source else None
+    for what, n in ((f"cache {reader.dir}", len(reader)) if reader is not None else (f"data {cfg.data.path}", len(source)),
+                    *(((f"onpolicy.cache {op_reader.dir}", len(op_reader)),) if op_reader else ())):
+        if n < tcfg.micro_batch_size:  # with the data, before any engine starts
+            raise ConfigError(f"{what}: {n} rows cannot fill one micro-batch of {tcfg.micro_batch_size} "
+                              "(train.micro_batch_size)")
     if NEEDS_TEACHER[objective] and cfg.run_name is None and objective != "uld":
         run_name += f"_{cfg.loss.divergence}"
     check_model_ref(cfg.student)
     run_dir = Path(cfg.out_dir) / run_name
+    held.enter_context(lock.writer(run_dir, "distill", take=rank == 0))  # one writer: before anything is read or removed
     # the run's identity; not the number of processes, which does not change the result (same global batch)
     fingerprint = hash_json({"config": config_identity(cfg), "source": source_fp, "valid": valid_fp,
                              "student": model_fingerprint(cfg.student),
@@ -551,14 +567,9 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         source = cache_source(reader, pad_id)
         if valid_reader is not None:
             valid_source = cache_source(valid_reader, pad_id, cfg.valid.max_rows)
-    if len(source) < tcfg.micro_batch_size:
-        raise ConfigError(f"{len(source)} rows cannot fill one micro-batch of {tcfg.micro_batch_size}")
     stream = MicroBatchStream(source.lengths, tcfg.micro_batch_size, tcfg.seed, group_by_length=tcfg.group_by_length)
     if op_reader is not None:  # the student's own samples, scored by the teacher (stage 1 over a rollout set)
         op_source = cache_source(op_reader, pad_id)
-        if len(op_source) < tcfg.micro_batch_size:
-            raise ConfigError(f"onpolicy.cache {op_reader.dir}: {len(op_source)} rows cannot fill one micro-batch of "
-                              f"{tcfg.micro_batch_size}")
         op_stream = MicroBatchStream(op_source.lengths, tcfg.micro_batch_size, tcfg.seed + 1,
                                      group_by_length=tcfg.group_by_length)
         if teacher is not None:  # the recomputation check accepts what either cache's storage costs

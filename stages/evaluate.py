@@ -9,18 +9,20 @@ next unfinished pair. Ends with `results-<preset>.json` per model and a table on
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from pipeline import harness
+from pipeline import harness, lock
 from pipeline.config import ConfigError, EvalConfig, ModelRef
 from pipeline.evaluation import (
     Suite,
     checkpoint_hash,
     encode_left,
+    expand_runs,
     length_stats,
     load_suite,
     lookup_preset,
@@ -39,7 +41,7 @@ from pipeline.evaluation import (
 from pipeline.io_utils import write_json
 from pipeline.metrics import score_suite
 from pipeline.models import check_model_ref, load_model, load_tokenizer
-from pipeline.report import harness_table, markdown_table
+from pipeline.report import harness_table, markdown_table, metrics_table
 from pipeline.rollout import open_generator, resolve_backend
 
 
@@ -56,7 +58,7 @@ def targets(cfg: EvalConfig) -> list[Target]:
         r = resolve_run(entry)
         return Target(r.name, r.ref, r.eval_dir, role)
 
-    out = [of_dir(r, "student") for r in cfg.runs]
+    out = [of_dir(r, "student") for r in expand_runs(cfg.runs, "eval")]
     if cfg.teacher:
         out.append(of_dir(cfg.teacher, "teacher"))
     out += [Target(name, ref, Path(cfg.out_dir) / name, "model") for name, ref in cfg.models.items()]
@@ -156,9 +158,15 @@ def run(cfg: EvalConfig) -> list[dict]:
         check_model_ref(t.ref)
     if cfg.harness:
         harness.require()
-    results = [evaluate_target(cfg, t, suites, cfg.preset) for t in tgts]
+    with contextlib.ExitStack() as held:  # one writer per model's results, all taken before any model loads
+        for d in dict.fromkeys(t.eval_dir for t in tgts):
+            held.enter_context(lock.writer(d, "eval"))
+        results = [evaluate_target(cfg, t, suites, cfg.preset) for t in tgts]
     print()
     print(markdown_table(results, [s.name for s in suites]))
+    for s in suites:  # every metric, not only the headline one: exact match and the reference's NLL too
+        print()
+        print(metrics_table(results, s.name))
     if cfg.harness:
         print()
         print(harness_table(results))

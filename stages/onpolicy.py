@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import lock
 from pipeline.cache_schema import DATA_FILE
 from pipeline.checkpoint import step_name
 from pipeline.config import (
@@ -143,6 +144,11 @@ def _inputs(cfg: OnPolicyConfig, first: Round) -> str:
 def run(cfg: OnPolicyConfig, force: bool = False) -> Path:
     rounds = plan(cfg)
     out = Path(cfg.out_dir)
+    with lock.writer(out, "onpolicy"):  # one writer; each round's stages lock their own directories inside it
+        return _run(cfg, rounds, out, force)
+
+
+def _run(cfg: OnPolicyConfig, rounds: list[Round], out: Path, force: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     previous = _inputs(cfg, rounds[0])

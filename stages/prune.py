@@ -10,8 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline import lock
 from pipeline.config import PruneConfig, config_to_dict
-from pipeline.io_utils import hash_json, write_json
+from pipeline.io_utils import hash_json, save_pretrained, write_json
 from pipeline.models import DTYPES, check_model_ref, load_model, load_tokenizer, model_fingerprint
 from pipeline.prune import choose_layers, layer_count, prune
 
@@ -23,9 +24,20 @@ def run(cfg: PruneConfig) -> Path:
     check_model_ref(cfg.model)
     fingerprint = hash_json({"config": config_to_dict(cfg), "model": model_fingerprint(cfg.model)})
     stamp = out / STAMP
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
-        print(f"prune: up to date in {out}")
+
+    def done() -> bool:  # the directory is renamed into place whole: reading its stamp needs no lock
+        if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+            print(f"prune: up to date in {out}")
+            return True
+        return False
+
+    if done():
         return out
+    with lock.writer(out, "prune"):  # one writer: its temporary directory has a fixed name
+        return out if done() else _build(cfg, out, fingerprint)
+
+
+def _build(cfg: PruneConfig, out: Path, fingerprint: str) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype="float32")
     n = layer_count(model.config)
@@ -34,7 +46,7 @@ def run(cfg: PruneConfig) -> Path:
     del model
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.to(DTYPES[cfg.dtype]).save_pretrained(tmp)
+    save_pretrained(student.to(DTYPES[cfg.dtype]), tmp)
     tokenizer.save_pretrained(tmp)
     params = sum(p.numel() for p in student.parameters())
     write_json(tmp / STAMP, {"fingerprint": fingerprint, "layers": keep, "of": n, "parameters": params})

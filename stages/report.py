@@ -8,13 +8,12 @@ eval is marked stale; a projector-based run whose projected teacher is not learn
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from pathlib import Path
 
 from pipeline.config import ConfigError, ReportConfig
-from pipeline.evaluation import checkpoint_hash, read_result, resolve_run, split_entry
+from pipeline.evaluation import checkpoint_hash, expand_runs, read_result, resolve_run
 from pipeline.io_utils import atomic_write_text
 from pipeline.objectives.setup import T2S_INIT_FILE
 from pipeline.report import (
@@ -50,18 +49,6 @@ training, which the table above, per run, does not show). Exact match: the answe
 answers; NLL: teacher-forced, per token, of the first reference. Best student per column in bold."""
 
 
-def expand(entries: list[str]) -> list[str]:
-    """Glob patterns expanded (sorted), `NAME=PATH` kept; directories only."""
-    out = []
-    for e in entries:
-        name, path = split_entry(e)
-        matches = sorted(p for p in glob.glob(path) if Path(p).is_dir()) if glob.has_magic(path) else [path]
-        if not matches:
-            raise ConfigError(f"report: {path!r} matches no run directory")
-        out += [f"{name}={m}" if name else m for m in matches]
-    return out
-
-
 def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start)
 
@@ -70,7 +57,7 @@ def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, missing, stale, curves, analyses, flags = [], [], [], {}, {}, {}
-    for entry in expand(cfg.runs):
+    for entry in expand_runs(cfg.runs, "report"):
         r = resolve_run(entry)
         summary = read_result(r.eval_dir / f"results-{cfg.preset}.json")
         if summary is None:
@@ -122,12 +109,18 @@ def run(cfg: ReportConfig) -> Path:
         md += ["## lm-evaluation-harness", "", "Tasks run by `dskd eval --harness` (lm-eval's own metrics and "
                "standard errors).", "", harness_table(results), ""]
     md += ["## Training curves", ""]
-    if (p := plot_curves(curves, out / "curves.png", keep=lambda k: not is_diagnostic(k))) is not None:
-        md += ["Every loss term and validation metric of each run's metrics.jsonl, by step.", "", f"![curves]({p.name})",
-               ""]
-    else:
+    # the teachers' curves apart: a teacher trained for 10x the steps would squash the students' onto one edge
+    teachers = {r["name"] for r in results if r.get("role") == "teacher"}
+    students = {k: v for k, v in curves.items() if k not in teachers}
+    if (p := plot_curves(students, out / "curves.png", keep=lambda k: not is_diagnostic(k))) is not None:
+        md += ["Every loss term and validation metric of each run's metrics.jsonl, by step (runs over training seeds: "
+               "their mean, and a band from the lowest to the highest seed).", "", f"![curves]({p.name})", ""]
+    if (p := plot_curves({k: v for k, v in curves.items() if k in teachers}, out / "teacher_curves.png",
+                         keep=lambda k: not is_diagnostic(k), title="the teacher's own training")) is not None:
+        md += ["The teacher's training, on its own steps.", "", f"![teacher curves]({p.name})", ""]
+    if not curves:
         md += ["(no run has a metrics.jsonl)", ""]
-    if (p := plot_curves(curves, out / "diagnostics.png", keep=is_diagnostic)) is not None:
+    if (p := plot_curves(students, out / "diagnostics.png", keep=is_diagnostic)) is not None:
         md += ["Per-term gradient norms (`grad_<term>_<tensor>`: each term as weighted in the loss, on the student's "
                "hidden states at the label positions, its head and t2s; first micro-batch of each logged step) and "
                "the projectors' norms: which term moves what.", "", f"![diagnostics]({p.name})", ""]

@@ -21,6 +21,7 @@ the student's own tokens) and for SFT (SeqKD: a student learns the teacher's ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline import lock
 from pipeline.config import RolloutConfig, config_identity, dump_config
 from pipeline.data import ROLLOUT_MANIFEST, DataError, Example, jsonl_records, load_examples
 from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json, write_text_if_changed
@@ -73,6 +75,11 @@ def finished(out: Path, fingerprint: str) -> bool:
 
 
 def run(cfg: RolloutConfig) -> Path:
+    with contextlib.ExitStack() as held:  # the rollout directory's lock, from the first decision about it to the end
+        return _run(cfg, held)
+
+
+def _run(cfg: RolloutConfig, held: contextlib.ExitStack) -> Path:
     # cheap checks first: the prompts, the model's files, the backend, the tokenizer
     examples = select_prompts(load_examples(cfg.data), cfg)
     check_model_ref(cfg.model)
@@ -95,6 +102,7 @@ def run(cfg: RolloutConfig) -> Path:
     fingerprint = hash_json(inputs)
     root = Path(cfg.out_dir)
     out = root / f"{name}-{fingerprint[:12]}"
+    held.enter_context(lock.writer(out, "rollout"))  # one writer, before anything in it is read or written
     if finished(out, fingerprint):
         write_text_if_changed(root / "CURRENT", out.name + "\n")
         print(f"rollout: up to date ({out})")

@@ -9,6 +9,7 @@ unfinished one is resumed (shards already on disk are skipped); another fingerpr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import stamps
+from pipeline import lock, stamps
 from pipeline.alignment import LabelMap, RowAlignment, aligned_labels, encode_pair, tokenizer_label_map
 from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
 from pipeline.cache_schema import (
@@ -164,6 +165,11 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     """Build (or resume, or repair) the cache of `cfg`; return its directory. With `repair`, a finished cache's
     shards are checked by sha256 (not only by size) and the bad ones recomputed; `expect_dir` refuses to build any
     other directory (`repair`)."""
+    with contextlib.ExitStack() as held:  # the cache directory's lock, from the first decision about it to the end
+        return _run(cfg, repair, expect_dir, held)
+
+
+def _run(cfg: TeacherCacheConfig, repair: bool, expect_dir: Path | None, held: contextlib.ExitStack) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
     dist = local_or_distributed()
     if dist.device.type == "cpu":
@@ -185,6 +191,7 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     if expect_dir is not None and out.resolve() != Path(expect_dir).resolve():
         raise CacheError(f"{expect_dir}: its config.yaml no longer reproduces it (the teacher, the tokenizers or the "
                          f"data changed: it would build {out.name}); rebuild with `dskd teacher-cache`")
+    held.enter_context(lock.writer(out, "teacher-cache", take=dist.is_main))  # one writer, before anything is read
     work = _plan(writer, repair) if dist.is_main else False
     (work,) = all_reduce_sum([float(work)], dist.device)
     if not work:

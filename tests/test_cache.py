@@ -165,7 +165,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, where, n):
     killed = subprocess.run([sys.executable, "-c", KILLER, where, str(n), *cli_args(tiny, f"out_dir={tmp_path / 'k'}")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    (built,) = (tmp_path / "k").iterdir()
+    (built,) = [p for p in (tmp_path / "k").iterdir() if p.is_dir()]  # and its writer's lock file beside it
     partial = shard_files(built)
     assert 0 < len(partial) < 10 and not (built / MANIFEST).exists()
     with pytest.raises(CacheError, match="unfinished cache"):
@@ -174,6 +174,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, where, n):
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
+    assert f"teacher-cache: taking over {built} from teacher-cache (pid " in resumed.stdout  # the killed writer's lock
     whole = subprocess.run([sys.executable, "-m", "stages.cli", "teacher-cache", *cli_args(tiny, f"out_dir={tmp_path / 'w'}")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -500,3 +501,16 @@ def test_shards_of_another_cache_are_refused_with_what_to_do(tiny, cache, tmp_pa
     with pytest.raises(CacheError, match=rf"holds shards of another cache \({cache.name[-12:]}\); refusing to write "
                                          "into it \\(remove it or choose another out_dir\\)"):
         CacheWriter(other.parent, other.name, "0" * 64).status()
+
+
+def test_weights_are_written_as_readable_as_every_other_file(caches, tmp_path):
+    """safetensors creates its files 0600: the student's final weights and the cached teacher head were unreadable to
+    the group while every other file was 0644 (issue 27). Every file now gets the umask's mode."""
+    from pipeline.cache_io import resolve_cache_dir
+    from pipeline.io_utils import _umask
+    from stages import distill
+
+    want = 0o666 & ~_umask()
+    run = distill.run(caches.distill_cfg(f"out_dir={tmp_path}", "run_name=modes"))
+    files = [resolve_cache_dir(caches.cache) / "teacher_head.safetensors", *sorted((run / "final").iterdir())]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(want) for f in files}

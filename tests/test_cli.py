@@ -59,6 +59,36 @@ def test_stage2_reports_a_missing_cache_and_bad_settings_before_the_engine_start
         distill.run(caches.distill_cfg("train.grad_accum=1"))
 
 
+def test_late_errors_now_arrive_before_any_model_or_engine(caches, tmp_path, monkeypatch):
+    """An output directory that cannot be written, a student path that is a file, too few rows for a micro-batch, an
+    out-of-range divergence setting and a cache of another student tokenizer: one line each, before a model loads or
+    DeepSpeed starts (issue 27; they came after 5-55 s, some as tracebacks)."""
+    from pipeline.models import ModelLoadError
+
+    monkeypatch.setattr(distill, "init_distributed", _no("DeepSpeed initialised"))
+    monkeypatch.setattr(distill, "load_model", _no("the student loaded"))
+    monkeypatch.setattr(teacher_cache, "load_model", _no("the teacher loaded"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made under it, whoever runs the test (root ignores modes)
+    with pytest.raises(ConfigError, match=r"cannot be written \(Not a directory\); choose another out_dir") as e:
+        distill.run(caches.distill_cfg(f"out_dir={blocker}/runs"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"cannot be written"):
+        teacher_cache.run(caches.cache_cfg(f"out_dir={blocker}/cache"))
+    with pytest.raises(ModelLoadError, match=r"config\.json is a file, not a model directory; point at its directory"):
+        distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init/config.json"))
+    five = tmp_path / "five.jsonl"
+    five.write_text("".join(json.dumps({"id": str(i), "prompt": "p", "response": "r"}) + "\n" for i in range(5)))
+    with pytest.raises(ConfigError, match=r"five\.jsonl: 5 rows cannot fill one micro-batch of 16 \(train\.micro_batch_size\)"):
+        distill.run(caches.teacher_sft_cfg(f"data.path={five}", "valid.every=0", "checkpoint.keep_best=0",
+                                           f"out_dir={tmp_path / 'sft'}"))
+    with pytest.raises(ConfigError, match=r"loss\.beta must be in \[0, 1\], got 2"):
+        caches.distill_cfg("loss.beta=2")
+    with pytest.raises(CacheError, match=r"another student tokenizer .*; build one for it with `dskd teacher-cache "
+                       r"--config .*config\.yaml --set student_tokenizer\.path=.*student-init-metaspace`"):
+        distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init-metaspace"))
+
+
 def test_a_changed_setting_names_itself_and_the_make_flag(caches):
     run_dir = distill.run(caches.distill_cfg("run_name=changed", "train.steps=2"))
     with pytest.raises(ConfigError, match=r"another config \(train\.steps 2 -> 3\).*--force \(make: FORCE=1\)"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -35,6 +37,53 @@ def test_make_pins_the_tiny_default_and_not_the_benchmarks():
     assert exported("distill", "CONFIGS=configs/gemma3-270m_to_smollm2-135m") == {"DSKD_CPU_ISA": "", "DSKD_CPU_THREADS": ""}
     bench = subprocess.run(["make", "-n", "bench-alignment"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "DSKD_CPU_ISA= DSKD_CPU_THREADS= .venv/bin/python bench/alignment.py" in bench
+
+
+def test_threads_follow_the_pin_then_omp_num_threads_then_the_affinity_mask():
+    env = {"DSKD_CPU_THREADS": "3", "OMP_NUM_THREADS": "5"}
+    assert cpu.choose_threads(env)[0] == 3 and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    env = {"OMP_NUM_THREADS": "5"}  # torchrun's 1 per rank, or the user's
+    assert cpu.choose_threads(env) == (5, "OMP_NUM_THREADS") and env["MKL_NUM_THREADS"] == "5"
+    env = {}
+    assert cpu.choose_threads(env) == (len(os.sched_getaffinity(0)), "the cores this process may use")
+    one_core = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                               "from pipeline import cpu; print(cpu.choose_threads({})[0])"],
+                              cwd=ROOT, capture_output=True, text=True, check=True)
+    assert one_core.stdout.strip() == "1"  # the affinity mask, not the machine's cores
+
+
+JOB = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pipeline import cpu
+    cpu.jobs_dir = lambda: Path(sys.argv[1])
+    cpu.register_job("distill")
+    print("registered", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_job_sees_the_others_running_and_waits_without_spinning(tmp_path, monkeypatch):
+    """Two 2-thread jobs on 2 cores ran a step 25x slower while libgomp's threads spun for siblings another process
+    had descheduled: a job that starts while another runs says so and spin-waits briefly (unless the user chose)."""
+    monkeypatch.setattr(cpu, "jobs_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu, "_JOB_FD", None)
+    env = {}
+    assert "sharing" not in cpu.configure("eval", env) and "GOMP_SPINCOUNT" not in env  # alone: the library default
+    other = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "registered"
+        env = {"DSKD_CPU_THREADS": "2"}
+        line = cpu.configure("eval", env)
+        assert line.startswith("eval: 2 compute thread(s) (DSKD_CPU_THREADS, pinned for reproducibility; ")
+        assert f"sharing the machine with distill (pid {other.pid})" in line and env["GOMP_SPINCOUNT"] == "1000"
+        chosen = {"OMP_WAIT_POLICY": "active"}
+        assert "sharing" in cpu.configure("eval", chosen) and "GOMP_SPINCOUNT" not in chosen  # the user's choice
+    finally:
+        other.kill()
+        other.wait()
+    assert "sharing" not in cpu.configure("eval", {})  # it ended: its file is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())]
 
 
 def _machine_isas() -> list[str]:

@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 
 from pipeline import metrics
 from pipeline.analysis import representation_distance, structure_distance, structure_matrices
-from pipeline.config import EvalConfig, ModelRef, SuiteConfig, dump_config, load_config
+from pipeline.config import ConfigError, EvalConfig, ModelRef, SuiteConfig, dump_config, load_config
 from pipeline.data import DataError
 from pipeline.evaluation import (
     BUILTIN_PRESETS,
@@ -356,11 +356,11 @@ def test_report_of_two_fake_runs_is_exactly_the_table(tmp_path):
     t = _fake_run(tmp_path / "runs", "t__sft", {"dolly": [30.0, 32.0], "gsm8k": [10.0, 10.0]}, role="teacher")
     out = report.run(ReportConfig(runs=[str(a), str(b), str(t)], out_dir=str(tmp_path / "report")))
     table = """\
-| run | dolly | gsm8k (accuracy) | average (Rouge-L) |
-|---|---:|---:|---:|
-| t_to_s__kd_fkl | 21.00 ± 1.41 | **6.00 ± 1.41** | 21.00 ± 1.41 |
-| t_to_s__dskd_v2_fkl | **25.00 ± 0.00** | 3.00 ± 1.41 | **25.00 ± 0.00** |
-| t__sft (teacher) | 31.00 ± 1.41 | 10.00 ± 0.00 | 31.00 ± 1.41 |"""
+| run | dolly | gsm8k (accuracy) |
+|---|---:|---:|
+| t_to_s__kd_fkl | 21.00 ± 1.41 | **6.00 ± 1.41** |
+| t_to_s__dskd_v2_fkl | **25.00 ± 0.00** | 3.00 ± 1.41 |
+| t__sft (teacher) | 31.00 ± 1.41 | 10.00 ± 0.00 |"""  # one Rouge-L suite: no "average" repeating it
     text = out.read_text()
     assert table in text
     assert "| t_to_s__kd_fkl | dolly | 1.500 | 4.48 | 10.0 | 9.0 | 100.0 |" in text
@@ -414,6 +414,60 @@ def test_report_groups_training_seeds_into_one_row(tmp_path):
     # without seed suffixes there is no such section
     text = report.run(ReportConfig(runs=[str(tmp_path / "runs/teacher")], out_dir=str(tmp_path / "r2"))).read_text()
     assert "Over training seeds" not in text
+
+
+def test_eval_expands_globs_in_its_runs_as_report_does(tiny, tmp_path):
+    from stages.evaluate import targets
+
+    for name in ("kd__seed1", "kd__seed2", "sft__seed1"):
+        (tmp_path / name / "final").mkdir(parents=True)
+    cfg = tiny.eval_cfg(tmp_path / "kd__seed1", f"runs=[{tmp_path}/*__seed1, named={tmp_path}/kd__seed2]")
+    assert [t.name for t in targets(cfg)] == ["kd__seed1", "sft__seed1", "named"]
+    with pytest.raises(ConfigError, match=r"eval: '.*/nothing\*' matches no run directory"):
+        targets(tiny.eval_cfg(tmp_path, f"runs=[{tmp_path}/nothing*]"))
+
+
+def test_report_figures_a_newcomer_can_read(tmp_path):
+    """13 runs (4 objectives x 3 training seeds and the teacher), one suite: a colour per objective (its seeds share
+    it) and none reused, no repeated "average" column, no gsm8k in the y label without gsm8k, the teacher's long
+    curve on its own figure, a 0/1 quantity as its running mean, valid Rouge-L saying what it scores; `make eval`'s
+    table has exact match and NLL too."""
+    from pipeline.config import ReportConfig
+    from pipeline.report import (
+        TEACHER_COLOR,
+        _smooth,
+        curve_title,
+        metrics_table,
+        run_colors,
+        score_columns,
+        score_label,
+    )
+    from stages import report
+
+    names = [f"{o}__seed{s}" for o in ("sft", "kd_fkl", "dskd_v2_fkl", "onpolicy_kd_fkl") for s in (10, 11, 12)]
+    colors = run_colors([*names, "tiny-teacher__sft"], teachers={"tiny-teacher__sft"})
+    assert colors["sft__seed10"] == colors["sft__seed12"] and colors["tiny-teacher__sft"] == TEACHER_COLOR
+    assert len({colors[f"{o}__seed10"] for o in ("sft", "kd_fkl", "dskd_v2_fkl", "onpolicy_kd_fkl")} | {TEACHER_COLOR}) == 5
+    many = run_colors([f"objective{i}" for i in range(13)])
+    assert len(set(many.values())) == 13  # 13 groups: 13 colours (the old cycle of 10 repeated three)
+
+    for i, n in enumerate(names):
+        run = _fake_run(tmp_path / "runs", n, {"dolly": [80.0 + i, 81.0 + i]})
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "onpolicy_fraction": s % 2,
+                                                                "valid_rougeL": 20.0}) + "\n" for s in range(1, 301)))
+    t = _fake_run(tmp_path / "runs", "tiny-teacher__sft", {"dolly": [95.0, 96.0]}, role="teacher")
+    (t / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 3001)))
+    out = report.run(ReportConfig(runs=[str(tmp_path / "runs/*")], out_dir=str(tmp_path / "report")))
+    text = out.read_text()
+    results = [json.loads((tmp_path / "runs" / n / "eval/results-protocol.json").read_text()) for n in names]
+    assert score_columns(results, ["dolly"]) == ["dolly"] and "| run | dolly |\n" in text
+    assert "gsm8k" not in score_label(results, ["dolly"]) and score_label(results, ["dolly"]) == "Rouge-L F × 100"
+    for png in ("scores.png", "curves.png", "teacher_curves.png", "seeds-dolly.png"):
+        assert (out.parent / png).stat().st_size > 10_000 and f"]({png})" in text
+    assert _smooth([0, 1, 0, 1, 0, 1], 2) == [0, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert "running mean" in curve_title("onpolicy_fraction") and "one label" in curve_title("valid_rougeL")
+    table = metrics_table(results[:1], "dolly")
+    assert table.splitlines()[0] == "| dolly | Rouge-L | NLL of the reference |" and "| sft__seed10 | 80.50 ± 0.71 | 1.500 |" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,28 @@ def test_configs_and_set_are_checked_before_the_first_stage(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_check_applies_set_and_a_target_that_takes_none_refuses_it():
+    """`make check SET=...` exited 0 without applying SET (issue 27): it validates it against distill.yaml, so a
+    bad value or a misspelt key fails; a target that takes no SET refuses one instead of ignoring it."""
+    (line,) = [x for x in dry_run("check", "SET=loss.alpha=0.3", checks=True) if "configs/tiny/distill.yaml" in x]
+    assert line.rstrip().endswith("--set loss.alpha=0.3")
+    for bad, why in (("loss.alpha=1.5", "loss.alpha must be in [0, 1], got 1.5"), ("loss.alfa=1", "unknown key 'loss.alfa'")):
+        run = subprocess.run(["make", "check", f"SET={bad}"], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode != 0 and why in run.stderr
+    for target in ("report", "test", "bench-alignment"):
+        run = subprocess.run(["make", "-n", target, "SET=loss.alpha=0.3"], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode != 0 and "is applied by the targets of stages" in run.stderr and f"'{target}'" in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_eval_takes_globs_in_runs_as_report_does():
+    """`make eval RUNS="runs/x/*__seed1*"` failed with "Got unexpected extra arguments": the shell expanded the glob
+    after one --run. Passed quoted, dskd eval expands it as dskd report does."""
+    (line,) = dry_run("eval", "RUNS=runs/tiny/demo/*__seed1* other")
+    assert "--run 'runs/tiny/demo/*__seed1*' --run 'other'" in line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_sweep_nproc_and_resume_reach_stage_2():
     out = subprocess.run(["make", "-n", "sweep", "DIVERGENCES=fkl js", "OBJECTIVE=dskd", "NPROC=2", "RESUME=1",
                           "SET=train.steps=3"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
