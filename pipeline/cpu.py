@@ -128,6 +128,15 @@ def register_job(stage: str) -> list[str]:
         return []
 
 
+def end_job() -> None:
+    """This process no longer computes (a command run inside a longer-lived process, e.g. a test's CliRunner)."""
+    global _JOB_FD
+    if _JOB_FD is not None:
+        fd, _JOB_FD = _JOB_FD, None
+        (jobs_dir() / str(os.getpid())).unlink(missing_ok=True)
+        os.close(fd)
+
+
 def configure(stage: str, environ=None) -> str:
     """Before torch starts, for a stage that computes: the pin, the thread count, this job in the registry and, when
     other jobs share the machine, a short spin-wait. Returns the line the stage prints first."""

@@ -66,6 +66,7 @@ def main(ctx) -> None:
     try:  # before any stage imports torch: the kernels and threads the default pins, and the threads (pipeline/cpu.py)
         if ctx.invoked_subcommand in COMPUTE:
             _THREADS_LINE[:] = [cpu.configure(ctx.invoked_subcommand)]
+            ctx.call_on_close(cpu.end_job)  # the job ends with the command, not only with the process
         else:
             cpu.pin()
     except cpu.CpuPinError as e:
@@ -239,6 +240,8 @@ def simulate(out_dir, steps, repetitions, vocab, points, divergences):
 
     cfg = SimulationConfig(divergences=tuple(divergences.split(",")), steps=steps, repetitions=repetitions,
                            vocab=vocab, points=points)
+    if _THREADS_LINE:
+        click.echo(_THREADS_LINE.pop())
     table = run_simulation(cfg, out_dir)
     click.echo(table.read_text())
     click.echo(f"simulate: wrote {table}, {table.with_suffix('.png')} (curves) and {table.with_suffix('.json')}")

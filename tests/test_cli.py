@@ -143,6 +143,10 @@ def test_eval_names_the_run_whole_and_simulate_names_its_files(caches, tmp_path)
                                                                          tmp_path / "eval.yaml"))])
     assert result.exit_code == 0, result.output
     assert "\n| a-rather-long-run-name_to_show__that_it_is_never_cut_kd_fkl | " in result.output
+    assert result.output.startswith("eval: ") and "compute thread(s)" in result.output.splitlines()[0]
+    from pipeline import cpu
+
+    assert cpu._JOB_FD is None  # its job ended with the command: this test process is not "sharing the machine"
     assert json.loads((run_dir / "eval" / "results-tiny.json").read_text())["suites"]["tiny-test"]["n"] == 16
     result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "sim"), "--steps", "2", "--repetitions",
                                       "1", "--vocab", "20", "--points", "2", "--divergences", "fkl"])

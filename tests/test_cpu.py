@@ -84,6 +84,8 @@ def test_a_job_sees_the_others_running_and_waits_without_spinning(tmp_path, monk
         other.wait()
     assert "sharing" not in cpu.configure("eval", {})  # it ended: its file is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())]
+    cpu.end_job()  # a command inside a longer-lived process (CliRunner) ends its job with the command
+    assert list(tmp_path.iterdir()) == [] and cpu._JOB_FD is None
 
 
 def _machine_isas() -> list[str]:
