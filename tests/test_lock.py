@@ -196,22 +196,15 @@ def test_two_distills_of_one_run(caches, solo, tmp_path, staggered):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("staggered", [False, True], ids=["together", "staggered"])
-def test_two_teacher_caches_of_one_cache(caches, solo, tmp_path, staggered):
-    cfg = caches.cache_cfg(f"out_dir={tmp_path}/cache")
-    name = solo["cache"].name  # the directory is named by the cache's fingerprint: the same as the solo run's
-    two_writers(["teacher-cache", "--config", str(dump_config(cfg, tmp_path / "cache.yaml"))], tmp_path / "cache" / name,
-                staggered)
-    assert _files(tmp_path / "cache" / name, "shard-*") == _files(solo["cache"], "shard-*")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("staggered", [False, True], ids=["together", "staggered"])
-def test_two_rollouts_of_one_directory(caches, solo, tmp_path, staggered):
-    cfg = rollout_cfg(caches, tmp_path / "rollouts")
-    name = solo["rollout"].name
-    two_writers(["rollout", "--config", str(dump_config(cfg, tmp_path / "rollout.yaml"))], tmp_path / "rollouts" / name,
-                staggered)
-    assert _files(tmp_path / "rollouts" / name, "*.jsonl") == _files(solo["rollout"], "*.jsonl")
+@pytest.mark.parametrize("stage", ["teacher-cache", "rollout"])
+def test_two_writers_of_one_fingerprinted_directory(caches, solo, tmp_path, stage, staggered):
+    """A teacher cache and a rollout directory are named by their fingerprint: the same directory as the solo run's."""
+    cfg, root, done, pattern = {
+        "teacher-cache": (caches.cache_cfg(f"out_dir={tmp_path}/cache"), tmp_path / "cache", solo["cache"], "shard-*"),
+        "rollout": (rollout_cfg(caches, tmp_path / "rollouts"), tmp_path / "rollouts", solo["rollout"], "*.jsonl"),
+    }[stage]
+    two_writers([stage, "--config", str(dump_config(cfg, tmp_path / "stage.yaml"))], root / done.name, staggered)
+    assert _files(root / done.name, pattern) == _files(done, pattern) != {}
 
 
 @pytest.mark.slow
