@@ -62,7 +62,7 @@ class DirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _describe(_read(fd))
+            holder = _describe(_holder(fd))
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise ConfigError(f"{self.stage}: cannot lock {self.path} ({e.strerror})") from None
@@ -110,6 +110,14 @@ def _read(fd: int) -> dict:
         return json.loads(text) if text else {}
     except (OSError, ValueError):
         return {}
+
+
+def _holder(fd: int, wait: float = 2.0) -> dict:
+    """The holder's record; a holder writes it right after locking, so an empty file is read again for a moment."""
+    end = time.monotonic() + wait
+    while not (found := _read(fd)) and time.monotonic() < end:
+        time.sleep(0.01)
+    return found
 
 
 def _describe(holder: dict) -> str:

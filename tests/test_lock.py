@@ -60,6 +60,25 @@ def test_a_second_writer_is_refused_naming_the_holder_and_the_lock_is_free_after
     assert lock.lock_path(run).read_text() == ""  # a clean release leaves nothing to take over
 
 
+def test_a_writer_met_between_its_lock_and_its_record_is_still_named(tmp_path):
+    """Started together, the loser can fail to lock in the instant before the holder has written who it is."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "cache"
+    fd = os.open(lock.lock_path(run), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+    late = threading.Timer(0.2, lambda: os.pwrite(fd, json.dumps({"pid": 4242, "host": "h", "stage": "teacher-cache",
+                                                                  "since": "now"}).encode(), 0))
+    late.start()
+    try:
+        with pytest.raises(lock.DirectoryBusy, match=r"being written by teacher-cache \(pid 4242 on h"):
+            lock.DirLock(run, "teacher-cache").acquire()
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_a_killed_holder_is_taken_over_with_a_message(tmp_path, capsys):
     run = tmp_path / "cache"
     proc = _holder(run)
