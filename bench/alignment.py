@@ -19,9 +19,9 @@ from pathlib import Path
 
 from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
 
-from pipeline.alignment import alignments, chunk_alignment, exact_token_alignment  # noqa: E402
 from pipeline.config import ModelRef  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.data.alignment import alignments, chunk_alignment, exact_token_alignment  # noqa: E402
+from pipeline.models.load import load_tokenizer  # noqa: E402
 from tests.conftest import SHARED, shared_tokenizer  # noqa: E402
 
 # (student, teacher): GPT-2 <- Llama-2, GPT-2 <- Qwen2, Llama-2 <- Qwen2, Llama-3 <- Gemma-4 (shared tokenizers)

@@ -28,10 +28,10 @@ import torch
 from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
 
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
-from pipeline.data import load_examples  # noqa: E402
-from pipeline.head import OutputHead  # noqa: E402
-from pipeline.models import load_model, load_tokenizer  # noqa: E402
-from pipeline.tokenize import pad, response_positions, special_ids  # noqa: E402
+from pipeline.data.records import load_examples  # noqa: E402
+from pipeline.data.tokenize import pad, response_positions, special_ids  # noqa: E402
+from pipeline.models.head import OutputHead  # noqa: E402
+from pipeline.models.load import load_model, load_tokenizer  # noqa: E402
 from stages import teacher_cache  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def bare_loop(cfg: TeacherCacheConfig, full_logits: bool) -> tuple[int, float]:
 
 
 def stage1(cfg: TeacherCacheConfig) -> dict:
-    from pipeline.cache_inspect import info, verify
+    from pipeline.cache.verify import info, verify
 
     out = teacher_cache.run(cfg)
     stats = json.loads((out / teacher_cache.STATS_FILE).read_text())

@@ -108,7 +108,7 @@ def _model_dims(config) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.prune import layer_stack
+    from pipeline.models.prune import layer_stack
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

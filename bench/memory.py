@@ -97,12 +97,13 @@ def worker(stage: str, config: str, result: str, extra: list[str]) -> None:
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine
 
-        from pipeline import models, objectives
+        from pipeline.objectives import objective as objectives
+        from pipeline.train import engine
         from stages import distill as s
 
-        for owner, name, label in ((s, "load_model", "load student"), (s, "_teacher_side", "teacher from cache"),
+        for owner, name, label in ((s, "load_model", "load student"), (s, "teacher_from_cache", "teacher from cache"),
                                    (s, "build_projectors", "projector init"), (deepspeed, "initialize", "engine init"),
-                                   (models.StudentWithProjectors, "forward", "student forward"),
+                                   (engine.StudentWithProjectors, "forward", "student forward"),
                                    (objectives.Objective, "__call__", "objective"),
                                    (DeepSpeedEngine, "backward", "backward"), (DeepSpeedEngine, "step", "optimizer step")):
             _instrument(records, owner, name, label)
@@ -148,7 +149,7 @@ def _write_yaml(path: Path, data: dict) -> Path:
 def _local(ref: dict) -> dict:
     """A GGUF ref as a plain local path (an older checkout cannot assemble the Gemma package's chunks itself)."""
     from pipeline.config import ModelRef
-    from pipeline.models import gguf_path
+    from pipeline.models.load import gguf_path
 
     f = gguf_path(ModelRef(**ref))
     return {"path": str(f.parent), "gguf_file": f.name, "dtype": "float32"}
@@ -160,8 +161,8 @@ def setup(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.config import ModelRef
-    from pipeline.convert import entry_dir
-    from pipeline.models import checkpoint_dir, gguf_path, load_model, load_tokenizer
+    from pipeline.models.convert import entry_dir
+    from pipeline.models.load import checkpoint_dir, gguf_path, load_model, load_tokenizer
 
     sizes = {}
     for name, ref in (("smollm2", SMOL), ("gemma3", GEMMA)):

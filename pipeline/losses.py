@@ -259,3 +259,27 @@ def token_normaliser(global_tokens: int, grad_accum: int, world_size: int) -> fl
     so the optimizer sees an exact token mean over the global batch, whatever the accumulation and world size.
     """
     return max(global_tokens, 1) / (grad_accum * world_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reduced statistics: one convention for chunks of positions, micro-batches and ranks. A name with a `max_` word
+# (`max_err`, `teacher_max_err`) is a maximum, one starting with `cat_` holds per-row values to concatenate, every
+# other one is a sum.
+
+
+def is_maximum(name: str) -> bool:
+    return name.startswith("max_") or "_max_" in name
+
+
+def accumulate(into: dict, got: dict) -> dict:
+    """Fold `got` into `into` by the convention above; tensors or floats."""
+    for k, v in got.items():
+        if k not in into:
+            into[k] = v
+        elif k.startswith("cat_"):
+            into[k] = torch.cat([into[k], v])
+        elif is_maximum(k):
+            into[k] = torch.maximum(into[k], v) if isinstance(v, torch.Tensor) else max(into[k], v)
+        else:
+            into[k] = into[k] + v
+    return into

@@ -1,4 +1,4 @@
-"""Stage `analyze`: the representation analysis of the DSKD paper for each run (pipeline/analysis.py).
+"""Stage `analyze`: the representation analysis of the DSKD paper for each run (pipeline/evaluate/analysis.py).
 
 For `rows` training rows drawn (seeded) from the teacher cache, the structure-matrix distances between the cached
 teacher hidden states and the student's, for the trained student and for the student it started from. Writes
@@ -14,37 +14,33 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.analysis import (
+from pipeline.cache.batch import collate_cache_rows
+from pipeline.cache.store import CacheReader
+from pipeline.config import ConfigError, DistillConfig, load_config
+from pipeline.data.tokenize import special_ids
+from pipeline.evaluate.analysis import (
+    RESULT,
+    analysis_dir,
     paired_positions,
     plot_structures,
     representation_distance,
     student_hidden,
     t2s_agreement_by_position,
 )
-from pipeline.cache_io import CacheReader
-from pipeline.config import ConfigError, DistillConfig, load_config
-from pipeline.evaluation import checkpoint_hash, read_result, resolve_run
+from pipeline.evaluate.suites import checkpoint_hash, read_result, resolve_run
 from pipeline.io_utils import write_json
-from pipeline.models import load_model
-from pipeline.projectors import PROJECTORS_FILE
+from pipeline.models.load import load_model, load_tokenizer
+from pipeline.objectives.projectors import PROJECTORS_FILE, Projectors
+from pipeline.objectives.table import spec
 
-RESULT = "representation.json"
-
-
-# objectives whose t2s projector is a linear map with labels (not CMA's attention)
-T2S_AGREEMENT = ("dskd", "dskd_v2", "dskd_eta", "alm_eta")
 # bump when the result gains a field: older results are recomputed
 VERSION = 2
 
 
 def _agreement(model, cfg: DistillConfig, reader: CacheReader, proj_file: Path, sample: list, ref) -> dict[str, float]:
-    """The trained projector's agreement with its t2s labels by response position (pipeline/analysis.py)."""
+    """The trained projector's agreement with its t2s labels by response position (pipeline/evaluate/analysis.py)."""
     from safetensors.torch import load_file
 
-    from pipeline.batch import collate_cache_rows
-    from pipeline.models import load_tokenizer
-    from pipeline.projectors import Projectors
-    from pipeline.tokenize import special_ids
 
     head = model.get_output_embeddings().weight
     proj = Projectors(cfg.loss.objective, head.shape[1], reader.manifest.hidden_size)
@@ -52,11 +48,6 @@ def _agreement(model, cfg: DistillConfig, reader: CacheReader, proj_file: Path, 
     pad = special_ids(load_tokenizer(ref))[1]
     batches = [collate_cache_rows(sample[i : i + 16], pad) for i in range(0, len(sample), 16)]
     return t2s_agreement_by_position(model, proj, cfg.loss.objective, batches)
-
-
-def analysis_dir(entry: str) -> Path:
-    r = resolve_run(entry)
-    return r.eval_dir.parent / "analysis"
 
 
 def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None) -> dict[str, dict]:
@@ -92,7 +83,7 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
             result[label] = {k: d[k] for k in ("cosine_l1", "inner_l1")}
             result["rows"], result["positions"] = d["rows"], d["positions"]
             hidden[f"{label} student"] = student_hidden(model, shown)[s_idx]
-            if label == "trained" and cfg.loss.objective in T2S_AGREEMENT and proj_file.is_file():
+            if label == "trained" and spec(cfg.loss.objective).t2s_labels is not None and proj_file.is_file():
                 result["t2s_agreement_by_position"] = _agreement(model, cfg, reader, proj_file, sample, r.ref)
             del model
         target.parent.mkdir(parents=True, exist_ok=True)

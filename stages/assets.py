@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import lock
 from pipeline.config import AssetsConfig, config_to_dict, dump_config
-from pipeline.default_task import (
+from pipeline.data.default_task import (
     build_tiny_model,
     corpus,
     train_bpe_tokenizer,

@@ -32,15 +32,15 @@ def _load(cls, path, overrides):
 
 def _run(stage_run, cfg, **kwargs):  # cfg: the stage config (or the path for cache tools)
     """Run a stage; errors about the user's input are printed as one line, not a traceback."""
-    from pipeline.cache_io import CacheError
-    from pipeline.checkpoint import CheckpointError, TrainingDiverged
-    from pipeline.data import DataError
-    from pipeline.harness import HarnessError
-    from pipeline.models import ModelLoadError
-    from pipeline.objectives import TeacherMismatch
-    from pipeline.prune import PruneError
-    from pipeline.rollout import GenerationError
-    from pipeline.tokenize import TokenizerError
+    from pipeline.cache.store import CacheError
+    from pipeline.data.records import DataError
+    from pipeline.data.tokenize import TokenizerError
+    from pipeline.evaluate.harness import HarnessError
+    from pipeline.generate import GenerationError
+    from pipeline.models.load import ModelLoadError
+    from pipeline.models.prune import PruneError
+    from pipeline.objectives.base import TeacherMismatch
+    from pipeline.train.checkpoint import CheckpointError, TrainingDiverged
     from stages.onpolicy import StageFailed
 
     if _THREADS_LINE and int(os.environ.get("RANK", "0")) == 0:  # the stage's first line: how it uses the CPU
@@ -220,7 +220,7 @@ def report(runs, preset, suites, out_dir):
 def analyze(runs, rows, seed, cache):
     """The DSKD paper's representation analysis: structure-matrix distances between teacher and student hidden
     states (trained and initial student), per run."""
-    from pipeline.evaluation import expand_runs
+    from pipeline.evaluate.suites import expand_runs
     from stages import analyze as stage
 
     _run(stage.run, expand_runs(list(runs), "analyze"), rows=rows, seed=seed, cache=cache)
@@ -235,8 +235,8 @@ def analyze(runs, rows, seed, cache):
 @click.option("--divergences", default="fkl,rkl,js,skl,srkl,akl", show_default=True)
 def simulate(out_dir, steps, repetitions, vocab, points, divergences):
     """The DSKD paper's simulation: different vs shared heads, per divergence (table + PNG)."""
-    from pipeline.simulation import SimulationConfig
-    from pipeline.simulation import simulate as run_simulation
+    from pipeline.evaluate.simulation import SimulationConfig
+    from pipeline.evaluate.simulation import simulate as run_simulation
 
     cfg = SimulationConfig(divergences=tuple(divergences.split(",")), steps=steps, repetitions=repetitions,
                            vocab=vocab, points=points)
@@ -254,7 +254,7 @@ def convert(path, gguf_file):
     """Convert a GGUF model once to a safetensors checkpoint (what every stage does on first use) and print its
     directory: later loads take about a second, and the directory is an ordinary transformers checkpoint."""
     from pipeline.config import ModelRef
-    from pipeline.models import checkpoint_dir
+    from pipeline.models.load import checkpoint_dir
 
     click.echo(_run(checkpoint_dir, ModelRef(path=path, gguf_file=gguf_file)))
 
@@ -275,8 +275,8 @@ def verify(path, tolerance, as_json, repair):
     """Re-derive teacher logits from stored hidden states and head; compare with the stored top-k."""
     import json
 
-    from pipeline.cache_inspect import report_dict
-    from pipeline.cache_inspect import verify as run_verify
+    from pipeline.cache.verify import report_dict
+    from pipeline.cache.verify import verify as run_verify
 
     if repair:
         from stages import teacher_cache as stage
@@ -305,7 +305,7 @@ def info(path, as_json):
     """Rows, tokens, bytes per token by column, alignment ratios, names and settings."""
     import json
 
-    from pipeline.cache_inspect import info as run_info
+    from pipeline.cache.verify import info as run_info
 
     d = _run(run_info, path)
     if as_json:

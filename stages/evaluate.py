@@ -1,4 +1,4 @@
-"""Stage `eval`: every model answers every suite under one preset (pipeline/evaluation.py); scores, response lengths
+"""Stage `eval`: every model answers every suite under one preset (pipeline/evaluate/suites.py); scores, response lengths
 and the references' NLL are stored per (checkpoint hash, suite, preset, seed) and never computed twice.
 
 Per model: suites are read and prompts encoded first (bad data fails before a model loads), then the NLL pass (one
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import harness, lock
+from pipeline import lock
 from pipeline.config import ConfigError, EvalConfig, ModelRef
-from pipeline.evaluation import (
+from pipeline.evaluate import harness
+from pipeline.evaluate.metrics import score_suite
+from pipeline.evaluate.report import harness_table, markdown_table, metrics_table
+from pipeline.evaluate.suites import (
     Suite,
     checkpoint_hash,
     encode_left,
@@ -38,11 +41,9 @@ from pipeline.evaluation import (
     summarise,
     write_summary,
 )
+from pipeline.generate import open_generator, resolve_backend
 from pipeline.io_utils import write_json
-from pipeline.metrics import score_suite
-from pipeline.models import check_model_ref, load_model, load_tokenizer
-from pipeline.report import harness_table, markdown_table, metrics_table
-from pipeline.rollout import open_generator, resolve_backend
+from pipeline.models.load import check_model_ref, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)

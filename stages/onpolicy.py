@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from pipeline import lock
-from pipeline.cache_schema import DATA_FILE
-from pipeline.checkpoint import step_name
+from pipeline.cache.schema import DATA_FILE
+from pipeline.cache.store import read_manifest, resolve_cache_dir
 from pipeline.config import (
     ConfigError,
     DataConfig,
@@ -45,7 +45,10 @@ from pipeline.config import (
     dump_config,
     load_config,
 )
-from pipeline.io_utils import hash_json, write_json
+from pipeline.io_utils import hash_json, sha256_file, write_json
+from pipeline.models.load import model_fingerprint
+from pipeline.objectives.table import spec
+from pipeline.train.checkpoint import step_name
 
 DONE = "done.json"
 STAGES_LOG = "stages.jsonl"
@@ -80,7 +83,7 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
     """Every round's three stage configs (the configs are read and checked here, before anything runs)."""
     base = load_config(DistillConfig, cfg.distill, cfg.distill_set)
     t_base = load_config(TeacherCacheConfig, cfg.teacher_cache, cfg.teacher_cache_set)
-    if base.cache is None or base.loss.objective == "sft":
+    if base.cache is None or not spec(base.loss.objective).teacher:
         raise ConfigError(f"{cfg.distill}: on-policy rounds train from a teacher cache with a distillation objective "
                           f"(objective {base.loss.objective!r}, cache {base.cache!r})")
     if not base.checkpoint.keep_at_end:
@@ -88,7 +91,6 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
                           "checkpoint.keep_at_end must be true")
     prompts = cfg.prompts
     if prompts is None:  # the gold cache's own copy of its data
-        from pipeline.cache_io import resolve_cache_dir
 
         prompts = DataConfig(path=str(resolve_cache_dir(base.cache) / DATA_FILE), id_field="id")
     out, S, R = Path(cfg.out_dir), cfg.steps_per_round, cfg.rounds
@@ -129,9 +131,6 @@ def _stage(rd: Path, stage: str, config: Path, *extra: str) -> None:
 def _inputs(cfg: OnPolicyConfig, first: Round) -> str:
     """What the rounds start from, by content: the gold cache, the first student's and the teacher's weights and the
     prompts (a rebuilt cache or retrained student under the same paths makes every round's done.json stale)."""
-    from pipeline.cache_io import read_manifest, resolve_cache_dir
-    from pipeline.io_utils import sha256_file
-    from pipeline.models import model_fingerprint
 
     prompts = Path(first.distill.cache if cfg.prompts is None else cfg.prompts.path)
     return hash_json({"gold": read_manifest(resolve_cache_dir(first.distill.cache)).fingerprint,

@@ -13,8 +13,8 @@ from pathlib import Path
 from pipeline import lock
 from pipeline.config import PruneConfig, config_to_dict
 from pipeline.io_utils import hash_json, save_pretrained, write_json
-from pipeline.models import DTYPES, check_model_ref, load_model, load_tokenizer, model_fingerprint
-from pipeline.prune import choose_layers, layer_count, prune
+from pipeline.models.load import DTYPES, check_model_ref, load_model, load_tokenizer, model_fingerprint
+from pipeline.models.prune import choose_layers, layer_count, prune
 
 STAMP = "prune.json"
 

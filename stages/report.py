@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 
 from pipeline.config import ConfigError, ReportConfig
-from pipeline.evaluation import checkpoint_hash, expand_runs, read_result, resolve_run
-from pipeline.io_utils import atomic_write_text
-from pipeline.objectives.setup import T2S_INIT_FILE
-from pipeline.report import (
+from pipeline.evaluate.analysis import RESULT, analysis_dir
+from pipeline.evaluate.report import (
     analysis_table,
     details_table,
     harness_table,
@@ -31,7 +29,9 @@ from pipeline.report import (
     seed_groups,
     seeds_table,
 )
-from stages.analyze import RESULT, analysis_dir
+from pipeline.evaluate.suites import checkpoint_hash, expand_runs, read_result, resolve_run
+from pipeline.io_utils import atomic_write_text
+from pipeline.objectives.setup import T2S_INIT_FILE
 
 SIMULATION = Path("runs/simulation/simulation.png")
 
@@ -56,29 +56,7 @@ def _rel(path: Path, start: Path) -> str:
 def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, missing, stale, curves, analyses, flags = [], [], [], {}, {}, {}
-    for entry in expand_runs(cfg.runs, "report"):
-        r = resolve_run(entry)
-        summary = read_result(r.eval_dir / f"results-{cfg.preset}.json")
-        if summary is None:
-            missing.append(entry)
-        else:
-            summary["name"] = r.name
-            own = r.eval_dir.resolve() == Path(r.ref.path).resolve()  # a named model's results: no weights here
-            if not own and Path(r.ref.path).exists() and checkpoint_hash(r.ref) != summary["checkpoint"]:
-                stale.append(r.name)
-            results.append(summary)
-        run_curves: dict = {}
-        for m in r.metrics:
-            for k, pts in read_curves(m.parent).items():
-                run_curves.setdefault(k, []).extend(pts)
-        if run_curves:
-            curves[r.name] = run_curves
-        init = next((json.loads(p.read_text()) for m in r.metrics if (p := m.parent / T2S_INIT_FILE).is_file()), None)
-        if run_flags := projector_flags(run_curves, init):
-            flags[r.name] = run_flags
-        if (a := read_result(analysis_dir(entry) / RESULT)) is not None:
-            analyses[r.name] = a
+    results, missing, stale, curves, analyses, flags = _collect(cfg)
     if not results:
         raise ConfigError(f"report: no run has results for preset {cfg.preset!r}; run `dskd eval` first "
                           f"(make eval RUNS=\"{' '.join(cfg.runs)}\" PRESET={cfg.preset})")
@@ -142,3 +120,32 @@ def run(cfg: ReportConfig) -> Path:
     print(markdown_table(results, suites))
     print(f"report: {path}")
     return path
+
+
+def _collect(cfg: ReportConfig) -> tuple[list, list, list, dict, dict, dict]:
+    """What eval, training and analyze stored for each run: (results, runs without results, runs whose checkpoint
+    changed after their eval, curves, analyses, projector warnings)."""
+    results, missing, stale, curves, analyses, flags = [], [], [], {}, {}, {}
+    for entry in expand_runs(cfg.runs, "report"):
+        r = resolve_run(entry)
+        summary = read_result(r.eval_dir / f"results-{cfg.preset}.json")
+        if summary is None:
+            missing.append(entry)
+        else:
+            summary["name"] = r.name
+            own = r.eval_dir.resolve() == Path(r.ref.path).resolve()  # a named model's results: no weights here
+            if not own and Path(r.ref.path).exists() and checkpoint_hash(r.ref) != summary["checkpoint"]:
+                stale.append(r.name)
+            results.append(summary)
+        run_curves: dict = {}
+        for m in r.metrics:
+            for k, pts in read_curves(m.parent).items():
+                run_curves.setdefault(k, []).extend(pts)
+        if run_curves:
+            curves[r.name] = run_curves
+        init = next((json.loads(p.read_text()) for m in r.metrics if (p := m.parent / T2S_INIT_FILE).is_file()), None)
+        if run_flags := projector_flags(run_curves, init):
+            flags[r.name] = run_flags
+        if (a := read_result(analysis_dir(entry) / RESULT)) is not None:
+            analyses[r.name] = a
+    return results, missing, stale, curves, analyses, flags

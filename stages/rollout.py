@@ -32,17 +32,17 @@ from pathlib import Path
 
 from pipeline import lock
 from pipeline.config import RolloutConfig, config_identity, dump_config
-from pipeline.data import ROLLOUT_MANIFEST, DataError, Example, jsonl_records, load_examples
+from pipeline.data.records import ROLLOUT_MANIFEST, DataError, Example, jsonl_records, load_examples
+from pipeline.data.tokenize import Truncation, encode_prompt, special_ids
+from pipeline.generate import open_generator, request_seed, resolve_backend
 from pipeline.io_utils import atomic_write_text, hash_json, sha256_file, write_json, write_text_if_changed
-from pipeline.models import (
+from pipeline.models.load import (
     check_model_ref,
     load_tokenizer,
     model_fingerprint,
     short_name,
     tokenizer_fingerprint,
 )
-from pipeline.rollout import open_generator, request_seed, resolve_backend
-from pipeline.tokenize import Truncation, encode_prompt, special_ids
 
 SHARD = "shard-{:05d}.jsonl"
 
@@ -124,30 +124,44 @@ def _run(cfg: RolloutConfig, held: contextlib.ExitStack) -> Path:
     if len(todo) < n_shards:
         print(f"rollout: resuming, {n_shards - len(todo)} of {n_shards} shard(s) already written")
     origin = f"rollout:{name}:round{cfg.round}"
-    model_id = hash_json(inputs["model"])[:16]
-    generated, t0 = 0, time.perf_counter()
-    if todo:
-        max_len = cfg.tokenize.max_prompt_length + cfg.sampling.max_new_tokens
-        with open_generator(cfg.model, tokenizer, cfg.sampling, max_model_len=max_len, seed=cfg.seed) as gen:
-            for i in todo:
-                rows = examples[i * R : (i + 1) * R]
-                seed = request_seed(cfg.seed, f"shard-{i}")
-                comps = gen.generate(prompts[i * R : i * R + len(rows)], cfg.sampling, seed, n=cfg.samples_per_prompt,
-                                     logprobs=cfg.logprobs, keys=[e.id for e in rows], progress=True)
-                records = []
-                for e, p, samples in zip(rows, prompts[i * R :], comps):
-                    for s, c in enumerate(samples):
-                        rec = {"id": e.id if cfg.samples_per_prompt == 1 else f"{e.id}#{s}", "prompt_id": e.id,
-                               "prompt": e.prompt, "response": c.text, "prompt_ids": p, "response_ids": c.token_ids,
-                               "tokenizer": tok_fp, "origin": origin, "model": model_id, "seed": seed, "sample": s,
-                               "finish_reason": c.finish_reason}
-                        if c.logprobs is not None:
-                            rec["logprobs"] = [round(x, 6) for x in c.logprobs]
-                        records.append(json.dumps(rec, ensure_ascii=False))
-                        generated += len(c.token_ids)
-                atomic_write_text(out / SHARD.format(i), "".join(r + "\n" for r in records))
-                print(f"rollout: shard {i + 1}/{n_shards} ({len(records)} rows)")
-    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generated = _generate(cfg, examples, prompts, tokenizer, out, todo, origin, hash_json(inputs["model"])[:16], tok_fp,
+                          n_shards) if todo else 0
+    _finish(cfg, out, fingerprint, inputs, name, origin, backend, len(examples), n_shards, generated,
+            time.perf_counter() - t0)
+    return out
+
+
+def _generate(cfg: RolloutConfig, examples, prompts, tokenizer, out: Path, todo: list[int], origin: str, model_id: str,
+              tok_fp: str, n_shards: int) -> int:
+    """The shards `todo`, each written whole (tmp + rename); returns the tokens generated."""
+    R, generated = cfg.rows_per_shard, 0
+    max_len = cfg.tokenize.max_prompt_length + cfg.sampling.max_new_tokens
+    with open_generator(cfg.model, tokenizer, cfg.sampling, max_model_len=max_len, seed=cfg.seed) as gen:
+        for i in todo:
+            rows = examples[i * R : (i + 1) * R]
+            seed = request_seed(cfg.seed, f"shard-{i}")
+            comps = gen.generate(prompts[i * R : i * R + len(rows)], cfg.sampling, seed, n=cfg.samples_per_prompt,
+                                 logprobs=cfg.logprobs, keys=[e.id for e in rows], progress=True)
+            records = []
+            for e, p, samples in zip(rows, prompts[i * R :], comps):
+                for s, c in enumerate(samples):
+                    rec = {"id": e.id if cfg.samples_per_prompt == 1 else f"{e.id}#{s}", "prompt_id": e.id,
+                           "prompt": e.prompt, "response": c.text, "prompt_ids": p, "response_ids": c.token_ids,
+                           "tokenizer": tok_fp, "origin": origin, "model": model_id, "seed": seed, "sample": s,
+                           "finish_reason": c.finish_reason}
+                    if c.logprobs is not None:
+                        rec["logprobs"] = [round(x, 6) for x in c.logprobs]
+                    records.append(json.dumps(rec, ensure_ascii=False))
+                    generated += len(c.token_ids)
+            atomic_write_text(out / SHARD.format(i), "".join(r + "\n" for r in records))
+            print(f"rollout: shard {i + 1}/{n_shards} ({len(records)} rows)")
+    return generated
+
+
+def _finish(cfg: RolloutConfig, out: Path, fingerprint: str, inputs: dict, name: str, origin: str, backend: str,
+            prompts: int, n_shards: int, generated: int, seconds: float) -> None:
+    """The manifest (written last: the directory is finished) and the CURRENT pointer."""
     shards, finish = [], Counter()
     for i in range(n_shards):
         f = out / SHARD.format(i)
@@ -156,13 +170,11 @@ def _run(cfg: RolloutConfig, held: contextlib.ExitStack) -> Path:
         shards.append({"file": f.name, "rows": len(lines), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
     write_json(out / ROLLOUT_MANIFEST, {
         "kind": "rollout", "fingerprint": fingerprint, "fingerprint_inputs": inputs, "model_name": name,
-        "origin": origin, "backend": backend, "rows": sum(s["rows"] for s in shards), "prompts": len(examples),
+        "origin": origin, "backend": backend, "rows": sum(s["rows"] for s in shards), "prompts": prompts,
         "finish_reasons": dict(finish), "shards": shards,
         # this run's loop (model start excluded), for people and bench-rollout; a resumed run counts its own part
         "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9),
     })
-    write_text_if_changed(root / "CURRENT", out.name + "\n")
+    write_text_if_changed(Path(cfg.out_dir) / "CURRENT", out.name + "\n")
     rows = sum(s["rows"] for s in shards)
     print(f"rollout: {rows} rows ({dict(finish)}), {generated} tokens in {seconds:.1f} s on {backend} -> {out}")
-    return out
-

@@ -27,9 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import lock, stamps
-from pipeline.alignment import LabelMap, RowAlignment, aligned_labels, encode_pair, tokenizer_label_map
-from pipeline.cache_io import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
-from pipeline.cache_schema import (
+from pipeline.cache.schema import (
     CHANNEL_SCALE_FILE,
     CURRENT,
     DATA_FILE,
@@ -44,6 +42,8 @@ from pipeline.cache_schema import (
     fit_channel_scale,
     list_column,
 )
+from pipeline.cache.store import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
+from pipeline.cache.teacher import check_head, stage1_chunk_positions, teacher_forward
 from pipeline.config import (
     DataConfig,
     TeacherCacheConfig,
@@ -52,23 +52,23 @@ from pipeline.config import (
     dump_config,
     load_config,
 )
-from pipeline.data import Example, load_examples, write_jsonl
-from pipeline.distributed import all_reduce_sum, barrier, local_or_distributed
-from pipeline.head import HEAD_FILE, HEAD_TOLERANCE, OutputHead
+from pipeline.cpu import keep_freed_memory
+from pipeline.data.alignment import LabelMap, RowAlignment, aligned_labels, encode_pair, tokenizer_label_map
+from pipeline.data.records import Example, load_examples, write_jsonl
+from pipeline.data.tokenize import Encoded, TokenizerError, Truncation, encode, special_ids
 from pipeline.io_utils import atomic_save_npy, atomic_save_safetensors, hash_json, sha256_file, write_json
 from pipeline.losses import divergence
-from pipeline.models import (
+from pipeline.models.head import HEAD_FILE, HEAD_TOLERANCE, OutputHead
+from pipeline.models.load import (
     checkpoint_dtype,
-    keep_freed_memory,
     load_model,
     load_tokenizer,
     model_fingerprint,
     short_name,
     tokenizer_fingerprint,
 )
-from pipeline.teacher import check_head, stage1_chunk_positions, teacher_forward
-from pipeline.tokenize import Encoded, TokenizerError, Truncation, encode, special_ids
-from pipeline.tracking import peak_memory_mb
+from pipeline.train.distributed import all_reduce_sum, barrier, local_or_distributed
+from pipeline.train.tracking import peak_memory_mb
 
 # this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
 STATS_FILE = "build_stats.json"
@@ -164,49 +164,102 @@ def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok
 def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | None = None) -> Path:
     """Build (or resume, or repair) the cache of `cfg`; return its directory. With `repair`, a finished cache's
     shards are checked by sha256 (not only by size) and the bad ones recomputed; `expect_dir` refuses to build any
-    other directory (`repair`)."""
-    with contextlib.ExitStack() as held:  # the cache directory's lock, from the first decision about it to the end
-        return _run(cfg, repair, expect_dir, held)
-
-
-def _run(cfg: TeacherCacheConfig, repair: bool, expect_dir: Path | None, held: contextlib.ExitStack) -> Path:
+    other directory (`repair`). Plan (the cheap checks), then, if there is work: the teacher, the once-per-cache
+    files, the shards, the manifest."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
-    dist = local_or_distributed()
-    if dist.device.type == "cpu":
-        keep_freed_memory()
-    # cheap checks first: the data, then the tokenizers (a converted GGUF vocabulary loads in about a second)
+    with contextlib.ExitStack() as held:  # the cache directory's lock, from the first decision about it to the end
+        dist = local_or_distributed()
+        if dist.device.type == "cpu":
+            keep_freed_memory()
+        p = plan(cfg, expect_dir)
+        held.enter_context(lock.writer(p.out, "teacher-cache", take=dist.is_main))  # one writer, before anything is read
+        work = _plan(p.writer, repair) if dist.is_main else False
+        (work,) = all_reduce_sum([float(work)], dist.device)
+        if not work:
+            if dist.is_main:
+                p.writer.mark_current()
+                _record(cfg, p.writer, read_manifest(p.out))
+                print(f"teacher-cache: up to date ({p.out})")
+            return p.out
+        t = load_teacher(cfg, p, dist)
+        if dist.is_main:
+            _write_once_files(cfg, p, t)
+        barrier()
+        tokens, elapsed, todo = _compute_shards(cfg, p, t, dist)
+        if dist.is_main:  # throughput of this run's loop (first preparation and last write included)
+            write_json(p.out / STATS_FILE, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                                            "world_size": dist.world_size, "shards": len(todo),
+                                            **peak_memory_mb(dist.device)})
+        barrier()
+        if dist.is_main:
+            _finish(cfg, p, t, dist)
+        return p.out
+
+
+@dataclass
+class Plan:
+    """What the cheap checks found: the data, both tokenizers, the cache's identity and its directory."""
+
+    examples: list[Example]
+    teacher_tok: object
+    student_tok: object
+    t_pad: int
+    fingerprint_inputs: dict
+    same: bool  # one tokenizer on both sides
+    encoding: str  # how hidden states are stored
+    teacher_name: str
+    writer: CacheWriter
+    rows_per_shard: int
+
+    @property
+    def out(self) -> Path:
+        return self.writer.dir
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.examples) + self.rows_per_shard - 1) // self.rows_per_shard
+
+
+def plan(cfg: TeacherCacheConfig, expect_dir: Path | None) -> Plan:
+    """The data, then the tokenizers (a converted GGUF vocabulary loads in about a second), then the cache's
+    fingerprint and directory: seconds, before any model."""
     examples = load_examples(cfg.data)
     teacher_tok = load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
     student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
     _, t_pad = special_ids(teacher_tok, require_eos=False)
     special_ids(student_tok)  # a student tokenizer without EOS is an error here, before any work
-    fingerprint_inputs = fingerprint_of(cfg, examples, teacher_tok, student_tok)
-    fingerprint = hash_json(fingerprint_inputs)
-    s_fp, t_fp = fingerprint_inputs["student_tokenizer"], fingerprint_inputs["teacher_tokenizer"]
-    _check_generated(examples, s_fp, cfg)
-    same, encoding = s_fp == t_fp, fingerprint_inputs["hidden_encoding"]
+    inputs = fingerprint_of(cfg, examples, teacher_tok, student_tok)
+    fingerprint = hash_json(inputs)
+    _check_generated(examples, inputs["student_tokenizer"], cfg)
     teacher_name = cfg.teacher_name or short_name(cfg.teacher)
     writer = CacheWriter(Path(cfg.out_dir), cache_dir_name(teacher_name, fingerprint), fingerprint)
-    out = writer.dir
-    if expect_dir is not None and out.resolve() != Path(expect_dir).resolve():
+    if expect_dir is not None and writer.dir.resolve() != Path(expect_dir).resolve():
         raise CacheError(f"{expect_dir}: its config.yaml no longer reproduces it (the teacher, the tokenizers or the "
-                         f"data changed: it would build {out.name}); rebuild with `dskd teacher-cache`")
-    held.enter_context(lock.writer(out, "teacher-cache", take=dist.is_main))  # one writer, before anything is read
-    work = _plan(writer, repair) if dist.is_main else False
-    (work,) = all_reduce_sum([float(work)], dist.device)
-    if not work:
-        if dist.is_main:
-            writer.mark_current()
-            _record(cfg, writer, read_manifest(out))
-            print(f"teacher-cache: up to date ({out})")
-        return out
+                         f"data changed: it would build {writer.dir.name}); rebuild with `dskd teacher-cache`")
+    return Plan(examples, teacher_tok, student_tok, t_pad, inputs,
+                inputs["student_tokenizer"] == inputs["teacher_tokenizer"], inputs["hidden_encoding"], teacher_name,
+                writer, cfg.cache.rows_per_shard)
 
+
+@dataclass
+class Teacher:
+    """The loaded teacher, its output head and what the head check found."""
+
+    model: torch.nn.Module
+    head: OutputHead
+    k: int  # top-k stored
+    check_rows: list[list[int]]
+    head_err: float
+    head_exact: bool  # the head reproduces the model's logits: stage 2 may recompute them densely
+    label_map: LabelMap | None  # cross-tokenizer: teacher id -> student id of the same text
+
+
+def load_teacher(cfg: TeacherCacheConfig, p: Plan, dist) -> Teacher:
     model = load_model(cfg.teacher).to(dist.device)
     head = OutputHead.from_model(model)
-    k = min(cfg.cache.top_k, head.vocab_size)
-    check_rows = [encode(teacher_tok, e.prompt, e.response, cfg.tokenize, require_eos=False).ids
-                  for e in examples[:HEAD_CHECK_ROWS]]
-    head_err = check_head(model, head, check_rows, t_pad)
+    check_rows = [encode(p.teacher_tok, e.prompt, e.response, cfg.tokenize, require_eos=False).ids
+                  for e in p.examples[:HEAD_CHECK_ROWS]]
+    head_err = check_head(model, head, check_rows, p.t_pad)
     # above the tolerance the cache falls back to top-k + tail
     head_exact = head_err <= HEAD_TOLERANCE[checkpoint_dtype(model)]
     if not head_exact and dist.is_main:
@@ -214,34 +267,41 @@ def _run(cfg: TeacherCacheConfig, repair: bool, expect_dir: Path | None, held: c
             f"teacher-cache: WARNING: the output head does not reproduce {cfg.teacher.path!r}'s logits (max error "
             f"{head_err:.3g}); falling back to top-k + tail from the model's own logits (stage 2 cannot recompute them)"
         )
-    label_map = None if same else tokenizer_label_map(teacher_tok, student_tok)
-    if dist.is_main:  # the once-per-cache files (deterministic: a resume or a repair writes the same bytes)
-        writer.begin()
-        head.save(out / HEAD_FILE)
-        if cfg.cache.store_embeddings:
-            _save_embeddings(model, out / EMBEDDINGS_FILE)
-        if label_map is not None:
-            atomic_save_npy(out / VOCAB_MAP_FILE, label_map.exact)
-        _save_tokenizer(teacher_tok, out / "teacher_tokenizer")
-        _save_tokenizer(student_tok, out / "student_tokenizer")
-        write_jsonl(out / DATA_FILE, [e.record() for e in examples])
-        if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
-            dump_config(cfg, out / "config.yaml")
-        if encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
-            sample = teacher_forward(model, head, check_rows, [1] * len(check_rows), 1, t_pad)  # every position
-            atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(torch.cat([r.hidden for r in sample])))
-        writer.complete_shards((len(examples) + cfg.cache.rows_per_shard - 1) // cfg.cache.rows_per_shard)
-    barrier()
-    channel_scale = np.load(out / CHANNEL_SCALE_FILE) if encoding == "int8" else None
+    label_map = None if p.same else tokenizer_label_map(p.teacher_tok, p.student_tok)
+    return Teacher(model, head, min(cfg.cache.top_k, head.vocab_size), check_rows, head_err, head_exact, label_map)
 
-    R = cfg.cache.rows_per_shard
-    n_shards = (len(examples) + R - 1) // R
-    done = writer.present_shards()  # checked by rank 0 above: readable, and this cache's own
-    todo = [i for i in range(n_shards) if i % dist.world_size == dist.rank and i not in done]
+
+def _write_once_files(cfg: TeacherCacheConfig, p: Plan, t: Teacher) -> None:
+    """Rank 0: the once-per-cache files (deterministic: a resume or a repair writes the same bytes)."""
+    out = p.out
+    p.writer.begin()
+    t.head.save(out / HEAD_FILE)
+    if cfg.cache.store_embeddings:
+        _save_embeddings(t.model, out / EMBEDDINGS_FILE)
+    if t.label_map is not None:
+        atomic_save_npy(out / VOCAB_MAP_FILE, t.label_map.exact)
+    _save_tokenizer(p.teacher_tok, out / "teacher_tokenizer")
+    _save_tokenizer(p.student_tok, out / "student_tokenizer")
+    write_jsonl(out / DATA_FILE, [e.record() for e in p.examples])
+    if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
+        dump_config(cfg, out / "config.yaml")
+    if p.encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
+        sample = teacher_forward(t.model, t.head, t.check_rows, [1] * len(t.check_rows), 1, p.t_pad)  # every position
+        atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(torch.cat([r.hidden for r in sample])))
+    p.writer.complete_shards(p.n_shards)
+
+
+def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple[int, float, list[int]]:
+    """This rank's missing shards: prepared by the loader worker, the teacher's forward here, written by the writer
+    thread. Returns (tokens, seconds, the shards computed)."""
+    channel_scale = np.load(p.out / CHANNEL_SCALE_FILE) if p.encoding == "int8" else None
+    R, examples = cfg.cache.rows_per_shard, p.examples
+    done = p.writer.present_shards()  # checked by rank 0 above: readable, and this cache's own
+    todo = [i for i in range(p.n_shards) if i % dist.world_size == dist.rank and i not in done]
     if done and dist.is_main:
-        print(f"teacher-cache: resuming, {len(done)} of {n_shards} shard(s) already complete")
-    schema = arrow_schema(head.hidden_size, k, encoding, aligned=not same)
-    preparer = ShardPreparer(examples, todo, R, cfg.cache.batch_size, teacher_tok, None if same else student_tok,
+        print(f"teacher-cache: resuming, {len(done)} of {p.n_shards} shard(s) already complete")
+    schema = arrow_schema(t.head.hidden_size, t.k, p.encoding, aligned=not p.same)
+    preparer = ShardPreparer(examples, todo, R, cfg.cache.batch_size, p.teacher_tok, None if p.same else p.student_tok,
                              cfg.tokenize, str(cfg.data.path))
     workers = cfg.cache.loader_workers
     loader = DataLoader(preparer, batch_size=None, collate_fn=_identity, num_workers=workers,
@@ -256,16 +316,16 @@ def _run(cfg: TeacherCacheConfig, repair: bool, expect_dir: Path | None, held: c
         for prep in loader:
             if prep.error:
                 raise TokenizerError(prep.error)
-            for side, t in prep.truncation.items():
-                cut.setdefault(side, Truncation()).merge(t)
+            for side, tr in prep.truncation.items():
+                cut.setdefault(side, Truncation()).merge(tr)
             outputs: list = [None] * len(prep.rows)
             err = StorageError()
             for b, idx in enumerate(prep.batches):
                 seqs = [prep.teacher[i].ids for i in idx]
                 starts = [prep.teacher[i].response_start for i in idx]
-                results = teacher_forward(model, head, seqs, starts, k, t_pad, head_exact=head_exact)
-                if head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
-                    err.merge(_storage_error(head, results, encoding, channel_scale, sample=b == 0))
+                results = teacher_forward(t.model, t.head, seqs, starts, t.k, p.t_pad, head_exact=t.head_exact)
+                if t.head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
+                    err.merge(_storage_error(t.head, results, p.encoding, channel_scale, sample=b == 0))
                 for i, r in zip(idx, results):
                     outputs[i] = r
                 tokens += sum(len(s) - 1 for s in seqs)
@@ -273,53 +333,48 @@ def _run(cfg: TeacherCacheConfig, repair: bool, expect_dir: Path | None, held: c
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
-            pending = pool.submit(
-                _write_shard, writer, schema, prep, outputs, encoding, channel_scale, label_map, err
-            )
+            pending = pool.submit(_write_shard, p.writer, schema, prep, outputs, p.encoding, channel_scale,
+                                  t.label_map, err)
         if pending is not None:
             pending.result()
-    elapsed = time.perf_counter() - t0
-    if dist.is_main:  # throughput of this run's loop (first preparation and last write included), for people and bench
-        write_json(out / STATS_FILE, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                                      "world_size": dist.world_size, "shards": len(todo),
-                                      **peak_memory_mb(dist.device)})
-    barrier()
-    for side, t in cut.items():  # once, for people: a 100k-character prompt is not cut silently
-        if msg := t.message(cfg.tokenize, f"teacher-cache[{dist.rank}] {side}" if dist.world_size > 1 else
-                            f"teacher-cache: {side}" if len(cut) > 1 else "teacher-cache"):
+    for side, tr in cut.items():  # once, for people: a 100k-character prompt is not cut silently
+        if msg := tr.message(cfg.tokenize, f"teacher-cache[{dist.rank}] {side}" if dist.world_size > 1 else
+                             f"teacher-cache: {side}" if len(cut) > 1 else "teacher-cache"):
             print(msg)
-    if not dist.is_main:
-        return out
+    return tokens, time.perf_counter() - t0, todo
 
-    manifest = writer.finish(
+
+def _finish(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> None:
+    """Rank 0: the manifest (the commit of the whole cache) and the quick up-to-date record."""
+    out, inputs = p.out, p.fingerprint_inputs
+    manifest = p.writer.finish(
         {
-            "fingerprint_inputs": fingerprint_inputs,
-            "teacher_name": teacher_name,
-            "teacher_vocab_size": head.vocab_size,
-            "hidden_size": head.hidden_size,
+            "fingerprint_inputs": inputs,
+            "teacher_name": p.teacher_name,
+            "teacher_vocab_size": t.head.vocab_size,
+            "hidden_size": t.head.hidden_size,
             "mode": cfg.cache.mode,
-            "hidden_encoding": encoding,
-            "top_k": k,
-            "head_exact": head_exact,
-            "head_max_error": float(head_err),
-            "storage_error": _gather_storage_error(writer.dir, n_shards),
-            "same_tokenizer": same,
-            "student_tokenizer_fingerprint": s_fp,
-            "teacher_tokenizer_fingerprint": t_fp,
+            "hidden_encoding": p.encoding,
+            "top_k": t.k,
+            "head_exact": t.head_exact,
+            "head_max_error": float(t.head_err),
+            "storage_error": _gather_storage_error(out, p.n_shards),
+            "same_tokenizer": p.same,
+            "student_tokenizer_fingerprint": inputs["student_tokenizer"],
+            "teacher_tokenizer_fingerprint": inputs["teacher_tokenizer"],
             "head_sha256": sha256_file(out / HEAD_FILE),
             "embeddings_sha256": sha256_file(out / EMBEDDINGS_FILE) if cfg.cache.store_embeddings else None,
             "world_size": dist.world_size,
-            "origins": dict(Counter(e.origin for e in examples)),
+            "origins": dict(Counter(e.origin for e in p.examples)),
         },
-        n_shards,
+        p.n_shards,
     )
-    _record(cfg, writer, manifest)
+    _record(cfg, p.writer, manifest)
     size = sum(s.bytes for s in manifest.shards)
     print(
         f"teacher-cache: {manifest.rows} rows, {manifest.response_tokens} response tokens, {len(manifest.shards)} "
         f"shard(s), {size / max(manifest.response_tokens, 1):.0f} bytes/response token -> {out}"
     )
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -117,9 +117,9 @@ def assert_labels_are_the_sampled_ids(cache_dir, rollout_dir):
     """Every row of a cache built from a rollout directory holds exactly the ids that were sampled (prompt ids, then
     response ids, the EOS included when it was sampled): the teacher scored the student's own tokens. Returns the
     cache's reader."""
-    from pipeline.cache_io import CacheReader
+    from pipeline.cache.store import CacheReader
     from pipeline.config import DataConfig
-    from pipeline.data import load_examples
+    from pipeline.data.records import load_examples
 
     by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
     reader = CacheReader(cache_dir)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.alignment import (
+from pipeline.config import TokenizeConfig
+from pipeline.data.alignment import (
     LabelMap,
     aligned_labels,
     chunk_alignment,
@@ -19,8 +20,7 @@ from pipeline.alignment import (
     trimmed_spans,
     vocab_map,
 )
-from pipeline.config import TokenizeConfig
-from pipeline.tokenize import encode, is_byte_token, token_surfaces
+from pipeline.data.tokenize import encode, is_byte_token, token_surfaces
 from tests.conftest import SHARED, shared_tokenizer
 
 # byte-level BPE, SentencePiece with byte fallback, digit-splitting, and Gemma's space-merging SentencePiece

@@ -16,17 +16,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.alignment import tokenizer_label_map
-from pipeline.batch import collate_cache_rows
-from pipeline.cache_inspect import info, verify
-from pipeline.cache_io import CacheError, CacheReader, resolve_cache_dir
-from pipeline.cache_schema import CURRENT, DATA_FILE, MANIFEST, PROGRESS, VOCAB_MAP_FILE
+from pipeline.cache.batch import collate_cache_rows
+from pipeline.cache.schema import CURRENT, DATA_FILE, MANIFEST, PROGRESS, VOCAB_MAP_FILE
+from pipeline.cache.store import CacheError, CacheReader, resolve_cache_dir
+from pipeline.cache.teacher import teacher_forward
+from pipeline.cache.verify import info, verify
 from pipeline.config import ModelRef
-from pipeline.data import load_examples
-from pipeline.head import HEAD_FILE, OutputHead
-from pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint
-from pipeline.teacher import teacher_forward
-from pipeline.tokenize import encode
+from pipeline.data.alignment import tokenizer_label_map
+from pipeline.data.records import load_examples
+from pipeline.data.tokenize import encode
+from pipeline.models.head import HEAD_FILE, OutputHead
+from pipeline.models.load import load_model, load_tokenizer, tokenizer_fingerprint
 from stages import teacher_cache
 from stages.cli import main as cli
 from tests.conftest import ROOT
@@ -114,7 +114,7 @@ def test_changed_settings_make_a_new_directory(tiny, cache):
 KILLER = r"""
 import os, signal, sys
 import pyarrow as pa
-from pipeline import cache_io, teacher
+from pipeline.cache import store as cache_io, teacher
 from stages import cli
 where, n = sys.argv[1], int(sys.argv[2])
 count = [0]
@@ -410,7 +410,7 @@ def test_disk_full_leaves_no_partial_shard(tiny, tmp_path, monkeypatch):
 
 
 def test_bad_rows_name_file_row_and_field(tiny, tmp_path):
-    from pipeline.data import DataError
+    from pipeline.data.records import DataError
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "a", "prompt": "p", "response": "r"}) + "\n" + json.dumps({"id": "b", "prompt": "p"}) + "\n")
@@ -496,7 +496,7 @@ def test_shards_of_another_cache_are_refused_with_what_to_do(tiny, cache, tmp_pa
     other = tmp_path / "root" / cache.name.replace(cache.name[-12:], "0" * 12)
     other.mkdir(parents=True)
     shutil.copy(cache / "shard-00000.arrow", other / "shard-00000.arrow")
-    from pipeline.cache_io import CacheWriter
+    from pipeline.cache.store import CacheWriter
 
     with pytest.raises(CacheError, match=rf"holds shards of another cache \({cache.name[-12:]}\); refusing to write "
                                          "into it \\(remove it or choose another out_dir\\)"):
@@ -506,7 +506,7 @@ def test_shards_of_another_cache_are_refused_with_what_to_do(tiny, cache, tmp_pa
 def test_weights_are_written_as_readable_as_every_other_file(caches, tmp_path):
     """safetensors creates its files 0600: the student's final weights and the cached teacher head were unreadable to
     the group while every other file was 0644 (issue 27). Every file now gets the umask's mode."""
-    from pipeline.cache_io import resolve_cache_dir
+    from pipeline.cache.store import resolve_cache_dir
     from pipeline.io_utils import _umask
     from stages import distill
 

@@ -11,9 +11,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache_io import CacheError
+from pipeline.cache.store import CacheError
 from pipeline.config import ConfigError, dump_config
-from pipeline.data import DataError
+from pipeline.data.records import DataError
 from stages import distill, teacher_cache
 from stages.cli import main as cli
 from tests.conftest import ROOT
@@ -63,7 +63,7 @@ def test_late_errors_now_arrive_before_any_model_or_engine(caches, tmp_path, mon
     """An output directory that cannot be written, a student path that is a file, too few rows for a micro-batch, an
     out-of-range divergence setting and a cache of another student tokenizer: one line each, before a model loads or
     DeepSpeed starts (issue 27; they came after 5-55 s, some as tracebacks)."""
-    from pipeline.models import ModelLoadError
+    from pipeline.models.load import ModelLoadError
 
     monkeypatch.setattr(distill, "init_distributed", _no("DeepSpeed initialised"))
     monkeypatch.setattr(distill, "load_model", _no("the student loaded"))
@@ -119,7 +119,7 @@ def test_up_to_date_stages_answer_in_about_a_second_without_torch(caches, tmp_pa
         assert time.perf_counter() - t0 < 5  # the interpreter start included; the check itself well under 1 s
     # a changed input file is noticed (the full check then runs)
     from pipeline import stamps
-    from pipeline.cache_schema import SCHEMA_VERSION
+    from pipeline.cache.schema import SCHEMA_VERSION
 
     assert stamps.distill_up_to_date(run_cfg) is not None
     assert stamps.teacher_cache_up_to_date(caches.cache_cfg()) is not None

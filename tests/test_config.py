@@ -157,15 +157,15 @@ def test_identity_leaves_out_defaults_so_new_settings_keep_old_runs(tmp_path):
     ident = config_identity(cfg)
     assert ident == {"student": {"path": "m"}, "out_dir": "o", "data": {"path": "d.jsonl"}, "train": {"steps": 7}}
     # a run whose config.yaml predates a setting (here: the on-policy sections) is the same run
-    from stages.distill import _what_changed
+    from pipeline.train.run_dir import what_changed
 
     run = tmp_path / "run"
     run.mkdir()
     old = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
     del old["onpolicy"], old["continue_from"], old["train"]["step_offset"]
     (run / "config.yaml").write_text(yaml.safe_dump(old))
-    assert _what_changed(run, cfg) == "data, cache or student weights (same config)"
-    assert "train.steps 7 -> 8" in _what_changed(run, load_config(DistillConfig, write(tmp_path, {**BASE, "train": {"steps": 8}})))
+    assert what_changed(run, cfg) == "data, cache or student weights (same config)"
+    assert "train.steps 7 -> 8" in what_changed(run, load_config(DistillConfig, write(tmp_path, {**BASE, "train": {"steps": 8}})))
 
 
 def test_tensor_parallel_rollouts_need_vllm():

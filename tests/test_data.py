@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, load_examples
+from pipeline.data.records import DataError, load_examples
 
 
 def jsonl(tmp_path, lines: list[str]):
@@ -89,7 +89,7 @@ def test_sources_appended_with_a_prompt_template(tmp_path):
     """Dolly dev + GSM8K train as one training set: each source keeps its own fields and limit; GSM8K's prompt is
     the evaluation suite's Alpaca template filled with its question."""
     from pipeline.config import load_config
-    from pipeline.evaluation import ALPACA
+    from pipeline.evaluate.suites import ALPACA
 
     dolly = jsonl(tmp_path, [json.dumps({"prompt": "P1", "output": "R1"}), json.dumps({"prompt": "P2", "output": "R2"})])
     gsm = tmp_path / "gsm.jsonl"

@@ -14,10 +14,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cache_io import CacheReader
+from pipeline.cache.store import CacheReader
 from pipeline.config import AssetsConfig, DistillConfig, TeacherCacheConfig, load_config
+from pipeline.evaluate.report import projector_flags, read_curves
 from pipeline.objectives.setup import T2S_INIT_FILE
-from pipeline.report import projector_flags, read_curves
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.slow  # the default's teacher (3,000 steps) and two 300-step students: about 3 minutes

@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from pipeline.config import TaskDataConfig
-from pipeline.default_task import (
+from pipeline.data.default_task import (
     ASKED,
     CATEGORIES,
     CATEGORY_OF,

@@ -18,11 +18,11 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from pipeline import metrics
-from pipeline.analysis import representation_distance, structure_distance, structure_matrices
 from pipeline.config import ConfigError, EvalConfig, ModelRef, SuiteConfig, dump_config, load_config
-from pipeline.data import DataError
-from pipeline.evaluation import (
+from pipeline.data.records import DataError
+from pipeline.evaluate import metrics
+from pipeline.evaluate.analysis import representation_distance, structure_distance, structure_matrices
+from pipeline.evaluate.suites import (
     BUILTIN_PRESETS,
     BUILTIN_SUITES,
     PROTOCOL,
@@ -32,8 +32,8 @@ from pipeline.evaluation import (
     reference_nll,
     summarise,
 )
-from pipeline.models import load_model, load_tokenizer
-from pipeline.rollout import Completion, HFGenerator, vllm_available
+from pipeline.generate import Completion, HFGenerator, vllm_available
+from pipeline.models.load import load_model, load_tokenizer
 from tests.conftest import ROOT, SHARED
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_hf_backend_receives_the_protocols_generation_config(tiny, monkeypatch):
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make install-vllm)")
 def test_vllm_backend_receives_the_protocols_sampling_params(tiny):
-    from pipeline.rollout import NO_REPEAT, VLLMGenerator, request_seed
+    from pipeline.generate import NO_REPEAT, VLLMGenerator, request_seed
 
     got = {}
 
@@ -236,7 +236,7 @@ def test_vllm_backend_receives_the_protocols_sampling_params(tiny):
 
 
 def test_reference_nll_is_the_token_average_of_log_softmax(tiny):
-    from pipeline.evaluation import EvalRow
+    from pipeline.evaluate.suites import EvalRow
 
     ref = ModelRef(path=str(tiny.teacher / "final"))
     model, tok = load_model(ref), load_tokenizer(ref)
@@ -325,7 +325,7 @@ def test_eval_killed_midway_resumes_at_the_next_unfinished_pair(tiny, tmp_path, 
 
 def _fake_run(root: Path, name: str, scores: dict[str, list[float]], role: str = "student") -> Path:
     """A run directory with stored eval results (two seeds per suite) and a metrics.jsonl."""
-    from pipeline.evaluation import checkpoint_hash as ckpt_of
+    from pipeline.evaluate.suites import checkpoint_hash as ckpt_of
 
     run = root / name
     run.mkdir(parents=True)
@@ -433,7 +433,7 @@ def test_report_figures_a_newcomer_can_read(tmp_path):
     curve on its own figure, a 0/1 quantity as its running mean, valid Rouge-L saying what it scores; `make eval`'s
     table has exact match and NLL too."""
     from pipeline.config import ReportConfig
-    from pipeline.report import (
+    from pipeline.evaluate.report import (
         TEACHER_COLOR,
         _smooth,
         curve_title,
@@ -495,7 +495,7 @@ def test_structure_distance_is_zero_for_the_same_states_and_grows_with_a_perturb
 def test_a_model_against_its_own_hidden_states_is_at_distance_zero(tiny):
     from types import SimpleNamespace
 
-    from pipeline.analysis import student_hidden
+    from pipeline.evaluate.analysis import student_hidden
 
     model = load_model(ModelRef(path=str(tiny.teacher / "final")))
     ids = torch.arange(3, 15).numpy()
@@ -535,7 +535,7 @@ def test_analyze_eval_and_report_on_trained_students(caches, tmp_path):
 
 
 def test_projector_flags_name_a_projected_teacher_that_does_not_learn():
-    from pipeline.report import projector_flags
+    from pipeline.evaluate.report import projector_flags
 
     steps = range(0, 300, 20)
     good = {"t2s_ce": [(s, 6.0 - s / 60) for s in steps], "t2s_agreement": [(s, s / 300) for s in steps]}
@@ -554,7 +554,7 @@ def test_projector_flags_name_a_projected_teacher_that_does_not_learn():
 
 
 @pytest.mark.slow  # lm-eval's import and task setup: about a minute on 2 cores
-@pytest.mark.skipif(not __import__("pipeline.harness", fromlist=["available"]).available(),
+@pytest.mark.skipif(not __import__("pipeline.evaluate.harness", fromlist=["available"]).available(),
                     reason="lm-evaluation-harness is not installed (make install-harness)")
 def test_harness_bridge_runs_a_local_task_and_stores_it_with_the_results(tiny, tmp_path, monkeypatch):
     """`--harness` runs an lm-eval task (GSM8K from the local file, 5 rows) on a run's model: its metrics land in
@@ -575,7 +575,7 @@ def test_harness_bridge_runs_a_local_task_and_stores_it_with_the_results(tiny, t
     assert 0.0 <= m["exact_match[last-number]"] <= 1.0 and "exact_match_stderr[last-number]" in m
     (stored,) = run.glob("eval/*/harness/gsm8k_local-*.json")
     assert json.loads(stored.read_text())["limit"] == 5
-    import pipeline.harness as h
+    import pipeline.evaluate.harness as h
 
     monkeypatch.setattr(h, "run_task", lambda *a, **k: pytest.fail("the task ran again"))
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.metrics import exact_match, rouge_l, score
+from pipeline.evaluate.metrics import exact_match, rouge_l, score
 
 
 def test_exact_match_uses_squad_normalisation():
@@ -31,7 +31,7 @@ def test_rouge_l_is_the_max_over_references_whatever_their_order():
     """The search stops at F = 1 (an identical reference first); otherwise every reference is scored."""
     from rouge_score import rouge_scorer
 
-    from pipeline.default_task import right_answers
+    from pipeline.data.default_task import right_answers
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     refs = right_answers("grape")

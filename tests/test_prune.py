@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from pipeline.prune import PruneError, choose_layers, layer_stack, prune
+from pipeline.models.prune import PruneError, choose_layers, layer_stack, prune
 from stages.cli import main
 from tests.conftest import tiny_lm
 

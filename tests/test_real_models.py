@@ -17,13 +17,13 @@ import torch
 import transformers
 import yaml
 
-from pipeline import checkpoint
-from pipeline.cache_inspect import verify
-from pipeline.cache_io import CacheReader
-from pipeline.cache_schema import recompute_tolerance
-from pipeline.checkpoint import CheckpointError
+from pipeline.cache.schema import recompute_tolerance
+from pipeline.cache.store import CacheReader
+from pipeline.cache.verify import verify
 from pipeline.config import DistillConfig, ModelRef, TeacherCacheConfig, config_to_dict, load_config
-from pipeline.models import gguf_path, load_model, load_tokenizer, resolve_path, tokenizer_fingerprint
+from pipeline.models.load import gguf_path, load_model, load_tokenizer, resolve_path, tokenizer_fingerprint
+from pipeline.train import checkpoint
+from pipeline.train.checkpoint import CheckpointError
 from stages import distill, teacher_cache
 from tests.conftest import CONFIGS, ROOT, SHARED, assert_labels_are_the_sampled_ids
 
@@ -87,7 +87,7 @@ def test_bf16_cache_of_smollm2_trains_kd_and_the_gguf_student_checkpoints_resume
     expected = transformers.AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()  # no gguf_file
     shutil.rmtree(straight)
 
-    real = distill.save_student
+    real = checkpoint.save_student
 
     def fail_the_final(model, where, *a, **k):
         if distill.FINAL_TMP in str(where):
@@ -95,7 +95,7 @@ def test_bf16_cache_of_smollm2_trains_kd_and_the_gguf_student_checkpoints_resume
         return real(model, where, *a, **k)
 
     resumed_cfg = _stage2(cache, tmp_path / "students", *common, "run_name=resumed")
-    monkeypatch.setattr(distill, "save_student", fail_the_final)
+    monkeypatch.setattr(checkpoint, "save_student", fail_the_final)
     with pytest.raises(CheckpointError, match="I/O error.*step-0000001 is intact"):
         distill.run(resumed_cfg)
     monkeypatch.undo()
@@ -199,7 +199,7 @@ def test_real_runs_are_analysed_evaluated_and_reported(tmp_path):
     from a Gemma-3 cache across tokenizers (dskd_eta, aligned pairs only) is analysed (trained and initial
     student), evaluated on Dolly beside the GGUF model itself, and reported."""
     from pipeline.config import EvalConfig, EvalPreset, GenerateConfig, ReportConfig
-    from pipeline.evaluation import BUILTIN_SUITES
+    from pipeline.evaluate.suites import BUILTIN_SUITES
     from stages import analyze, evaluate, report
 
     data = [f"data.path={DOLLY}", "data.limit=4", "cache.rows_per_shard=4", "cache.batch_size=4", *SHORT]

@@ -1,4 +1,4 @@
-"""Generation (pipeline/rollout.py), stage rollout, stage 1 over rollouts, SeqKD, the on-policy mix and rounds.
+"""Generation (pipeline/generate.py), stage rollout, stage 1 over rollouts, SeqKD, the on-policy mix and rounds.
 
 The vllm backend is tested for real (no mock) where vllm is installed (`make install-vllm`, which .ci/run does).
 """
@@ -20,10 +20,17 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
-from pipeline.data import DataError, load_examples
-from pipeline.models import load_model, load_tokenizer
-from pipeline.rollout import HFGenerator, decode_response, vllm_available
-from pipeline.tokenize import TokenizerError, decoded_offsets, encode_prompt, special_ids
+from pipeline.data.records import DataError, load_examples
+from pipeline.data.tokenize import (
+    TokenizerError,
+    decode_response,
+    decoded_offsets,
+    encode_prompt,
+    special_ids,
+)
+from pipeline.generate import HFGenerator, vllm_available
+from pipeline.models.load import load_model, load_tokenizer
+from pipeline.train import engine, step
 from stages import distill, onpolicy, rollout, teacher_cache
 from tests.conftest import ROOT, assert_labels_are_the_sampled_ids
 
@@ -220,7 +227,7 @@ def test_mix_zero_is_off_policy_and_mix_one_reads_only_rollouts(caches, student_
         for k in ("loss", "ce", "kd"):
             assert a[k] == pytest.approx(b[k], rel=1e-6)
     frac = np.mean([r["onpolicy_fraction"] for r in rows(half)])
-    drawn = np.mean([distill.on_policy(caches.distill_cfg().train.seed, k, 0.5) for k in range(20)])
+    drawn = np.mean([step.on_policy(caches.distill_cfg().train.seed, k, 0.5) for k in range(20)])
     assert frac == pytest.approx(drawn) and 0 < frac < 1
 
 
@@ -253,13 +260,13 @@ ONPOLICY_KILLER = textwrap.dedent("""
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         if stage == "teacher-cache":  # after the first shard of round 2's cache is renamed into place
-            from pipeline import cache_io
+            from pipeline.cache import store as cache_io
             real = cache_io.CacheWriter.write_shard
             def write_shard(self, *a):
                 real(self, *a); die()
             cache_io.CacheWriter.write_shard = write_shard
         else:  # after round 2's first checkpoint
-            from pipeline import checkpoint
+            from pipeline.train import checkpoint
             real_save = checkpoint.save
             def save(*a, **k):
                 real_save(*a, **k); die()
@@ -320,8 +327,8 @@ def test_two_rounds_resume_after_sigkill_in_stage1_and_stage2(caches, tmp_path, 
 VLLM_SCRIPT = textwrap.dedent("""
     import json, sys
     from pipeline.config import ModelRef, SamplingConfig
-    from pipeline.models import load_tokenizer
-    from pipeline.rollout import open_generator
+    from pipeline.models.load import load_tokenizer
+    from pipeline.generate import open_generator
     if __name__ == "__main__":
         model, prompts = sys.argv[1], json.loads(open(sys.argv[2]).read())
         tok = load_tokenizer(ModelRef(path=model))
@@ -425,8 +432,8 @@ def test_plan_offpolicy_rounds_and_the_schedule_over_rounds(caches, tmp_path):
     assert rounds[2].rollout.model.path == str(rounds[1].dir / "student" / "final")
     assert rounds[2].distill.continue_from == str(rounds[1].dir / "student" / "checkpoints" / "step-0000005")
     # one schedule over the rounds: round r's learning rates are steps (r-1)S+1 .. rS of the whole run's
-    whole = distill.lr_lambda(dataclasses.replace(rounds[0].distill.train, steps=15, schedule_steps=0))
-    per_round = [distill.lr_lambda(r.distill.train)(s) for r in rounds for s in range(5)]
+    whole = engine.lr_lambda(dataclasses.replace(rounds[0].distill.train, steps=15, schedule_steps=0))
+    per_round = [engine.lr_lambda(r.distill.train)(s) for r in rounds for s in range(5)]
     assert per_round == pytest.approx([whole(s) for s in range(15)])
     with pytest.raises(ConfigError, match="keep_at_end"):  # round r + 1 continues from round r's last checkpoint
         cfg = onpolicy_cfg(caches, tmp_path)
@@ -458,11 +465,11 @@ def test_rounds_with_mix_zero_train_exactly_the_one_off_policy_run(caches, tmp_p
 
 
 def test_ngram_ban_is_transformers_no_repeat_ngram_step_by_step():
-    """The vLLM logits processor's rule (pipeline.rollout.NGramBan, incremental) bans, at every step of every
+    """The vLLM logits processor's rule (pipeline.generate.NGramBan, incremental) bans, at every step of every
     sequence, exactly the tokens transformers' NoRepeatNGramLogitsProcessor bans on the whole sequence."""
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-    from pipeline.rollout import NGramBan
+    from pipeline.generate import NGramBan
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 3, 6):
@@ -480,7 +487,7 @@ def test_ngram_ban_is_transformers_no_repeat_ngram_step_by_step():
 
 
 def test_backend_choice(monkeypatch):
-    from pipeline import rollout as gen
+    from pipeline import generate as gen
 
     monkeypatch.setattr(gen, "vllm_available", lambda: False)
     assert gen.resolve_backend("auto") == "hf"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.simulation import SimulationConfig, run_one, simulate
+from pipeline.evaluate.simulation import SimulationConfig, run_one, simulate
 
 
 def test_shared_head_ends_closer_to_zero_for_every_divergence():

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.cache_schema import decode_hidden, encode_hidden
-from pipeline.head import OutputHead
-from pipeline.teacher import check_head, teacher_forward
-from pipeline.tokenize import response_positions
+from pipeline.cache.schema import decode_hidden, encode_hidden
+from pipeline.cache.teacher import check_head, teacher_forward
+from pipeline.data.tokenize import response_positions
+from pipeline.models.head import OutputHead
 from tests.conftest import tiny_lm
 
 V = 97

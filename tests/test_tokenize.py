@@ -6,7 +6,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import TokenizeConfig
-from pipeline.tokenize import TokenizerError, encode, pad, special_ids
+from pipeline.data.tokenize import TokenizerError, encode, pad, special_ids
 from tests.conftest import SHARED
 
 
@@ -72,7 +72,7 @@ def test_pad_right_and_left():
 
 
 def test_truncation_is_counted_and_reported_once(gpt2):
-    from pipeline.tokenize import Truncation, encode_prompt
+    from pipeline.data.tokenize import Truncation, encode_prompt
 
     cfg = TokenizeConfig(max_prompt_length=8, max_length=12)
     cut = Truncation()

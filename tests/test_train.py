@@ -16,10 +16,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError, TrainingDiverged
 from pipeline.config import ConfigError, DistillConfig, dump_config, load_config
-from pipeline.sampler import MicroBatchStream, eval_batches
+from pipeline.train import checkpoint, engine
+from pipeline.train.checkpoint import CheckpointError, TrainingDiverged
+from pipeline.train.sampler import MicroBatchStream, eval_batches
 from stages import distill, teacher_cache
 from tests.conftest import ROOT
 
@@ -78,7 +78,7 @@ def test_length_grouping_reduces_padding():
 def test_schedules(tiny, schedule):
     t = tiny.distill_cfg("train.steps=100", "train.warmup_steps=10", "train.lr=1e-3", "train.min_lr=1e-4",
                          f"train.schedule={schedule}").train
-    f = distill.lr_lambda(t)
+    f = engine.lr_lambda(t)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     end = 1.0 if schedule == "constant" else 0.1
     assert f(100) == pytest.approx(end)
@@ -89,7 +89,7 @@ def test_schedules(tiny, schedule):
 
 def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny.assets / "student-init")
-    decay, no_decay = distill.param_groups(model, 0.1)
+    decay, no_decay = engine.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all("norm" not in names[id(p)] and not names[id(p)].endswith("bias") for p in decay["params"])
@@ -98,15 +98,15 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay(tiny):
 
 
 def test_projectors_train_at_the_students_rate_unless_told(tiny):
-    from pipeline.projectors import Projectors
+    from pipeline.objectives.projectors import Projectors
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny.assets / "student-init")
     proj = Projectors("dskd", 64, 64)
     for sets, want in (([], 3e-3), (["train.projector_lr=5e-4"], 5e-4)):
-        groups = distill.optimizer_groups(model, proj, tiny.distill_cfg("train.lr=3e-3", *sets).train)
+        groups = engine.optimizer_groups(model, proj, tiny.distill_cfg("train.lr=3e-3", *sets).train)
         assert [g["lr"] for g in groups] == [3e-3, 3e-3, want]
         assert groups[-1]["params"] == list(proj.parameters())
-    assert [g["lr"] for g in distill.optimizer_groups(model, None, tiny.distill_cfg("train.lr=3e-3").train)] == [3e-3] * 2
+    assert [g["lr"] for g in engine.optimizer_groups(model, None, tiny.distill_cfg("train.lr=3e-3").train)] == [3e-3] * 2
     with pytest.raises(ConfigError, match="train.projector_lr must be > 0"):
         tiny.distill_cfg("train.projector_lr=0")
 
@@ -114,8 +114,8 @@ def test_projectors_train_at_the_students_rate_unless_told(tiny):
 def test_adamw_takes_the_configured_betas(tiny):
     ds = {}
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
-    assert distill._optimizer(groups, tiny.distill_cfg().train, ds).defaults["betas"] == (0.9, 0.95)
-    ref = distill._optimizer(groups, tiny.distill_cfg("train.betas=[0.9,0.999]").train, ds)
+    assert engine.make_optimizer(groups, tiny.distill_cfg().train, ds).defaults["betas"] == (0.9, 0.95)
+    ref = engine.make_optimizer(groups, tiny.distill_cfg("train.betas=[0.9,0.999]").train, ds)
     assert ref.defaults["betas"] == (0.9, 0.999)  # the DSKD reference's (torch's default)
     for bad in ("[0.9]", "[0.9,1.0]", "[-0.1,0.9]"):
         with pytest.raises(ConfigError, match="train.betas must be two numbers"):
@@ -125,10 +125,10 @@ def test_adamw_takes_the_configured_betas(tiny):
 def test_deepspeed_config_is_filled_from_the_run_config(tiny):
     t = tiny.distill_cfg("train.micro_batch_size=4", "train.grad_accum=6", "train.grad_clip=0.5",
                          "train.deepspeed=configs/deepspeed/zero3_offload.json", "train.precision=bf16").train
-    ds = distill.deepspeed_config(t, world_size=2)
+    ds = engine.deepspeed_config(t, world_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert ds["zero_optimization"]["stage"] == 3 and distill._offload(ds)
+    assert ds["zero_optimization"]["stage"] == 3 and engine.offloads(ds)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_lora_adapter_and_merged_reload_to_the_trained_student(caches):
     from peft import PeftModel
 
     from pipeline.config import ModelRef
-    from pipeline.models import load_model
+    from pipeline.models.load import load_model
 
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.steps=3", "train.lr=1e-2"]
     adapter = distill.run(caches.distill_cfg(*lora, "lora.save=adapter", "run_name=lora-adapter"))
@@ -300,7 +300,7 @@ def test_lora_resume_continues_the_same_curve(caches, monkeypatch):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint, engine
     real = checkpoint._fsync_tree
     def fsync_then_die(path):  # checkpoint 4 is fully written but not yet renamed into place: SIGKILL
         real(path)
@@ -356,7 +356,7 @@ def test_nan_stops_naming_step_and_term_and_saves_nothing_corrupt(caches, monkey
 
 
 def test_cache_for_another_student_tokenizer_is_refused(caches):
-    from pipeline.cache_io import CacheError
+    from pipeline.cache.store import CacheError
 
     with pytest.raises(CacheError, match="another student tokenizer"):
         distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init-metaspace", "run_name=wrongtok"))
@@ -393,11 +393,13 @@ def test_validation_terms_rouge_and_best_checkpoints(caches):
     assert json.loads((run_dir / "best.json").read_text())["checkpoints"] == [checkpoint.step_name(by_loss)]
 
     # valid_loss is the token mean of the loss over the whole validation cache (recomputed independently)
-    from pipeline.batch import collate_cache_rows
-    from pipeline.cache_io import CacheReader
+    from pipeline.cache.batch import collate_cache_rows
+    from pipeline.cache.store import CacheReader
     from pipeline.config import ModelRef
-    from pipeline.models import decoder_hidden, load_model
-    from pipeline.objectives import Objective, TeacherSide, student_side
+    from pipeline.models.load import decoder_hidden, load_model
+    from pipeline.objectives.base import TeacherSide
+    from pipeline.objectives.objective import Objective
+    from pipeline.objectives.setup import student_side
 
     cfg = caches.distill_cfg()
     reader = CacheReader(caches.valid_cache)

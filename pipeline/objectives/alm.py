@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.batch import Batch
+from pipeline.cache.batch import Batch
 from pipeline.losses import binary_log_probs, divergence_from_log_probs, label_log_probs
 from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, chunked
 from pipeline.objectives.dual_space import dskd_terms

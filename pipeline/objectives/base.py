@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.batch import Batch
+from pipeline.cache.batch import Batch
 from pipeline.config import LossConfig
-from pipeline.head import OutputHead
-from pipeline.losses import SparseLogits, divergence
-from pipeline.models import detached_full
-from pipeline.projectors import Projectors
+from pipeline.losses import SparseLogits, accumulate, divergence
+from pipeline.models.head import OutputHead
+from pipeline.models.zero3 import detached_full
+from pipeline.objectives.projectors import Projectors
+from pipeline.objectives.table import spec
 
 
 class TeacherMismatch(RuntimeError):
@@ -59,23 +60,16 @@ class ObjectiveOutput:
 
 def chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
     """fn(*rows) -> dict of scalar tensors, over chunks of `size` rows of each tensor / SparseLogits in `args`
-    (None passes through); values are summed over chunks, keys starting with "max_" maxed, keys starting with "cat_"
-    (per-row values) concatenated. Under autograd each chunk is checkpointed, so its (rows, vocabulary)
-    intermediates are recomputed in backward, not kept."""
+    (None passes through); the chunks' values are folded by `losses.accumulate` (sums; `max_` names maxed, `cat_`
+    per-row values concatenated). Under autograd each chunk is checkpointed, so its (rows, vocabulary) intermediates
+    are recomputed in backward, not kept."""
     if n <= size:
         return fn(*args)
     out: dict[str, torch.Tensor] = {}
     grad = torch.is_grad_enabled()
     for start in range(0, n, size):
         part = [a if a is None else a[start : start + size] for a in args]
-        got = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
-        for k, v in got.items():
-            if k not in out:
-                out[k] = v
-            elif k.startswith("cat_"):
-                out[k] = torch.cat([out[k], v])
-            else:
-                out[k] = torch.maximum(out[k], v) if k.startswith("max_") else out[k] + v
+        accumulate(out, checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
     return out
 
 
@@ -154,6 +148,7 @@ class ObjectiveBase:
 
     def __init__(self, cfg: LossConfig, teacher: TeacherSide | None, projectors: Projectors | None, chunk_positions: int):
         self.cfg, self.teacher, self.proj, self.chunk = cfg, teacher, projectors, chunk_positions
+        self.spec = spec(cfg.objective)  # its entry in table.py
 
     def div(self, student_logits, target, name: str | None = None) -> torch.Tensor:
         """Per-position D(target || student) with the configured divergence (or `name`) and its parameters."""

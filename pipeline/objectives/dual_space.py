@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from pipeline.batch import Batch
+from pipeline.cache.batch import Batch
 from pipeline.losses import cross_entropy_sum, label_log_probs
-from pipeline.models import detached_full
+from pipeline.models.zero3 import detached_full
 from pipeline.objectives.base import (
     ObjectiveBase,
     ObjectiveOutput,
@@ -19,13 +19,16 @@ from pipeline.objectives.base import (
     linear_sg,
     teacher_target,
 )
+from pipeline.objectives.table import spec
 
 
 def t2s_positions(name: str, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(student label positions, cached teacher positions, t2s labels) where the projected teacher is taught and
-    teaches: every position with v1's gold labels or v2's teacher argmax (one tokenizer), the exact-token pairs whose
-    teacher top-1 has a student label (dskd_eta, alm_eta). labels: (N,) the student's labels at its label positions."""
-    if name in ("dskd_eta", "alm_eta"):
+    teaches (the objective's `t2s_labels` in table.py): every position with v1's gold labels or v2's teacher argmax
+    (one tokenizer), the exact-token pairs whose teacher top-1 has a student label (aligned: dskd_eta, alm_eta).
+    labels: (N,) the student's labels at its label positions."""
+    kind = spec(name).t2s_labels
+    if kind == "aligned":
         valid = batch.align_label != -100
         return batch.align_student[valid], batch.align_teacher[valid], batch.align_label[valid]
     n = len(labels)
@@ -33,9 +36,9 @@ def t2s_positions(name: str, batch: Batch, labels: torch.Tensor) -> tuple[torch.
         raise ValueError(f"{name}: {batch.teacher_hidden.shape[0]} cached teacher positions for {n} student labels "
                          f"(rows {batch.ids[:4]}...); cross-tokenizer caches need dskd_eta or dskd_cma")
     rows = torch.arange(n, device=labels.device)
-    if name == "dskd":  # v1: gold labels
+    if kind == "gold":
         return rows, rows, labels
-    top = batch.teacher_topk_ids.gather(-1, batch.teacher_topk_logits.argmax(-1, keepdim=True))  # v2: teacher argmax
+    top = batch.teacher_topk_ids.gather(-1, batch.teacher_topk_logits.argmax(-1, keepdim=True))  # teacher argmax
     return rows, rows, top.squeeze(-1).long()
 
 
@@ -91,7 +94,7 @@ def kd_terms(ob: ObjectiveBase, st: dict, te: dict | None, norm_t2s: float, t2s_
 
 
 def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
-    """dskd (v1), dskd_v2 (same vocabulary) and dskd_eta (exact-token alignments)."""
+    """dskd (v1), dskd_v2 (same vocabulary) and dskd_eta (exact-token alignments): which one, from its table entry."""
     ce, kd, stats, _ = dskd_terms(ob, batch, student, labels, normaliser)
     return ob.done(ce, kd, stats)
 
@@ -99,11 +102,10 @@ def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Te
 def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float,
                logp: bool = False) -> tuple[torch.Tensor, dict, dict, dict]:
     """(normalised ce, the KD terms, stats, the student-space sums) of `dskd`; alm_eta takes dskd_eta's."""
-    c, name, proj = ob.cfg, ob.cfg.objective, ob.proj
+    c, s, proj = ob.cfg, ob.spec, ob.proj
     n, dev = len(labels), labels.device
     h_t = batch.teacher_hidden.float()
-    eta = name in ("dskd_eta", "alm_eta")
-    s_rows, t_rows, t2s_y = t2s_positions(name, batch, labels)
+    s_rows, t_rows, t2s_y = t2s_positions(s.name, batch, labels)
     # student space: the projected teacher sits at the student positions it is aligned to (zeros elsewhere)
     h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev, dtype=student.hidden.dtype)
     h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
@@ -113,19 +115,19 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     # teacher space
     te = None
     if c.spaces != "student":
-        if name == "dskd":
+        if s.s2t_learned:  # v1
             h_s2t = apply_projector(proj.s2t, student.hidden[s_rows])
         else:
             h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(detached_full(student.head.weight))
         te = teacher_space(ob, batch, h_s2t, t_rows)
         ob.check(te["max_err"], batch)
     n_rows, n_agree = len(s_rows), float(st["n_agree"])
-    if name == "dskd":
+    if s.t2s_labels == "gold":  # v1: the projected teacher teaches at every position
         kd = kd_terms(ob, st, te, normaliser, st["kd_rows"] / normaliser, normaliser)
     else:
         # the projected teacher is trusted only where it agrees with its label, as a local fraction
         masked = n_agree / max(n_rows, 1) <= c.t2s_agreement
-        local = eta
+        local = s.t2s_labels == "aligned"  # ETA: normalised by the aligned positions
         t2s_norm = max(n_rows, 1e-3) if local else normaliser
         t2s_kd = st["kd_agree"] / max(n_agree, 1e-3) if masked else st["kd_rows"] / t2s_norm
         kd = kd_terms(ob, st, te, t2s_norm, t2s_kd, max(n_rows, 1e-8) if local else normaliser)

@@ -1,22 +1,26 @@
-"""Set-up, shared by stage 2 (teacher from a cache) and online use (teacher resident): which objective needs what,
-the projectors, and the student's side of a batch."""
+"""Set-up, shared by stage 2 (teacher from a cache) and online use (teacher resident): the projectors and their
+initialisation, and the student's side of a batch."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from pipeline.batch import Batch
-from pipeline.config import LossConfig
+from pipeline.cache.batch import Batch
+from pipeline.cache.schema import recompute_tolerance
+from pipeline.cache.store import CacheReader
+from pipeline.config import LossConfig, ModelRef
+from pipeline.data.alignment import edit_distance_vocab_map
+from pipeline.data.tokenize import token_surfaces
+from pipeline.losses import auto_chunk_positions
+from pipeline.models.load import load_tokenizer
+from pipeline.models.zero3 import detached_full
 from pipeline.objectives.base import StudentSide, TeacherSide
-from pipeline.projectors import Projectors
-
-OBJECTIVES = ("sft", "kd", "dskd", "dskd_v2", "dskd_eta", "dskd_cma", "uld", "mined", "overlap_kd", "alm", "alm_eta")
-NEEDS_TEACHER = {name: name != "sft" for name in OBJECTIVES}
-SAME_VOCAB_ONLY = {"kd", "dskd", "dskd_v2"}
-CROSS_VOCAB_ONLY = {"dskd_eta", "mined", "overlap_kd", "alm", "alm_eta"}
-NEEDS_EMBEDDINGS = {"dskd_cma"}
+from pipeline.objectives.dual_space import t2s_positions
+from pipeline.objectives.projectors import Projectors
+from pipeline.objectives.table import spec
 
 
 def shared_vocabulary(student_vocab: int, teacher_vocab: int, vmap=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,21 +34,6 @@ def shared_vocabulary(student_vocab: int, teacher_vocab: int, vmap=None) -> tupl
     return vmap[t_ids], t_ids
 
 
-def check_compatible(objective: str, same_tokenizer: bool, has_embeddings: bool, where: str) -> None:
-    """A clear error when the cache cannot serve the objective."""
-    if objective in SAME_VOCAB_ONLY and not same_tokenizer:
-        raise ValueError(f"objective {objective!r} needs the teacher and the student to share a tokenizer; {where} is "
-                         "a cross-tokenizer cache (use dskd_eta, dskd_cma, uld, mined, overlap_kd, alm or alm_eta)")
-    if objective in CROSS_VOCAB_ONLY and same_tokenizer:
-        raise ValueError(f"objective {objective!r} is for different tokenizers; {where} has one tokenizer "
-                         "(use kd or dskd_v2)")
-    if objective in NEEDS_EMBEDDINGS and not has_embeddings:
-        raise ValueError(f"objective {objective!r} needs the teacher's input embeddings; {where} was built without "
-                         "them (rebuild it with cache.store_embeddings: true)")
-
-
-# objectives whose t2s can start at the logit-identity fit (DSKD v2); the others keep the default initialisation
-LOGIT_IDENTITY = ("dskd_v2", "dskd_eta", "alm_eta")
 # init_t2s auto keeps the fit when it beats the plain start's t2s_ce and goes at least this share of the way from a
 # uniform guess to the teacher's own -log p(top-1). Through a random student head the fit is barely better than
 # uniform (the tiny default: 6.365 vs ln 598 = 6.393 nats, 1% of the way) yet 15x the plain start's norm; through a
@@ -60,14 +49,13 @@ def build_projectors(cfg: LossConfig, student, teacher: TeacherSide, vmap=None, 
     """The objective's projectors for this student and teacher (None when it has none), initialised; `sample`:
     cached batches on which `loss.init_t2s: auto` scores both initialisations (`proj.init_report` says how), needed
     unless `weights_follow` (a resumed or continued run loads trained projectors over whatever start this is)."""
-    from pipeline.projectors import PROJECTORS
 
-    if cfg.objective not in PROJECTORS:
+    if not spec(cfg.objective).projectors:
         return None
     w_s = student.get_output_embeddings().weight
     proj = Projectors(cfg.objective, w_s.shape[1], teacher.head.hidden_size).to(w_s.device)
     proj.init_report = {"t2s_init": "plain", "uniform_ce": math.log(w_s.shape[0])}
-    if cfg.objective in LOGIT_IDENTITY:
+    if spec(cfg.objective).t2s_init == "logit_identity":  # DSKD v2's fit, scored against the plain start
         s_ids, t_ids = shared_vocabulary(w_s.shape[0], teacher.head.vocab_size, vmap)
         fit = proj.init_logit_identity(w_s, teacher.head.weight, s_ids.to(w_s.device), t_ids.to(w_s.device),
                                        init_t2s=cfg.init_t2s is True)
@@ -102,9 +90,6 @@ def t2s_scores(objective: str, weight: torch.Tensor, head: torch.nn.Module, batc
     teacher (through the student's head as it is now) on the objective's t2s labels, and its agreement (argmax ==
     label), over the positions `t2s_positions` trains; and the teacher's own mean -log p(top-1) there (the least a
     projected teacher trained on those labels approaches). No teacher pass: the hidden states are the cache's."""
-    from pipeline.losses import auto_chunk_positions
-    from pipeline.models import detached_full
-    from pipeline.objectives.dual_space import t2s_positions
 
     w_head = detached_full(head.weight).float()
     bias = getattr(head, "bias", None)
@@ -129,3 +114,25 @@ def t2s_scores(objective: str, weight: torch.Tensor, head: torch.nn.Module, batc
 def student_side(student, batch: Batch, hidden: torch.Tensor) -> StudentSide:
     """hidden (B, L, d_S) from the student's decoder -> the label positions the objectives use."""
     return StudentSide(hidden[batch.labels != -100], student.get_output_embeddings(), student.get_input_embeddings())
+
+
+def teacher_from_cache(loss: LossConfig, reader: CacheReader, student_tok, device) -> tuple[TeacherSide, np.ndarray | None]:
+    """The teacher's frozen pieces from the cache (whether it can serve the objective was checked before)."""
+    m, objective = reader.manifest, loss.objective
+    where, mode = str(reader.dir), loss.teacher_logits
+    vmap = None if m.same_tokenizer else reader.vocab_map()
+    head = reader.load_head(device)
+    teacher = TeacherSide(
+        head=head,
+        dense=m.head_exact if mode == "auto" else mode == "dense",
+        check_tol=recompute_tolerance(m, head_dtype := str(head.weight.dtype).removeprefix("torch.")),
+        check_source=f"a {m.hidden_encoding} cache ({where}; {head_dtype} head; logit error measured when it was "
+                     f"built {max(m.storage_error['topk_max_error'], m.storage_error['lse_max_error']):.3g})",
+        embeddings=reader.load_embeddings().to(device) if "embeddings" in spec(objective).needs else None,
+        vocab_map=None if vmap is None else torch.from_numpy(vmap).long().to(device),
+    )
+    if "mined_map" in spec(objective).needs:
+        teacher_tok = load_tokenizer(ModelRef(path=str(reader.dir / "teacher_tokenizer")))
+        mined = edit_distance_vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), vmap)
+        teacher.mined_map = torch.from_numpy(mined).long().to(device)
+    return teacher, vmap

@@ -1,5 +1,6 @@
-"""kd, uld, mined and overlap_kd: the teacher's distribution compared with the student's in the student's space, at
-one teacher position per student position (the same position, the i-th response position, or an exactly aligned one).
+"""sft (the labels' cross-entropy alone), and kd, uld, mined and overlap_kd: the teacher's distribution compared with
+the student's in the student's space, at one teacher position per student position (the same position, the i-th
+response position, or an exactly aligned one).
 
 - mined: the teacher's probabilities summed into student ids through a minimum-edit-distance token map, against
   the student's whole distribution.
@@ -13,27 +14,72 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.batch import Batch
+from pipeline.cache.batch import Batch
 from pipeline.losses import LOG_FLOOR, SparseLogits, cross_entropy_sum, divergence_from_log_probs, sorted_l1
-from pipeline.objectives.base import ObjectiveBase, StudentSide, chunked, teacher_target
+from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, chunked, teacher_target
 
 
-def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float):
-    """kd / uld / mined / overlap_kd: CE plus the KD term summed over the student positions that have a teacher
-    position (all, the first min(n_S, n_T), or the exact pairs), each divided by N-bar."""
-    c, t, name = ob.cfg, ob.teacher, ob.cfg.objective
-    n = len(labels)
-    if name == "kd":  # same tokenizer: teacher position i is student position i
-        if batch.teacher_hidden.shape[0] != n:
-            raise ValueError(f"kd: {batch.teacher_hidden.shape[0]} cached teacher positions for {n} student "
-                             f"labels in rows {batch.ids[:4]}... (a cross-tokenizer cache?)")
-        s_rows, t_rows = torch.arange(n, device=labels.device), torch.arange(n, device=labels.device)
-    elif name == "uld":  # the i-th response position of each side, up to the shorter response
-        s_rows, t_rows = _first_positions(labels, batch)
-    else:  # mined, overlap_kd: exactly aligned positions
-        s_rows, t_rows = batch.align_student, batch.align_teacher
-    if name == "overlap_kd":
-        overlap = _overlap(t.vocab_map)
+def sft(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """CE on the labels: the whole loss (alpha weighs CE against a KD term, and sft has none)."""
+    out = chunked(lambda h, y: {"ce": cross_entropy_sum(student.head(h), y)}, len(labels), ob.chunk, student.hidden,
+                  labels)
+    ce = out["ce"] / normaliser
+    return ObjectiveOutput(ce, {"ce": ce}, {})
+
+
+def kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """One tokenizer: teacher position i is student position i; heads of one family padded to different sizes share
+    the first min(V) ids."""
+    n, t = len(labels), ob.teacher
+    if batch.teacher_hidden.shape[0] != n:
+        raise ValueError(f"kd: {batch.teacher_hidden.shape[0]} cached teacher positions for {n} student "
+                         f"labels in rows {batch.ids[:4]}... (a cross-tokenizer cache?)")
+    rows = torch.arange(n, device=labels.device)
+
+    def per_position(z_s, target):
+        v = min(z_s.shape[-1], t.head.vocab_size)
+        return ob.div(z_s[:, :v], target[:, :v] if t.dense else _truncate(target, v))
+
+    return student_space_kd(ob, batch, student, labels, normaliser, rows, rows, per_position)
+
+
+def uld(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """The i-th response position of each side, up to the shorter response; sorted-probability L1."""
+    s_rows, t_rows = _first_positions(labels, batch)
+    return student_space_kd(ob, batch, student, labels, normaliser, s_rows, t_rows,
+                            lambda z_s, target: sorted_l1(z_s, target, temperature=ob.cfg.temperature))
+
+
+def mined(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
+    """The exactly aligned positions; the teacher carried into the student vocabulary by the MinED map."""
+    m = ob.teacher.mined_map
+    keep_t = m >= 0
+    t_ids, into = torch.nonzero(keep_t)[:, 0], m[keep_t]
+
+    def per_position(z_s, target):
+        return _student_div(ob, _carry(ob, target, t_ids, into, z_s.shape[-1]), z_s)
+
+    return student_space_kd(ob, batch, student, labels, normaliser, batch.align_student, batch.align_teacher,
+                            per_position)
+
+
+def overlap_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor,
+               normaliser: float) -> ObjectiveOutput:
+    """The exactly aligned positions; both distributions on the shared sub-vocabulary, renormalised there."""
+    t_ids, s_ids, s_index = _overlap(ob.teacher.vocab_map)
+
+    def per_position(z_s, target):
+        return _student_div(ob, _carry(ob, target, t_ids, s_index, len(s_ids)), z_s[:, s_ids])
+
+    return student_space_kd(ob, batch, student, labels, normaliser, batch.align_student, batch.align_teacher,
+                            per_position)
+
+
+def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float,
+                     s_rows: torch.Tensor, t_rows: torch.Tensor, per_position) -> ObjectiveOutput:
+    """CE plus the KD term `per_position(student logits, teacher target)` summed over the student positions `s_rows`
+    paired with the teacher positions `t_rows`, each divided by N-bar."""
+    t, n = ob.teacher, len(labels)
     pair = torch.full((n,), -1, dtype=torch.long, device=labels.device)
     pair[s_rows] = t_rows
     has = pair >= 0
@@ -44,19 +90,7 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
     def fn(h, y, ht, sp, keep):
         z_s = student.head(h)
         target, err = teacher_target(t, ht, sp)
-        if name == "kd":  # heads of one family padded to different sizes share the first min(V) ids
-            v = min(z_s.shape[-1], t.head.vocab_size)
-            per = ob.div(z_s[:, :v], target[:, :v] if t.dense else _truncate(target, v))
-        elif name == "uld":
-            per = sorted_l1(z_s, target, temperature=c.temperature)
-        elif name == "mined":
-            keep_t = t.mined_map >= 0
-            log_p = _carry(ob, target, torch.nonzero(keep_t)[:, 0], t.mined_map[keep_t], z_s.shape[-1])
-            per = _student_div(ob, log_p, z_s)
-        else:
-            t_ids, s_ids, s_index = overlap
-            per = _student_div(ob, _carry(ob, target, t_ids, s_index, len(s_ids)), z_s[:, s_ids])
-        return {"ce": cross_entropy_sum(z_s, y), "kd": (per * keep).sum(), "max_err": err}
+        return {"ce": cross_entropy_sum(z_s, y), "kd": (per_position(z_s, target) * keep).sum(), "max_err": err}
 
     out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float())
     ob.check(out["max_err"], batch)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache_io import CacheRow
-from pipeline.tokenize import Encoded, pad, response_positions
+from pipeline.cache.store import CacheRow
+from pipeline.data.tokenize import Encoded, pad, response_positions
 
 
 @dataclass

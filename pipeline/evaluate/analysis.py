@@ -14,8 +14,15 @@ growing with a perturbation).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from pipeline.data.tokenize import response_positions
+from pipeline.evaluate.suites import resolve_run
+from pipeline.models.load import decoder_hidden
+from pipeline.objectives.dual_space import t2s_positions
 
 EPS = 1e-12
 
@@ -37,7 +44,6 @@ def structure_distance(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 def paired_positions(row) -> tuple[np.ndarray, np.ndarray]:
     """Indices into the student's and the teacher's response positions that hold the same token's prediction."""
-    from pipeline.tokenize import response_positions
 
     s_span = response_positions(len(row.student_ids), row.student_response_start)
     t_span = response_positions(len(row.teacher_ids), row.teacher_response_start)
@@ -52,8 +58,6 @@ def paired_positions(row) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def student_hidden(model, row) -> torch.Tensor:
     """The student's last hidden states (after the final norm) at its response positions."""
-    from pipeline.models import decoder_hidden
-    from pipeline.tokenize import response_positions
 
     ids = torch.tensor(np.asarray(row.student_ids, dtype=np.int64))[None]
     h = decoder_hidden(model, ids, torch.ones_like(ids))[0]
@@ -89,7 +93,6 @@ def t2s_agreement_by_position(model, projectors, objective: str, batches: list) 
     label) by position in the response: "0" is the first response token, ..., and "8+" the rest. Positions are
     those `t2s_positions` trains (every label position, or the exact-token pairs with a label across tokenizers);
     `batches` are cache batches (`batch.collate_cache_rows`)."""
-    from pipeline.objectives.dual_space import t2s_positions
 
     head = model.get_output_embeddings()
     agree: dict[str, list[float]] = {}
@@ -133,3 +136,11 @@ def plot_structures(teacher: torch.Tensor, students: dict[str, torch.Tensor], pa
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+RESULT = "representation.json"  # a run's analysis, in its analysis_dir
+
+
+def analysis_dir(entry: str) -> Path:
+    r = resolve_run(entry)
+    return r.eval_dir.parent / "analysis"

@@ -35,7 +35,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ModelRef, SamplingConfig
-from pipeline.tokenize import pad, special_ids
+from pipeline.data.tokenize import decode_response, pad, special_ids
+from pipeline.models.load import checkpoint_dir, load_model
+from pipeline.models.lora import is_adapter_dir
 
 
 class GenerationError(RuntimeError):
@@ -48,12 +50,6 @@ class Completion:
     text: str  # decoded without special tokens (`decode_response`)
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
     logprobs: list[float] | None = None  # per generated token, when asked
-
-
-def decode_response(tokenizer, ids: list[int]) -> str:
-    """The text of generated ids, the way every part of the project decodes them (special tokens skipped, spaces not
-    cleaned up), so that character offsets computed from prefixes of `ids` index into it."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def request_seed(seed: int, key: str) -> int:
@@ -200,7 +196,6 @@ def open_generator(ref: ModelRef, tokenizer, s: SamplingConfig, *, max_model_len
     """A generator for the model `ref` (hub name, local directory, GGUF file, student run, LoRA adapter) on the
     backend `s.backend` resolves to. vllm serves a directory of full weights: a LoRA adapter is merged into a
     temporary one first (removed on exit)."""
-    from pipeline.models import _is_adapter, checkpoint_dir, load_model
 
     backend = resolve_backend(s.backend)
     if backend == "hf":
@@ -209,7 +204,7 @@ def open_generator(ref: ModelRef, tokenizer, s: SamplingConfig, *, max_model_len
         return
     path, tmp = checkpoint_dir(ref), None
     try:
-        if _is_adapter(path):
+        if is_adapter_dir(path):
             tmp = tempfile.mkdtemp(prefix="dskd-merged-")
             load_model(ref).save_pretrained(tmp)
             path = tmp
@@ -233,7 +228,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], s: SamplingConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # vLLM: no-repeat-ngram as a logits processor. The class derives from vLLM's, so it is built on first access (module
-# `__getattr__`): importing this module never imports vllm; vLLM's workers load it by name ("pipeline.rollout:...").
+# `__getattr__`): importing this module never imports vllm; vLLM's workers load it by name ("pipeline.generate:...").
 
 NO_REPEAT = "dskd_no_repeat_ngram_size"
 

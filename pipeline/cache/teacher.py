@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.head import OutputHead
+from pipeline.cache.store import CacheRow
+from pipeline.data.alignment import aligned_labels, encode_pair, tokenizer_label_map
+from pipeline.data.tokenize import pad, response_positions, special_ids
 from pipeline.losses import auto_chunk_positions
-from pipeline.models import decoder_hidden
-from pipeline.tokenize import pad, response_positions
+from pipeline.models.head import OutputHead
+from pipeline.models.load import decoder_hidden, tokenizer_fingerprint
 
 
 def stage1_chunk_positions(vocab_size: int) -> int:
@@ -128,9 +130,6 @@ class OnlineTeacher:
     the model's dtype; nothing is encoded or written."""
 
     def __init__(self, model, teacher_tok, student_tok, tok_cfg, top_k: int):
-        from pipeline.alignment import tokenizer_label_map
-        from pipeline.models import tokenizer_fingerprint
-        from pipeline.tokenize import special_ids
 
         self.model, self.teacher_tok, self.tok_cfg = model, teacher_tok, tok_cfg
         same = student_tok is None or tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(teacher_tok)
@@ -142,8 +141,6 @@ class OnlineTeacher:
 
     def rows(self, examples) -> list:
         """`cache_io.CacheRow` for each example (prompt/response), in order."""
-        from pipeline.alignment import aligned_labels, encode_pair
-        from pipeline.cache_io import CacheRow
 
         enc = [encode_pair(e, self.teacher_tok, self.student_tok, self.tok_cfg) for e in examples]
         out = teacher_forward(self.model, self.head, [t.ids for t, _, _ in enc], [t.response_start for t, _, _ in enc],

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier
-from pipeline.io_utils import write_json
+from pipeline.config import ModelRef
+from pipeline.io_utils import save_pretrained, write_json
+from pipeline.models.lora import save_adapter
+from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -93,44 +95,76 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def commit(final: Path, tmp: Path, stale: str, dist: DistInfo, write: Callable[[Path], Path | None], what: str,
+           intact: str) -> Path:
+    """Write a directory whole or not at all (collective: every rank calls it). Rank 0 removes what a killed writer
+    left beside `final` (the names matching `stale`) and creates `tmp`; every rank runs `write(tmp)` (ZeRO-3 gathers
+    are collective), which may return another directory to commit instead (a merged copy); if any rank failed, the
+    temporaries are removed and CheckpointError says what was being written and that `intact` still holds;
+    otherwise rank 0 replaces `final` with it: the rename is the commit."""
+    if dist.is_main:
+        for left in final.parent.glob(stale):
+            shutil.rmtree(left, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    error: BaseException | None = None
+    done = tmp
+    try:
+        done = write(tmp) or tmp
+    except Exception as e:  # a full disk, a quota, a model that cannot be serialized: keep what was there
+        error = e
+    (failed,) = all_reduce_sum([float(error is not None)], dist.device)
+    if failed:
+        if dist.is_main:
+            for left in final.parent.glob(stale):
+                shutil.rmtree(left, ignore_errors=True)
+        barrier()
+        why = _reason(error) if error is not None else "another rank failed to write its part"
+        fix = "free space, then re-run with --resume" if isinstance(error, OSError) or error is None else \
+            "fix the cause, then re-run with --resume"
+        raise CheckpointError(f"writing {what} {final}: {why}; nothing was committed and {intact} ({fix})") from error
+    if dist.is_main:
+        if final.exists():  # the same step saved again (a resumed run that repeated it): replace it whole
+            shutil.rmtree(final)
+        os.replace(done, final)  # the commit
+    barrier()
+    return final
+
+
 def save(engine, run_dir: Path, step: int, state: dict, dist: DistInfo, write_student: Callable[[Path], None],
          *, exclude_frozen: bool = False) -> Path:
     """Write checkpoint `step` (collective: every rank calls it). `write_student(dir)` writes the student and
     projectors into dir; it runs on every rank (ZeRO-3 gathers are collective) and writes on rank 0."""
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / step_name(step)
-    tmp = root / f".tmp-{final.name}"
-    if dist.is_main:
-        for stale in root.glob(".tmp-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    error: BaseException | None = None
-    try:
+    final = Path(run_dir) / CHECKPOINTS / step_name(step)
+
+    def write(tmp: Path) -> None:
         engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=exclude_frozen)
         torch.save(rng_state(), tmp / f"rng-rank{dist.rank}.pt")
         write_student(tmp)
         if dist.is_main:
             write_json(tmp / STATE, {**state, "step": step, "world_size": dist.world_size})
             _fsync_tree(tmp)
-    except Exception as e:  # a full disk, a quota, a model that cannot be serialized: keep what was there
-        error = e
-    (failed,) = all_reduce_sum([float(error is not None)], dist.device)
-    if failed:
-        if dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        why = _reason(error) if error is not None else "another rank failed to write its part"
-        fix = "free space, then re-run with --resume" if isinstance(error, OSError) or error is None else \
-            "fix the cause, then re-run with --resume"
-        raise CheckpointError(f"writing checkpoint {final}: {why}; nothing was committed and the previous checkpoint "
-                              f"is intact ({fix})") from error
-    if dist.is_main:
-        if final.exists():  # the same step saved again (a resumed run that repeated it): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the commit
-    barrier()
-    return final
+
+    return commit(final, final.parent / f".tmp-{final.name}", ".tmp-*", dist, write, "checkpoint",
+                  "the previous checkpoint is intact")
+
+
+def save_student(model, path: Path, tokenizer, base: ModelRef) -> None:
+    """The student with its tokenizer: full weights (HF format) or, for a LoRA student, the adapter."""
+    if hasattr(model, "peft_config"):
+        save_adapter(model, path, base)
+    else:
+        save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+
+
+def check_finite_weights(module: torch.nn.Module, step: int, dist: DistInfo) -> None:
+    """Refuse to save non-finite weights (each rank checks its ZeRO-3 partition or the whole tensors)."""
+    bad = [n for n, p in module.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+    (n_bad,) = all_reduce_sum([len(bad)], dist.device)
+    if n_bad:
+        raise TrainingDiverged(f"step {step}: non-finite weights ({bad[:3]}) after the optimizer step; nothing was "
+                               "saved for this step (lower train.lr or check the data)")
 
 
 def load(engine, ckpt: Path, dist: DistInfo, *, strict: bool = True) -> dict:

@@ -107,7 +107,7 @@ def encode_generated(tokenizer, example, cfg: TokenizeConfig, *, with_offsets: b
     """A generated row (`data.Example` with token ids) as it was sampled, never decoded and re-encoded: its prompt ids
     (first `max_prompt_length`) + its response ids (ending in EOS only when the EOS was sampled), cut to `max_length`.
     With `with_offsets`, the response tokens' character offsets into `example.response`, which must be exactly the
-    decoding of the response ids (rollout.decode_response)."""
+    decoding of the response ids (decode_response)."""
     eos = tokenizer.eos_token_id
     p, r = list(example.prompt_ids)[: cfg.max_prompt_length], list(example.response_ids)
     ended = eos is not None and r[-1] == eos
@@ -119,11 +119,16 @@ def encode_generated(tokenizer, example, cfg: TokenizeConfig, *, with_offsets: b
                    prompt_tokens=len(example.prompt_ids), response_tokens=len(r))
 
 
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """The text of generated ids, the way every part of the project decodes them (special tokens skipped, spaces not
+    cleaned up), so that character offsets computed from prefixes of `ids` index into it."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def decoded_offsets(tokenizer, ids: list[int], text: str) -> np.ndarray:
     """(n, 2) character offsets of generated `ids` into `text`, their decoding: token i covers the characters that
     decoding ids[:i+1] adds to decoding ids[:i]. A token that ends inside a character (one byte of a multi-byte
     character) covers nothing; the token that completes the character covers all of it."""
-    from pipeline.rollout import decode_response
 
     if decode_response(tokenizer, ids) != text:
         raise TokenizerError("its response text is not the decoding of its response_ids with this tokenizer (were the "

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.cache_schema import (
+from pipeline.cache.schema import (
     CHANNEL_SCALE_FILE,
     CURRENT,
     EMBEDDINGS_FILE,
@@ -38,8 +38,8 @@ from pipeline.cache_schema import (
     ShardInfo,
     decode_hidden,
 )
-from pipeline.head import HEAD_FILE, OutputHead
 from pipeline.io_utils import hash_json, sha256_file, write_json, write_text_if_changed
+from pipeline.models.head import HEAD_FILE, OutputHead
 
 
 class CacheError(RuntimeError):

@@ -7,7 +7,7 @@ Where results live (one directory per evaluated model, `<run>/eval` for a run):
     <eval_dir>/<checkpoint16>/<suite>-<suite8>/nll-<nll8>.json                        NLL / perplexity of references
     <eval_dir>/results-<preset>.json                                                  the summary `dskd report` reads
 
-`checkpoint16` is a content hash of the weights (pipeline.models.model_fingerprint), `suite8` of the suite's
+`checkpoint16` is a content hash of the weights (pipeline.models.load.model_fingerprint), `suite8` of the suite's
 definition and its data file, `preset8` of everything in the preset that changes an answer (decoding, prompt length,
 row cap; not the seeds, each its own file, nor the backend or batch size). Each file is written whole under a
 temporary name, so an interrupted eval resumes at the first pair without a file, and a retrained checkpoint gets new
@@ -34,9 +34,13 @@ from pipeline.config import (
     SuiteConfig,
     config_identity,
 )
-from pipeline.data import DataError, jsonl_records
+from pipeline.data.records import DataError, jsonl_records
+from pipeline.data.tokenize import pad, special_ids
+from pipeline.evaluate.metrics import HEADLINE, gsm8k_reference
 from pipeline.io_utils import hash_json, sha256_file, write_json
-from pipeline.metrics import HEADLINE
+from pipeline.models.head import OutputHead
+from pipeline.models.load import checkpoint_dir, decoder_hidden, model_fingerprint
+from pipeline.models.lora import base_ref, is_adapter_dir
 
 # MiniLLM / DSKD's Alpaca-style prompt, for suites that hold only an instruction (GSM8K's question)
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -135,7 +139,6 @@ def _row(rec: object, where: str, s: SuiteConfig, default_id: str) -> EvalRow:
         raise DataError(f"{where}: missing field '{s.reference_field}'")
     refs = _references(rec[s.reference_field], where, s.reference_field)
     if s.metric == "gsm8k":
-        from pipeline.metrics import gsm8k_reference
 
         for r in refs:
             try:
@@ -239,7 +242,6 @@ def resolve_run(entry: str) -> RunDir:
 
 def checkpoint_hash(ref: ModelRef) -> str:
     """16 hex digits of the weights' content hash (a retrained checkpoint gets a new one)."""
-    from pipeline.models import model_fingerprint
 
     return hash_json(model_fingerprint(ref))[:16]
 
@@ -284,8 +286,6 @@ def max_positions(ref: ModelRef) -> int | None:
     """The model's position limit (max_position_embeddings), None when its config has none."""
     from transformers import AutoConfig
 
-    from pipeline.lora import base_ref, is_adapter_dir
-    from pipeline.models import checkpoint_dir
 
     path = checkpoint_dir(ref)
     if is_adapter_dir(path):
@@ -301,9 +301,6 @@ def reference_nll(model, tokenizer, prompts: list[list[int]], rows: list[EvalRow
     """Teacher-forced NLL of each row's first reference (cut to `max_new_tokens` tokens, then EOS) after its prompt:
     mean per token over the suite, its perplexity, and the number of tokens. The head runs at the reference's
     positions only (a 262k vocabulary over whole padded batches would be GBs of logits)."""
-    from pipeline.head import OutputHead
-    from pipeline.models import decoder_hidden
-    from pipeline.tokenize import pad, special_ids
 
     eos, pad_id = special_ids(tokenizer)
     head = OutputHead.from_model(model)

@@ -24,6 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.tokenize import (
+    TokenizerError,
+    encode,
+    encode_generated,
+    is_byte_token,
+    special_ids,
+    token_surfaces,
+)
+
 # every code point for which str.isspace() is true (about 25), sorted for np.isin
 _WHITESPACE = np.array([c for c in range(sys.maxunicode + 1) if chr(c).isspace()], dtype=np.uint32)
 
@@ -292,7 +301,6 @@ def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exac
 def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
     """(teacher Encoded, student Encoded, RowAlignment) for one example, the way the cache stores them; with
     `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
-    from pipeline.tokenize import TokenizerError, encode, encode_generated
 
     aligned = student_tok is not None
     try:
@@ -316,7 +324,6 @@ def tokenizer_label_map(teacher_tok, student_tok) -> LabelMap:
     """The `LabelMap` between two tokenizers; its `exact` part is `vocab_map` of their surfaces (byte-fallback tokens
     avoided on the student side) with the teacher's EOS mapped to the student's EOS (the teacher predicting its end
     is the student's)."""
-    from pipeline.tokenize import is_byte_token, special_ids, token_surfaces
 
     avoid = frozenset(i for i in range(len(student_tok)) if is_byte_token(student_tok, i))
     t_surf, s_surf = token_surfaces(teacher_tok), token_surfaces(student_tok)

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from pipeline.cache_io import CacheReader
-from pipeline.cache_schema import recompute_tolerance
+from pipeline.cache.schema import recompute_tolerance
+from pipeline.cache.store import CacheReader
 from pipeline.losses import SparseLogits, divergence
 
 

@@ -96,7 +96,7 @@ def model_dir(gguf: Path) -> Path:
         return final
     tok = tokenizer_dir(gguf)
     print(f"converting {gguf.name} to safetensors once (cached in {final.parent})", file=sys.stderr, flush=True)
-    code = "import sys; from pipeline.convert import _convert_model; _convert_model(*sys.argv[1:])"
+    code = "import sys; from pipeline.models.convert import _convert_model; _convert_model(*sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", code, str(gguf), str(tok), str(final)], capture_output=True,
                           text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:

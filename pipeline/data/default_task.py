@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from pipeline.config import TaskDataConfig, TinyModelConfig
-from pipeline.data import write_jsonl
+from pipeline.data.records import write_jsonl
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 

@@ -8,17 +8,17 @@ A `ModelRef.path` may be:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelRef
 from pipeline.io_utils import hash_json, sha256_files
+from pipeline.models.convert import ConversionError, file_sha256, model_dir, plain, tokenizer_dir
+from pipeline.models.lora import base_ref, is_adapter_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,11 +111,10 @@ def load_tokenizer(ref: ModelRef):
     A local directory with a tokenizer.json is loaded exactly as serialized: transformers 5's AutoTokenizer would
     substitute a model-type class (a qwen2 config.json gives Qwen2Tokenizer) that rebuilds the normalizer and
     pre-tokenizer, silently changing the token ids. A GGUF vocabulary is converted once to a tokenizer.json
-    (pipeline/convert.py) and loaded from there.
+    (pipeline/models/convert.py) and loaded from there.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from pipeline.convert import tokenizer_dir
 
     if ref.gguf_file:
         path = str(tokenizer_dir(gguf_path(ref)))
@@ -168,7 +167,6 @@ def _not_a_file(path: str) -> None:
 def checkpoint_dir(ref: ModelRef) -> str:
     """Where `from_pretrained` reads `ref`'s weights: a GGUF file's cached conversion, else the path itself."""
     if ref.gguf_file:
-        from pipeline.convert import ConversionError, model_dir
 
         try:
             return str(model_dir(gguf_path(ref)))
@@ -177,29 +175,21 @@ def checkpoint_dir(ref: ModelRef) -> str:
     path = resolve_path(ref.path)
     _not_a_file(path)
     if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file() and not _is_adapter(path):
+        if not (Path(path) / "config.json").is_file() and not is_adapter_dir(path):
             raise ModelLoadError(f"{path}: not a model directory (no config.json)")
     else:
         _check_hub(ref, "config.json")
     return path
 
 
-def _is_adapter(path: str) -> bool:
-    from pipeline.lora import is_adapter_dir
-
-    return is_adapter_dir(path)
-
-
 def load_model(ref: ModelRef, *, dtype: str | None = None):
     """A causal LM in eval mode on CPU, in `dtype` (default: the ref's compute dtype). A LoRA adapter directory
-    (pipeline/lora.py) loads as its base model with the adapter merged; a GGUF file loads from its conversion."""
+    (pipeline/models/lora.py) loads as its base model with the adapter merged; a GGUF file loads from its conversion."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.convert import plain
-    from pipeline.lora import load_merged
 
     path = checkpoint_dir(ref)
-    if _is_adapter(path):  # a LoRA student saved as an adapter: base + adapter, merged
+    if is_adapter_dir(path):  # a LoRA student saved as an adapter: base + adapter, merged
         return load_merged(Path(path), dtype or ref.dtype)
     try:
         kw = {"revision": ref.revision} if ref.revision and not ref.gguf_file else {}
@@ -207,6 +197,14 @@ def load_model(ref: ModelRef, *, dtype: str | None = None):
     except OSError as e:
         raise ModelLoadError(f"cannot load model {ref.path!r}: {e}") from e
     return plain(model).eval()
+
+
+def load_merged(adapter_dir: Path, dtype: str | None = None):
+    """Base model + adapter, merged into plain weights (a transformers model)."""
+    from peft import PeftModel
+
+    base = load_model(base_ref(adapter_dir), dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
 def short_name(ref: ModelRef) -> str:
@@ -218,7 +216,6 @@ def short_name(ref: ModelRef) -> str:
 
 def model_fingerprint(ref: ModelRef) -> dict:
     """What identifies these weights: content hash of local files, else name@revision."""
-    from pipeline.convert import file_sha256
 
     path = Path(resolve_path(ref.path))
     if ref.gguf_file and path.is_dir():
@@ -244,66 +241,3 @@ def decoder_hidden(model, input_ids, attention_mask):
     the head only at label positions (and a chunk at a time)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps the HF one
     return inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-class StudentWithProjectors(torch.nn.Module):
-    """What stage 2 trains, as one module for the engine: the student and the objective's projectors."""
-
-    def __init__(self, student, projectors=None):
-        super().__init__()
-        self.student = student
-        self.projectors = projectors
-
-    def forward(self, input_ids, attention_mask):
-        return decoder_hidden(self.student, input_ids, attention_mask)
-
-
-def keep_freed_memory() -> bool:
-    """On Linux/glibc, keep freed CPU memory in the heap for reuse instead of returning it to the kernel.
-
-    Training on a CPU allocates and frees tensors of hundreds of MB (a chunk of vocabulary-sized logits) many times
-    per step; by default each comes from a fresh mmap whose pages the kernel must zero on first touch. Raising the
-    mmap and trim thresholds makes glibc reuse them: measured on 2 cores at V = 49,152, a kd step 3.1 s -> 1.9 s,
-    dskd_v2 10.3 s -> 5.8 s. Process-wide; peak memory is unchanged. Returns False where it does not apply."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-
-
-# --------------------------------------------------------------------------------------------------------------
-# ZeRO-3: parameters are partitioned across ranks and only whole inside their module's forward. Code that reads a
-# weight directly (stop-gradient heads, embeddings, saving) gathers it first; without ZeRO-3 these are no-ops.
-
-
-def _partitioned(params: Iterable) -> list:
-    return [p for p in params if p is not None and hasattr(p, "ds_id")]
-
-
-@contextlib.contextmanager
-def gathered(params: Iterable) -> Iterator[None]:
-    """The full tensors of ZeRO-3-partitioned `params` inside the block, read-only (collective: every rank)."""
-    parts = _partitioned(params)
-    if not parts:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
-        yield
-
-
-def detached_full(p: torch.Tensor) -> torch.Tensor:
-    """`p.detach()`, whole even under ZeRO-3 (then a copy, since the gathered storage is released afterwards)."""
-    if not _partitioned([p]):
-        return p.detach()
-    with gathered([p]):
-        return p.detach().clone()

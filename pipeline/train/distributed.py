@@ -67,6 +67,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if values and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def local_or_distributed() -> DistInfo:
     """A process group when a launcher started several processes (torchrun / deepspeed set WORLD_SIZE > 1);
     otherwise rank 0 of 1 on the local device, without the cost of a process group."""

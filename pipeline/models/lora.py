@@ -72,13 +72,3 @@ def base_ref(adapter_dir: Path) -> ModelRef:
     if ours.is_file():
         return ModelRef(**json.loads(ours.read_text()))
     return ModelRef(path=json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
-
-
-def load_merged(adapter_dir: Path, dtype: str | None = None):
-    """Base model + adapter, merged into plain weights (a transformers model)."""
-    from peft import PeftModel
-
-    from pipeline.models import load_model
-
-    base = load_model(base_ref(adapter_dir), dtype=dtype)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()

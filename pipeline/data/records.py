@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DataConfig
+from pipeline.io_utils import atomic_write_text
 
 
 class DataError(ValueError):
@@ -182,6 +183,5 @@ def _source_rows(cfg: DataConfig) -> list[tuple[Example, str]]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
-    from pipeline.io_utils import atomic_write_text
 
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -9,6 +9,9 @@ import re
 import statistics
 from pathlib import Path
 
+from pipeline.evaluate.suites import mean_std
+from pipeline.objectives.setup import FIT_GAP_CLOSED
+
 # metrics.jsonl keys that are bookkeeping, not loss terms or validation metrics
 _NOT_CURVES = {"step", "lr", "tokens_per_s", "step_s", "loss_tokens", "peak_rss_mb", "elapsed_s", "kd_positions",
                "teacher_max_err", "round", "aligned_positions"}
@@ -84,7 +87,6 @@ def per_run_means(r: dict, suite: str) -> dict[str, float] | None:
 
 def seed_summary(groups: dict[str, list[dict]], suite: str) -> dict[str, dict[str, dict]]:
     """group -> metric -> mean / std / n over the group's runs (training seeds) of each run's per-run mean."""
-    from pipeline.evaluation import mean_std
 
     out: dict[str, dict[str, dict]] = {}
     for name, runs in groups.items():
@@ -101,7 +103,6 @@ SEED_METRICS = (("exact_match", "exact match %", True), ("rougeL", "Rouge-L", Tr
 def metrics_table(results: list[dict], suite: str) -> str:
     """One suite, every metric it has per run (exact match, Rouge-L or accuracy, the reference's NLL): `mean ± std`
     over the preset's sampling seeds (NLL does not depend on them)."""
-    from pipeline.evaluation import mean_std
 
     rows = [(r, r["suites"][suite]) for r in results if suite in r["suites"]]
     keys = [k for k, _, _ in SEED_METRICS if any(k in v["scores"] for _, s in rows for v in s["seeds"].values())]
@@ -254,7 +255,6 @@ def projector_flags(curves: dict[str, list[tuple[int, float]]], init: dict | Non
     guess over the student's vocabulary (ln V_S), its agreement with its labels falls over training, or t2s started
     at a logit-identity fit that went less than half of the way from a uniform guess to the teacher on the cached
     sample (through a student head that means nothing yet: `loss.init_t2s: auto` starts plain there)."""
-    from pipeline.objectives.setup import FIT_GAP_CLOSED
 
     flags: list[str] = []
     uniform = (init or {}).get("uniform_ce")

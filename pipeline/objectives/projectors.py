@@ -14,17 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.objectives.table import spec
+
 # the trained projectors beside a run's final/ (and in each checkpoint)
 PROJECTORS_FILE = "projectors.safetensors"
 
-# projector modules per objective; dskd_v2 / dskd_eta derive s2t from the heads instead of learning it
-PROJECTORS = {
-    "dskd": ("t2s", "s2t"),
-    "dskd_v2": ("t2s",),
-    "dskd_eta": ("t2s",),
-    "alm_eta": ("t2s",),  # dskd_eta's projectors
-    "dskd_cma": ("t2s", "s2t", "query"),
-}
 
 
 def shared_head_columns(
@@ -57,8 +51,8 @@ class Projectors(nn.Module):
 
     def __init__(self, objective: str, d_s: int, d_t: int):
         super().__init__()
-        names = PROJECTORS.get(objective, ())
-        bias = objective in ("dskd", "dskd_cma")
+        s = spec(objective)  # its modules (table.py); dskd_v2 / dskd_eta derive s2t from the heads instead
+        names, bias = s.projectors, s.projector_bias
         if "t2s" in names:
             self.t2s = nn.Linear(d_t, d_s, bias=bias)
         if "s2t" in names:

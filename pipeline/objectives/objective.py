@@ -1,0 +1,39 @@
+"""The configured objective: `Objective(cfg.loss, teacher, projectors)(batch, student, normaliser)` calls the function
+its entry in `table.py` names."""
+
+from __future__ import annotations
+
+import importlib
+
+from pipeline.cache.batch import Batch
+from pipeline.config import LossConfig
+from pipeline.losses import auto_chunk_positions
+from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, TeacherSide
+from pipeline.objectives.projectors import Projectors
+
+
+def function(fn: str):
+    """The function "module:function" of a table entry names, from pipeline/objectives/<module>.py."""
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(f"pipeline.objectives.{module}"), name)
+
+
+class Objective(ObjectiveBase):
+    """One objective, configured once per run; call it per micro-batch."""
+
+    def __init__(
+        self, cfg: LossConfig, teacher: TeacherSide | None = None, projectors: Projectors | None = None,
+        chunk_positions: int = 0,
+    ):
+        super().__init__(cfg, teacher, projectors, chunk_positions)
+        if self.spec.teacher and teacher is None:
+            raise ValueError(f"objective {cfg.objective!r} needs the teacher's head (a teacher cache)")
+        self.fn = function(self.spec.fn)
+
+    def __call__(self, batch: Batch, student: StudentSide, normaliser: float) -> ObjectiveOutput:
+        """student.hidden holds the N label positions of `batch` (labels != -100, row-major)."""
+        labels = batch.labels[batch.labels != -100]
+        if not self.chunk:  # automatic: from the largest vocabulary in play (ZeRO-3 keeps out_features when partitioned)
+            v = getattr(student.head, "out_features", None) or student.head.weight.shape[0]
+            self.chunk = auto_chunk_positions(max(v, self.teacher.head.vocab_size if self.teacher else 0))
+        return self.fn(self, batch, student, labels, normaliser)
