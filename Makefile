@@ -73,10 +73,9 @@ export DSKD_CPU_THREADS := $(CPU_THREADS)
 # benchmarks measure the machine's own kernels and threads, whatever the config set
 UNPINNED = DSKD_CPU_ISA= DSKD_CPU_THREADS=
 
-# the run names the demos train, evaluate and report (<name>__seed<N>): the objective and, but for sft, the divergence
-run_name = $(1)$(if $(filter sft,$(1)),,_fkl)
-DEMO_RUNS = student-sft $(foreach o,$(DEMO_OBJECTIVES),$(call run_name,$(o))) \
-	$(foreach o,$(DEMO_SCRATCH),scratch-$(call run_name,$(o))) onpolicy_kd_fkl
+# the run names the demos train, evaluate and report (<name>__seed<N>): named by objective, as distill's own default
+# name would be without its teacher, student and divergence (every demo run is forward KL)
+DEMO_RUNS = student-sft $(DEMO_OBJECTIVES) $(foreach o,$(DEMO_SCRATCH),scratch-$(o)) onpolicy_kd
 XTOK_RUNS = student-sft $(XTOK_OBJECTIVES) $(foreach o,$(XTOK_SCRATCH),scratch-$(o))
 # the random initialisation of XTOK's student (its from-scratch rows)
 XTOK_INIT = runs/tiny/assets/student-init-$(if $(filter xtok,$(XTOK)),metaspace,$(XTOK))
@@ -104,7 +103,7 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report \
+.PHONY: install install-vllm install-harness check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report test-all \
 	analyze \
 	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment bench-jobs
 
@@ -218,11 +217,11 @@ demo: teacher-cache
 	    --set run_name=student-sft__seed$$s; \
 	  $(foreach o,$(DEMO_OBJECTIVES),$(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(o) \
 	    --set train.seed=$$s --set student.path=$(DEMO_DIR)/student-sft__seed$$s/final --set out_dir=$(DEMO_DIR) \
-	    --set run_name=$(call run_name,$(o))__seed$$s $(call own_set,demo);) \
+	    --set run_name=$(o)__seed$$s $(call own_set,demo);) \
 	  $(foreach o,$(DEMO_SCRATCH),$(TRAIN) distill --config $(CONFIGS)/distill.yaml --set loss.objective=$(o) \
 	    --set train.seed=$$s --set student.path=runs/tiny/assets/student-init --set out_dir=$(DEMO_DIR) \
-	    --set run_name=scratch-$(call run_name,$(o))__seed$$s $(call own_set,demo);) \
-	  $(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set seed=$$s --set out_dir=$(DEMO_DIR)/onpolicy_kd_fkl__seed$$s \
+	    --set run_name=scratch-$(o)__seed$$s $(call own_set,demo);) \
+	  $(DSKD) onpolicy --config $(CONFIGS)/onpolicy.yaml --set seed=$$s --set out_dir=$(DEMO_DIR)/onpolicy_kd__seed$$s \
 	    --set "distill_set=[checkpoint.keep_best=0, valid.generate_rows=0, train.seed=$$s, student.path=$(DEMO_DIR)/student-sft__seed$$s/final]"; \
 	done
 	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
@@ -270,8 +269,13 @@ analyze: $(STAMP)
 simulate: $(STAMP)
 	$(DSKD) simulate $(SIM_ARGS)
 
+# the tests a newcomer runs (every stage on the tiny default, minutes); test-all adds the slow tier CI runs: real
+# models, vLLM, the long end-to-end and kill-and-resume cases
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: test
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
 # make bench: stage 1 vs a bare teacher forward, cache bytes and reconstruction KL, stage 2 from the cache vs online

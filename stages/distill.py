@@ -96,8 +96,7 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
         p = plan(cfg, force, resume, held)
         if p.start_from == "done":
             if p.rank == 0:
-                stamps.record(Path(cfg.out_dir), stamps.quick_key(cfg, stamps.distill_inputs(cfg)),
-                              {"dir": p.run_name, "fingerprint": p.fingerprint})
+                _record(p)
                 print(f"distill: up to date ({p.run_dir})")
             return p.run_dir
         b = build(p)
@@ -182,6 +181,12 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
     return Plan(cfg, rank, world, tcfg.grad_accum // world, ds, tokenizer, pad_id, reader, valid_reader, op_reader,
                 source, valid_source, run_name, run_dir, fingerprint,
                 prepare_run_dir(run_dir, fingerprint, cfg, force, resume))
+
+
+def _record(p: Plan) -> None:
+    """The quick up-to-date check's record of this run (pipeline/stamps.py)."""
+    stamps.record(Path(p.cfg.out_dir), stamps.quick_key(p.cfg, stamps.distill_inputs(p.cfg)),
+                  {"dir": p.run_name, "fingerprint": p.fingerprint})
 
 
 def _continue_state(cfg: DistillConfig, world: int) -> dict | None:
@@ -480,8 +485,7 @@ def commit(p: Plan, b: Built, total: float) -> None:
     if dist.is_main:
         write_json(run_dir / DONE, {"fingerprint": p.fingerprint, "steps": cfg.train.steps, "final_loss": total,
                                     "wall_s": time.perf_counter() - b.t_start})
-        stamps.record(Path(cfg.out_dir), stamps.quick_key(cfg, stamps.distill_inputs(cfg)),
-                      {"dir": p.run_name, "fingerprint": p.fingerprint})
+        _record(p)
         if not cfg.checkpoint.keep_at_end:  # after done.json: a kill in between leaves a finished run with checkpoints
             shutil.rmtree(run_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
         print(f"distill: {cfg.train.steps} steps, final loss {total:.4f}, student in {final}")

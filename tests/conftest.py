@@ -165,7 +165,7 @@ def tiny(tmp_path_factory) -> TinyDefault:
     return t
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def caches(tiny) -> TinyDefault:
     """The tiny default with its training and validation caches built (stage 2's inputs)."""
     from stages import teacher_cache

@@ -114,19 +114,19 @@ def test_changed_settings_make_a_new_directory(tiny, cache):
 KILLER = r"""
 import os, signal, sys
 import pyarrow as pa
-from pipeline.cache import store as cache_io, teacher
+from pipeline.cache import store, teacher
 from stages import cli
 where, n = sys.argv[1], int(sys.argv[2])
 count = [0]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if where == "after-shard":
-    real = cache_io.CacheWriter.write_shard
+    real = store.CacheWriter.write_shard
     def write_shard(self, index, table):
         out = real(self, index, table); count[0] += 1
         if count[0] == n: die()
         return out
-    cache_io.CacheWriter.write_shard = write_shard
+    store.CacheWriter.write_shard = write_shard
 elif where == "mid-write":
     real_file = pa.ipc.new_file
     class Half:

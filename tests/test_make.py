@@ -115,18 +115,18 @@ def test_demo_trains_every_student_per_seed_then_evaluates_and_reports_them_all(
     for seed in (1, 2):
         (start,) = [x for x in lines if f"run_name=student-sft__seed{seed}" in x]
         assert "student_sft.yaml" in start and f"--set train.seed={seed}" in start and "train.steps" not in start
-        for run in ("sft", "kd_fkl", "dskd_fkl", "dskd_v2_fkl", "scratch-kd_fkl", "scratch-dskd_v2_fkl"):
+        for run in ("sft", "kd", "dskd", "dskd_v2", "scratch-kd", "scratch-dskd_v2"):
             (line,) = [x for x in lines if f"run_name={run}__seed{seed}" in x]
             assert f"--set train.seed={seed}" in line and "--set out_dir=d " in line and "--set train.steps=3" in line
-            assert f"--set loss.objective={run.removeprefix('scratch-').removesuffix('_fkl')} " in line
+            assert f"--set loss.objective={run.removeprefix('scratch-')} " in line
             start_from = "runs/tiny/assets/student-init" if run.startswith("scratch") else f"d/student-sft__seed{seed}/final"
             assert f"--set student.path={start_from} " in line
-        (on,) = [x for x in lines if f"out_dir=d/onpolicy_kd_fkl__seed{seed}" in x]
+        (on,) = [x for x in lines if f"out_dir=d/onpolicy_kd__seed{seed}" in x]
         assert on.startswith("dskd onpolicy") and f"train.seed={seed}," in on and f"--set seed={seed}" in on
         assert f"student.path=d/student-sft__seed{seed}/final]" in on and "train.steps" not in on
     after = out[out.index("dskd eval"):]
     assert after.count("--run d/") == 2 * 8 and "--preset protocol" in after
-    assert "dskd report 'd/student-sft__seed*' 'd/sft__seed*' 'd/kd_fkl__seed*'" in after and "--out d/report" in after
+    assert "dskd report 'd/student-sft__seed*' 'd/sft__seed*' 'd/kd__seed*'" in after and "--out d/report" in after
 
 
 @pytest.mark.parametrize("xtok", ["xtok", "pieces"])
@@ -165,11 +165,11 @@ def test_distill_runs_the_student_sft_first_when_the_config_set_has_one():
     assert not any("student_sft" in c for c in real)
 
 
-def test_every_make_target_the_readme_names_exists():
+def test_every_make_target_the_readme_and_docs_name_exists():
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    # every "make <word>" anywhere, prose included: a reader takes it for a command
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    # every "make <word>" anywhere in the README and docs/, prose included: a reader takes it for a command
     named = set(re.findall(r"\bmake ([a-z][a-z0-9-]*)", readme))
     rules = set(re.findall(r"^([a-z][a-z0-9-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
     assert named and named <= rules, sorted(named - rules)

@@ -260,11 +260,11 @@ ONPOLICY_KILLER = textwrap.dedent("""
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         if stage == "teacher-cache":  # after the first shard of round 2's cache is renamed into place
-            from pipeline.cache import store as cache_io
-            real = cache_io.CacheWriter.write_shard
+            from pipeline.cache import store
+            real = store.CacheWriter.write_shard
             def write_shard(self, *a):
                 real(self, *a); die()
-            cache_io.CacheWriter.write_shard = write_shard
+            store.CacheWriter.write_shard = write_shard
         else:  # after round 2's first checkpoint
             from pipeline.train import checkpoint
             real_save = checkpoint.save
@@ -289,6 +289,25 @@ def onpolicy_cfg(caches, out, *extra):
                        [f"out_dir={out}", "rounds=2", "offpolicy_rounds=0", "steps_per_round=4", "prompts_per_round=40",
                         "sampling.max_new_tokens=12", f"distill_set={json.dumps(d_set)}",
                         f"teacher_cache_set={json.dumps(t_set)}", *extra])
+
+
+def test_one_on_policy_round_then_the_analysis_of_its_student(caches, tmp_path):
+    """`make test`'s pass through the on-policy and analyze stages: one round (the student answers, the teacher
+    scores the answers, the student trains: each stage in its own process), then the DSKD paper's representation
+    analysis of the round's student (dskd_v2, so the projected teacher's agreement is measured too)."""
+    from stages import analyze
+
+    cfg = onpolicy_cfg(caches, tmp_path / "op", "rounds=1", "steps_per_round=2", "prompts_per_round=16")
+    cfg = dataclasses.replace(cfg, distill_set=[*cfg.distill_set, "loss.objective=dskd_v2", "checkpoint.every=0"])
+    final = onpolicy.run(cfg)
+    log = [json.loads(x) for x in (tmp_path / "op/round-001/stages.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in log] == ["rollout", "teacher-cache", "distill"] and {x["returncode"] for x in log} == {0}
+    assert len({x["pid"] for x in log}) == 3 and (final / "model.safetensors").is_file()
+    student = final.parent
+    res = analyze.run([str(student)], rows=4)[student.name]
+    assert res["rows"] == 4 and res["trained"]["cosine_l1"] > 0 and res["initial"]["cosine_l1"] > 0
+    assert all(0.0 <= v <= 1.0 for v in res["t2s_agreement_by_position"].values())
+    assert (student / "analysis/structure.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

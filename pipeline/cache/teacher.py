@@ -140,7 +140,7 @@ class OnlineTeacher:
         self.label_map = None if same else tokenizer_label_map(teacher_tok, student_tok)
 
     def rows(self, examples) -> list:
-        """`cache_io.CacheRow` for each example (prompt/response), in order."""
+        """`store.CacheRow` for each example (prompt/response), in order."""
 
         enc = [encode_pair(e, self.teacher_tok, self.student_tok, self.tok_cfg) for e in examples]
         out = teacher_forward(self.model, self.head, [t.ids for t, _, _ in enc], [t.response_start for t, _, _ in enc],

@@ -20,7 +20,7 @@ HEAD_FILE = "teacher_head.safetensors"
 # stage 1's head check: max |head(hidden) - the model's own logits| for the head to count as exact, by the model's
 # compute dtype. Loose enough for half-precision rounding (a bf16 logit near 30 has a step of 0.125), tight enough to
 # catch a wrong head (a missing soft-cap, scale or bias moves logits by whole units). What stage 2 accepts when it
-# recomputes logits from *stored* hidden states is measured per cache (cache_schema.recompute_tolerance).
+# recomputes logits from *stored* hidden states is measured per cache (cache/schema.recompute_tolerance).
 HEAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 
 

@@ -40,7 +40,7 @@ class TeacherSide:
 
     head: OutputHead
     dense: bool = True  # logits = cached hidden x head; False: top-k + tail from the cache
-    check_tol: float = 1e-2  # derived from how the cache was stored (cache_schema.recompute_tolerance)
+    check_tol: float = 1e-2  # derived from how the cache was stored (cache/schema.recompute_tolerance)
     check_source: str = "the cache"  # named when the check fails
     embeddings: torch.Tensor | None = None  # (V_T, d_T), dskd_cma
     mined_map: torch.Tensor | None = None  # (V_T,) long teacher id -> student id (mined)
