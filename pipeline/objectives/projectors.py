@@ -20,7 +20,6 @@ from pipeline.objectives.table import spec
 PROJECTORS_FILE = "projectors.safetensors"
 
 
-
 def shared_head_columns(
     student_head: torch.Tensor, teacher_head: torch.Tensor, student_ids: torch.Tensor, teacher_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
