@@ -114,7 +114,6 @@ def run(cfg: DistillConfig, force: bool = False, resume: bool = False) -> Path:
 class Plan:
     cfg: DistillConfig
     rank: int
-    world: int
     accum: int  # micro-batches per step on each process
     ds: dict  # the DeepSpeed config
     tokenizer: Any
@@ -178,7 +177,7 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
                              **({"onpolicy": op_reader.manifest.fingerprint} if op_reader else {}),
                              **({"continue_from": continue_state["fingerprint"], "continue_step": continue_state["step"]}
                                 if continue_state else {})})
-    return Plan(cfg, rank, world, tcfg.grad_accum // world, ds, tokenizer, pad_id, reader, valid_reader, op_reader,
+    return Plan(cfg, rank, tcfg.grad_accum // world, ds, tokenizer, pad_id, reader, valid_reader, op_reader,
                 source, valid_source, run_name, run_dir, fingerprint,
                 prepare_run_dir(run_dir, fingerprint, cfg, force, resume))
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from pipeline.objectives.table import NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top: a module imports only from its own layer's modules (no circle) or from layers below
@@ -103,24 +107,32 @@ def test_no_function_level_import_of_the_project_and_no_stage_imports_another():
     assert not crossing, "\n".join(crossing)
 
 
-def test_the_checks_see_a_circle_and_an_upward_arrow(monkeypatch, tmp_path):
-    """The checks above can fail: a fake module importing upward and in a circle is caught."""
-    fake = tmp_path / "fake.py"
-    fake.write_text("from stages.distill import run\n\ndef f():\n    from pipeline.losses import fkl\n")
-    monkeypatch.setitem(MODULES, "pipeline.data.fake", fake)
-    assert ("stages.distill", True) in imports("pipeline.data.fake") and ("pipeline.losses", False) in imports("pipeline.data.fake")
-    try:
+def test_the_checks_see_an_upward_arrow_a_circle_a_hidden_import_and_a_switch(monkeypatch, tmp_path):
+    """Each check above can fail: fake modules importing upward, in a circle, inside a function, and comparing an
+    objective's name outside the table are each caught, naming the module."""
+    def fake(name: str, text: str) -> None:
+        path = tmp_path / f"{name.replace('.', '_')}.py"
+        path.write_text(text)
+        monkeypatch.setitem(MODULES, name, path)
+
+    fake("pipeline.data.fake_up", "from stages.distill import run\n")
+    fake("pipeline.data.fake_a", "from pipeline.data.fake_b import x\n")
+    fake("pipeline.data.fake_b", "from pipeline.data.fake_a import y\n")
+    fake("pipeline.data.fake_hidden", "def f():\n    from pipeline.losses import fkl\n")
+    fake("pipeline.data.fake_switch", "def f(cfg):\n    return cfg.loss.objective == 'dskd_v2'\n")
+    assert imports("pipeline.data.fake_hidden") == [("pipeline.losses", False)]
+    with pytest.raises(AssertionError, match=r"pipeline.data.fake_up \(layer 1\) imports stages.distill \(layer 8\)"):
         test_every_module_has_a_layer_and_every_arrow_points_down_or_within()
-    except AssertionError as e:
-        assert "pipeline.data.fake (layer 1) imports stages.distill (layer 8)" in str(e)
-    else:
-        raise AssertionError("an upward import passed")
+    with pytest.raises(AssertionError, match=r"import circle: pipeline.data.fake_(a|b) -> pipeline.data.fake_(b|a) -> "):
+        test_no_import_circle()
+    with pytest.raises(AssertionError, match=r"pipeline.data.fake_hidden imports pipeline.losses inside a function"):
+        test_no_function_level_import_of_the_project_and_no_stage_imports_another()
+    with pytest.raises(AssertionError, match=r"pipeline.data.fake_switch:2: cfg.loss.objective == 'dskd_v2'"):
+        test_objectives_are_switched_on_in_their_table_only()
 
 
 def _switches_on_objective_names(module: str) -> list[str]:
     """Comparisons of something named `objective` with an objective's name, or with a tuple of them."""
-    from pipeline.objectives.table import NAMES
-
     found = []
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.Compare):
