@@ -25,7 +25,7 @@
 #   make bench                      every benchmark side by side: bench/results.{json,md} (BENCH_SCALE=4 on a GPU)
 #   make bench-quality              the real pairs' students x 3 seeds, held-out NLL and Rouge-L (bench/quality.md)
 #   make bench-jobs                 two make-distill jobs side by side vs one alone (the default, interleaved rounds)
-#   make test                       the test suite (what .ci/run runs)
+#   make test                       the fast tests (every stage on the tiny default); make test-all: all (CI)
 #
 # SET applies to the stage of the target you name; CACHE_SET to the teacher cache when `make distill` builds it.
 
@@ -36,6 +36,7 @@ CONFIGS     ?= configs/tiny
 SET         ?=
 CACHE_SET   ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 BENCH_SCALE ?= 0.5
 QUALITY_ARGS ?=
@@ -270,12 +271,16 @@ simulate: $(STAMP)
 	$(DSKD) simulate $(SIM_ARGS)
 
 # the tests a newcomer runs (every stage on the tiny default, minutes); test-all adds the slow tier CI runs: real
-# models, vLLM, the long end-to-end and kill-and-resume cases
+# models, vLLM, the long end-to-end and kill-and-resume cases. TEST_WORKERS processes (pytest-xdist; a module's tests
+# stay in one process, so its fixtures are built once), one compute thread each: much of a stage is single-threaded
+# (Python, tokenizers, file writes, page faults), so on 2 cores two 1-thread workers ran the slow tier in 18 min where
+# one 2-thread process took 29. TEST_WORKERS=0: one process, no xdist.
+PYTEST = DSKD_CPU_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 test-all: test
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 # Benchmarks are commands, not tests: they print ratios measured side by side in one run.
 # make bench: stage 1 vs a bare teacher forward, cache bytes and reconstruction KL, stage 2 from the cache vs online

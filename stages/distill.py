@@ -52,6 +52,7 @@ from pipeline.models.load import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    own_memory,
     short_name,
     tokenizer_fingerprint,
 )
@@ -278,6 +279,8 @@ def build(p: Plan) -> Built:
     import deepspeed  # seconds to import: not for runs that are up to date or refused
 
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
+    if dist.device.type == "cpu":
+        own_memory(student)
     projectors = None
     if teacher is not None:
         scores = _scores_init(cfg, p.start_from)

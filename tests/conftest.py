@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.cpu import pin
 
-# `make test` exports the tiny default's kernel pin (DSKD_CPU_ISA, DSKD_CPU_THREADS): applied here, before torch is
-# imported, this process runs the kernels its child `dskd` processes run, so in-process and subprocess runs compare
+# `make test` exports the tiny default's kernel pin (DSKD_CPU_ISA, and DSKD_CPU_THREADS=1: one thread per test worker):
+# applied here, before torch is imported, this process runs the kernels its child `dskd` processes run, so in-process
+# and subprocess runs compare
 pin()
 
 from pipeline.config import AssetsConfig, DistillConfig, EvalConfig, TeacherCacheConfig, load_config  # noqa: E402

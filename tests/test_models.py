@@ -12,6 +12,7 @@ from pipeline.models.load import (
     ModelLoadError,
     load_model,
     load_tokenizer,
+    own_memory,
     resolve_path,
     tokenizer_fingerprint,
 )
@@ -85,6 +86,37 @@ def test_smollm2_gguf_teacher_runs_stage1(tmp_path):
     z = reader.load_head().logits(row.hidden.float())
     assert (z.gather(-1, row.topk_ids.long()) - row.topk_logits).abs().max() < 0.5
     assert (z.argmax(-1) == row.topk_ids[:, 0]).float().mean() > 0.9
+
+
+def test_a_student_to_train_leaves_its_checkpoint_files_mapping(tmp_path):
+    """A loaded safetensors checkpoint is a private mapping of the file (each first write a copy-on-write fault):
+    own_memory moves the weights into process memory, with the same outputs and tied weights still one Parameter."""
+    import sys
+
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    weights = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        return weights in open("/proc/self/maps").read()
+
+    model = load_model(ModelRef(path=str(tmp_path)))
+    ids = torch.tensor([[1, 5, 9, 40, 77]])
+    with torch.no_grad():
+        before = model(ids).logits
+    if sys.platform.startswith("linux"):
+        assert mapped()  # what the copy is for: from_pretrained keeps the file's mapping
+    assert own_memory(model) is model
+    if sys.platform.startswith("linux"):
+        assert not mapped()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 def test_keep_freed_memory_applies_on_linux_glibc():
