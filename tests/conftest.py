@@ -34,7 +34,7 @@ def pytest_report_header(config):
 
     where = Path(tempfile.gettempdir())
     return (f"free disk: {shutil.disk_usage(where).free / 2**30:.1f} GB at {where} (the slow real-model tests hold "
-            "up to about 3 GB at once there, and 1.6 GB of converted GGUF models under ~/.cache/dskd)")
+            "up to about 3 GB at once there per test worker, and 1.6 GB of converted GGUF models under ~/.cache/dskd)")
 
 # small sizes so the whole chain runs in seconds; the structure is the shipped one
 SMALL_MODEL = ["hidden_size=64", "num_layers=1", "num_heads=1", "num_kv_heads=1", "intermediate_size=96"]  # head_dim 64 (vLLM)
