@@ -282,11 +282,12 @@ test: $(STAMP)
 test-all: test
 	$(PYTEST) -m slow $(PYTEST_ARGS)
 
-# Benchmarks are commands, not tests: they print ratios measured side by side in one run.
+# Benchmarks are commands, not tests: they print ratios measured side by side in one run, each from 3 interleaved
+# rounds with its min-max (unstable when that exceeds 10%: bench/common.py).
 # make bench: stage 1 vs a bare teacher forward, cache bytes and reconstruction KL, stage 2 from the cache vs online
-# and every objective against its FLOP floor, chunked vs naive loss at 262k, rollouts hf vs vllm, alignment: one
-# invocation, bench/results.json and bench/results.md (27.5 min measured on 2 CPU cores at the default BENCH_SCALE
-# 0.5; BENCH_SCALE=4 or more on a GPU)
+# and objectives against their FLOP floor (BENCH_FULL=1: every objective), sft against a bare matmul loop, chunked
+# vs naive loss at 262k, rollouts hf vs vllm, alignment: one invocation, bench/results.json and bench/results.md
+# (BENCH_SCALE 0.5 by default; BENCH_SCALE=4 or more on a GPU)
 bench: teacher-cache $(VLLM_STAMP)
 	$(UNPINNED) $(BIN)/python bench/run.py --scale $(BENCH_SCALE) $(BENCH_ARGS)
 

