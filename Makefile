@@ -273,7 +273,7 @@ simulate: $(STAMP)
 # the tests a newcomer runs (every stage on the tiny default, minutes); test-all adds the slow tier CI runs: real
 # models, vLLM, the long end-to-end and kill-and-resume cases. TEST_WORKERS processes (pytest-xdist; a module's tests
 # stay in one process, so its fixtures are built once), one compute thread each: much of a stage is single-threaded
-# (Python, tokenizers, file writes, page faults), so on 2 cores two 1-thread workers ran the slow tier in 18 min where
+# (Python, tokenizers, file writes, page faults), so on 2 cores two 1-thread workers ran the slow tier in 16 min where
 # one 2-thread process took 29. TEST_WORKERS=0: one process, no xdist.
 PYTEST = DSKD_CPU_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 test: $(STAMP)

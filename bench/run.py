@@ -31,6 +31,7 @@ from pathlib import Path
 from common import ROOT, SHARED, show  # noqa: E402,F401  (the project on sys.path, hub off)
 
 OUT = ROOT / "bench"
+FORMAT = 2  # 2: every ratio from >= 3 rounds with its min-max
 WORK = ROOT / "runs/bench"
 
 
@@ -88,7 +89,7 @@ def main() -> None:
         proc = subprocess.run(cmd, cwd=ROOT)
         if proc.returncode != 0 or not out.exists():
             sys.exit(f"bench {name} failed (exit {proc.returncode}); the other sections' results are unchanged")
-        results["sections"][name] = {"command": " ".join(cmds[name]), "wall_s": time.perf_counter() - t0,
+        results["sections"][name] = {"format": FORMAT, "command": " ".join(cmds[name]), "wall_s": time.perf_counter() - t0,
                                      "scale": args.scale, "machine": machine(), **json.loads(out.read_text())}
         write(results)  # after every section: an interrupted run keeps what it measured
     print(f"\nresults: {results_file} and {OUT / 'results.md'}")
@@ -106,8 +107,13 @@ def _kl(x: float) -> str:
 
 
 def markdown(results: dict) -> str:
-    sec = results["sections"]
+    # a section kept from a run of an older bench (no spreads) is named, not shown: its numbers are not figures
+    old = [k for k, v in results["sections"].items() if v.get("format", 1) < FORMAT]
+    sec = {k: v for k, v in results["sections"].items() if k not in old}
     lines = ["# make bench", ""]
+    if old:
+        lines += [f"- {', '.join(old)}: from an older bench without spreads, not shown (`python bench/run.py --sections "
+                  f"{','.join(old)}` measures {'it' if len(old) == 1 else 'them'} again)"]
     for name, r in sec.items():
         m = r["machine"]
         lines.append(f"- {name}: `python {r['command']}` (BENCH_SCALE {r['scale']:g}), {r['wall_s'] / 60:.1f} min on "
