@@ -43,7 +43,7 @@ def commands(scale: float) -> dict[str, list[str]]:
         # each variant is its own process; the default's 8 variants (BENCH_FULL=1: all 16), the 262k student's take
         # a minute or more each
         "train": ["bench/train.py", "--rows", str(max(8, round(24 * scale))),  # 8: the x4 micro-batch
-                  "--steps", str(max(2, round(5 * scale))), "--warmup", "1", "--rounds", "3",
+                  "--steps", str(max(4, round(5 * scale))), "--warmup", "1", "--rounds", "3",
                   *(["--full"] if os.environ.get("BENCH_FULL") == "1" else [])],
         "rollout": ["bench/rollout.py", "--prompts", n(128), "--smol-prompts", n(8), "--rounds", "3", "--skip-round"],
         "alignment": ["bench/alignment.py", "--rows", n(100), "--rounds", "3"],
