@@ -10,7 +10,7 @@ Sections, each in its own process (its numbers are its own) and in this order:
 3. rollout    generated tokens/s, hf vs vllm (bench/rollout.py; vllm where `make install-vllm` installed it)
 4. alignment  exact-pair and chunk alignment coverage and throughput on the real tokenizers (bench/alignment.py)
 
-BENCH_SCALE multiplies rows, steps and prompts: 0.5 (make bench's default) took 27.5 minutes on 2 CPU cores; a GPU
+BENCH_SCALE multiplies rows, steps and prompts: 0.5 (make bench's default) took 36 minutes on 2 CPU cores; a GPU
 machine takes 4 or more. `--sections cache,train` runs some of them and keeps the others' last results.
 
     python bench/run.py [--scale 1] [--sections cache,train,rollout,alignment]
