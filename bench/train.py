@@ -190,7 +190,7 @@ def matmul_rate(student: Path, tokens: int, labels: int) -> float:
     return sum(2 * m * k * n * count for m, k, n, count in products) / seconds / 1e9
 
 
-def summarise(pair: str, samples: dict[str, list[dict]], fl: dict, mm: list[float]) -> dict:
+def summarise(samples: dict[str, list[dict]], fl: dict, mm: list[float]) -> dict:
     """Per variant: medians of its own numbers, and each ratio computed within a round (the variants of one round
     ran back to back) with its spread over rounds."""
     res = {}
@@ -251,7 +251,7 @@ def main() -> None:
                 samples[variant].append(measure(pair, variant, cache, student, args, r))
                 print(f"  {pair} round {r + 1}: {variant:<18} {samples[variant][-1]['step_s'] * 1000:8.0f} ms/step",
                       flush=True)
-        summary = summarise(pair, samples, fl, mm)
+        summary = summarise(samples, fl, mm)
         res = summary["variants"]
         results[pair] = {"label": PAIRS[pair]["label"], "micro_batch": PAIRS[pair]["micro"], **summary, **facts}
         sft = res["sft"]

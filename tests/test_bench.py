@@ -36,7 +36,7 @@ def test_train_bench_ratios_are_taken_within_a_round():
     samples = {v: [{"step_s": t, "peak_mb": 100.0 * (1 + (v == "kd online")), "loss": 1.0, "tok_s": 1 / t} for t in ts]
                for v, ts in step.items()}
     floors = {"sft": 10e9, "kd": 11e9, "kd online": 20e9}
-    out = summarise("same", samples, floors, mm=[20.0, 10.0, 20.0])
+    out = summarise(samples, floors, mm=[20.0, 10.0, 20.0])
     v = out["variants"]
     assert v["kd"]["x_sft"]["stable"] and v["kd"]["x_sft"]["median"] == pytest.approx(1.1)
     assert v["kd"]["x_sft"]["max"] - v["kd"]["x_sft"]["min"] == pytest.approx(0, abs=1e-12)
