@@ -279,7 +279,7 @@ def build(p: Plan) -> Built:
     import deepspeed  # seconds to import: not for runs that are up to date or refused
 
     student = load_model(cfg.student, dtype="float32").train().to(dist.device)
-    if dist.device.type == "cpu":
+    if dist.device.type == "cpu" and not cfg.lora.enabled:  # a LoRA base is frozen: read only, it may stay mapped
         own_memory(student)
     projectors = None
     if teacher is not None:
