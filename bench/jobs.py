@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT
+from common import ROOT, show, spread
 
 PIN = {"DSKD_CPU_ISA": "avx2", "DSKD_CPU_THREADS": "2"}  # what make sets for configs/tiny
 
@@ -50,9 +50,9 @@ def main() -> None:
         solo.append(timed(distill(out, f"solo{r}")))
         pair.append(timed(distill(out, f"a{r}"), distill(out, f"b{r}")))
         print(f"round {r + 1}: solo {solo[-1]:.1f} s, pair {pair[-1]:.1f} s ({pair[-1] / solo[-1]:.2f}x)", flush=True)
-    ratios = [p / s for p, s in zip(pair, solo)]
-    print(f"two jobs side by side / one alone: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
-          f"{max(ratios):.2f} over {args.rounds} rounds; solo {min(solo):.1f}-{max(solo):.1f} s)")
+    ratio = spread(p / s for p, s in zip(pair, solo))
+    print(f"two jobs side by side / one alone: {show(ratio)} over {args.rounds} rounds; solo "
+          f"{min(solo):.1f}-{max(solo):.1f} s")
     if args.unmitigated:
         spin = {"GOMP_SPINCOUNT": "300000"}
         t = timed(distill(out, "ua", spin), distill(out, "ub", spin))
