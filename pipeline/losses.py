@@ -263,8 +263,7 @@ def token_normaliser(global_tokens: int, grad_accum: int, world_size: int) -> fl
 
 # --------------------------------------------------------------------------------------------------------------
 # Reduced statistics: one convention for chunks of positions, micro-batches and ranks. A name with a `max_` word
-# (`max_err`, `teacher_max_err`) is a maximum, one starting with `cat_` holds per-row values to concatenate, every
-# other one is a sum.
+# (`max_err`, `teacher_max_err`) is a maximum, every other one is a sum.
 
 
 def is_maximum(name: str) -> bool:
@@ -276,8 +275,6 @@ def accumulate(into: dict, got: dict) -> dict:
     for k, v in got.items():
         if k not in into:
             into[k] = v
-        elif k.startswith("cat_"):
-            into[k] = torch.cat([into[k], v])
         elif is_maximum(k):
             into[k] = torch.maximum(into[k], v) if isinstance(v, torch.Tensor) else max(into[k], v)
         else:

@@ -136,12 +136,16 @@ def test_deepspeed_config_is_filled_from_the_run_config(tiny):
 
 
 def test_zero_stages_train_alike_in_one_process(caches):
-    """ZeRO 0, 2 and 3 (and 2 with optimizer offload) give the same loss curve and the same final weights; dskd_v2
-    reads the student head outside its module (gathered under ZeRO-3)."""
+    """ZeRO 0, 2 and 3 (and 2 with optimizer offload), with and without fused chunks, give the same loss curve and the
+    same final weights; dskd_v2 reads the student head outside its module (gathered under ZeRO-3)."""
     runs = {}
-    for ds in ("zero0", "zero2", "zero3", "zero2_offload"):
-        runs[ds] = distill.run(caches.distill_cfg(f"train.deepspeed=configs/deepspeed/{ds}.json", "train.steps=3",
-                                                  "train.log_every=1", "loss.objective=dskd_v2", f"run_name=zero-{ds}"))
+    for ds in ("zero0", "zero2", "zero3", "zero2_offload", "zero3 fused", "zero0 fused"):
+        # "fused": 16-position chunks of the vocabulary-sized work, each chunk's gradients taken in the forward
+        # (objectives/chunks.py), the ZeRO-3 head gathered around them; the others run every position at once
+        fused = ["loss.chunk_positions=16"] if ds.endswith("fused") else []
+        runs[ds] = distill.run(caches.distill_cfg(f"train.deepspeed=configs/deepspeed/{ds.split()[0]}.json",
+                                                  "train.steps=3", "train.log_every=1", "loss.objective=dskd_v2",
+                                                  f"run_name=zero-{ds.replace(' ', '-')}", *fused))
     ref = weights(runs["zero0"])
     for ds, run_dir in runs.items():
         # float32 sums in another order per ZeRO stage: t2s_kd (about 0.007, few agreeing positions) moves by 2e-7
@@ -209,6 +213,9 @@ def test_lora_adapter_and_merged_reload_to_the_trained_student(caches):
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.steps=3", "train.lr=1e-2"]
     adapter = distill.run(caches.distill_cfg(*lora, "lora.save=adapter", "run_name=lora-adapter"))
     merged = distill.run(caches.distill_cfg(*lora, "lora.save=merged", "run_name=lora-merged"))
+    # the frozen head under fused chunks: no weight gradient kept, the same curve
+    fused = distill.run(caches.distill_cfg(*lora, "lora.save=adapter", "loss.chunk_positions=16", "run_name=lora-fused"))
+    assert_same_curve(adapter, fused, rel=1e-5, abs_tol=1e-6)
     assert (adapter / "final" / "adapter_config.json").is_file() and not (adapter / "final" / "model.safetensors").exists()
     assert (merged / "final" / "model.safetensors").is_file() and not (merged / "final" / "adapter_config.json").exists()
     assert_same_curve(adapter, merged)

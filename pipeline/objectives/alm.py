@@ -34,45 +34,63 @@ import torch
 
 from pipeline.cache.batch import Batch
 from pipeline.losses import binary_log_probs, divergence_from_log_probs, label_log_probs
-from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, chunked
+from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, RowTerm, StudentSide
+from pipeline.objectives.chunks import chunked, whole_groups
 from pipeline.objectives.dual_space import dskd_terms
 
 
 def alm(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
-    def fn(h, y):
-        logp = label_log_probs(student.head(h), y)  # one log-softmax gives both the CE and the chunk sums
-        return {"ce": -logp.sum(), "cat_logp": logp}
+    term, rest, stats = alm_term(ob, batch, normaliser)
 
-    out = chunked(fn, len(labels), ob.chunk, student.hidden, labels)
-    term, stats = alm_term(ob, batch, out["cat_logp"], normaliser)
-    return ob.done(out["ce"] / normaliser, {"alm": term}, stats)
+    def fn(head, h, y, group):
+        logp = label_log_probs(head(h), y)  # one log-softmax gives both the CE and the chunk sums
+        return {"ce": -logp.sum(), "alm": term.fn(logp, group)}
+
+    out = chunked(fn, len(labels), ob.chunk, student.hidden, labels, term.group, head=student.head,
+                  hints={"ce": ob.ce_hint(normaliser), "alm": term.hint}, cuts=whole_groups(term.group))
+    return ob.done(out["ce"] / normaliser, {"alm": (out["alm"] + rest) / normaliser}, stats)
 
 
 def alm_eta(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor,
             normaliser: float) -> ObjectiveOutput:
-    ce, kd, stats, st = dskd_terms(ob, batch, student, labels, normaliser, logp=True)
-    term, more = alm_term(ob, batch, st["cat_logp"], normaliser)
-    return ob.done(ce, {**kd, "alm": term}, {**stats, **more})
+    term, rest, more = alm_term(ob, batch, normaliser)
+    ce, kd, stats, st = dskd_terms(ob, batch, student, labels, normaliser, extra=term)
+    return ob.done(ce, {**kd, "alm": (st["extra"] + rest) / normaliser}, {**stats, **more})
 
 
-def chunk_log_likelihoods(batch: Batch, student_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) log-likelihood of each of the batch's chunks, (n_chunks,) float32: the sums of the
-    per-position log-probabilities (student_logp (N_S,), the cached teacher ones) over the chunk's positions."""
+def teacher_chunk_log_likelihoods(batch: Batch) -> torch.Tensor:
+    """(n_chunks,) float32: the teacher's log-likelihood of each of the batch's chunks, the sum of its cached
+    next-token log-probabilities over the chunk's positions."""
     if batch.chunk_student is None:
         raise ValueError(f"rows {batch.ids[:4]}...: no chunks (alm needs a cross-tokenizer cache of schema 4)")
-    s_in, t_in = batch.chunk_student >= 0, batch.chunk_teacher >= 0
-    ll_s = student_logp.new_zeros(batch.n_chunks).index_add(0, batch.chunk_student[s_in], student_logp[s_in])
+    t_in = batch.chunk_teacher >= 0
     t_lp = batch.teacher_target_logprob.float()
-    ll_t = t_lp.new_zeros(batch.n_chunks).index_add(0, batch.chunk_teacher[t_in], t_lp[t_in])
-    return ll_s, ll_t
+    return t_lp.new_zeros(batch.n_chunks).index_add(0, batch.chunk_teacher[t_in], t_lp[t_in])
 
 
-def alm_term(ob: ObjectiveBase, batch: Batch, student_logp: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict]:
-    """tau * sum over chunks of D(binarised teacher likelihood || binarised student likelihood) / N-bar, and stats."""
+def alm_term(ob: ObjectiveBase, batch: Batch, normaliser: float) -> tuple[RowTerm, torch.Tensor, dict]:
+    """tau * sum over chunks of D(binarised teacher likelihood || binarised student likelihood), split in two: a
+    `RowTerm` over the student's label rows (the chunks with a student row: their student likelihood is the sum of
+    the rows' log-probabilities) and the constant of the chunks without one (student likelihood 1); and stats.
+    The caller divides their sum by N-bar."""
     c = ob.cfg
     tau = c.alm_temperature
-    ll_s, ll_t = chunk_log_likelihoods(batch, student_logp)
-    per = divergence_from_log_probs(c.divergence, binary_log_probs(ll_t / tau), binary_log_probs(ll_s / tau),
-                                    skew=c.skew, akl_mu=c.akl_mu, beta=c.beta)
-    covered = (batch.chunk_student >= 0).float().mean() if len(batch.chunk_student) else torch.zeros(())
-    return tau * per.sum() / normaliser, {"chunks": float(batch.n_chunks), "chunk_coverage": float(covered)}
+    ll_t = teacher_chunk_log_likelihoods(batch)
+
+    def per_chunk(ll_s: torch.Tensor, ll_t_c: torch.Tensor) -> torch.Tensor:
+        return tau * divergence_from_log_probs(c.divergence, binary_log_probs(ll_t_c / tau), binary_log_probs(ll_s / tau),
+                                               skew=c.skew, akl_mu=c.akl_mu, beta=c.beta).sum()
+
+    def fn(logp: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        inside = group >= 0
+        ids, local = torch.unique(group[inside], return_inverse=True)
+        ll_s = logp.new_zeros(len(ids)).index_add(0, local, logp[inside])
+        return per_chunk(ll_s, ll_t[ids])
+
+    group = batch.chunk_student
+    seen = torch.zeros(batch.n_chunks, dtype=torch.bool, device=ll_t.device)
+    seen[group[group >= 0]] = True
+    rest = per_chunk(ll_t.new_zeros(int((~seen).sum())), ll_t[~seen])
+    covered = (group >= 0).float().mean() if len(group) else torch.zeros(())
+    stats = {"chunks": float(batch.n_chunks), "chunk_coverage": float(covered)}
+    return RowTerm(fn, group, ob.cfg.alpha / normaliser), rest, stats

@@ -1,16 +1,16 @@
-"""What every objective shares: the student's and teacher's sides, the output, chunks of positions, the teacher's
-logits recomputed from the cache (and checked), and `ObjectiveBase`, the configured objective's shared pieces
-(divergence, sparse teacher, the (1 - alpha) * CE + alpha * KD mix, the recomputation check). Each family of
-objectives is a function of an `ObjectiveBase` in its own module."""
+"""What every objective shares: the student's and teacher's sides, the output, the teacher's logits recomputed from
+the cache (and checked), and `ObjectiveBase`, the configured objective's shared pieces (divergence, sparse teacher,
+the (1 - alpha) * CE + alpha * KD mix, the recomputation check). Each family of objectives is a function of an
+`ObjectiveBase` in its own module; vocabulary-sized work goes through `chunks.chunked`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.cache.batch import Batch
 from pipeline.config import LossConfig
@@ -19,6 +19,16 @@ from pipeline.models.head import OutputHead
 from pipeline.models.zero3 import detached_full
 from pipeline.objectives.projectors import Projectors
 from pipeline.objectives.table import spec
+
+
+@dataclass
+class RowTerm:
+    """A term of the student's label log-probabilities summed over groups of label rows (alm's chunks), taken inside
+    the chunks of rows: `fn(logp, group)` for a span's rows, spans never splitting a group."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logp (n,), group (n,) long) -> scalar
+    group: torch.Tensor  # (N,) long: each label row's group, -1 for none
+    hint: float  # its weight in the loss (chunks.chunked's hints)
 
 
 class TeacherMismatch(RuntimeError):
@@ -52,25 +62,6 @@ class ObjectiveOutput:
     loss: torch.Tensor  # scalar: (1 - alpha) * ce + alpha * kd
     terms: dict[str, torch.Tensor]  # each term, normalised as it enters the loss (differentiable)
     stats: dict[str, float] = field(default_factory=dict)  # logged only (agreement, teacher_max_err, ...)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Chunks of positions
-
-
-def chunked(fn, n: int, size: int, *args) -> dict[str, torch.Tensor]:
-    """fn(*rows) -> dict of scalar tensors, over chunks of `size` rows of each tensor / SparseLogits in `args`
-    (None passes through); the chunks' values are folded by `losses.accumulate` (sums; `max_` names maxed, `cat_`
-    per-row values concatenated). Under autograd each chunk is checkpointed, so its (rows, vocabulary) intermediates
-    are recomputed in backward, not kept."""
-    if n <= size:
-        return fn(*args)
-    out: dict[str, torch.Tensor] = {}
-    grad = torch.is_grad_enabled()
-    for start in range(0, n, size):
-        part = [a if a is None else a[start : start + size] for a in args]
-        accumulate(out, checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
-    return out
 
 
 def linear_sg(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -149,6 +140,11 @@ class ObjectiveBase:
     def __init__(self, cfg: LossConfig, teacher: TeacherSide | None, projectors: Projectors | None, chunk_positions: int):
         self.cfg, self.teacher, self.proj, self.chunk = cfg, teacher, projectors, chunk_positions
         self.spec = spec(cfg.objective)  # its entry in table.py
+        self.ce_weight = 1.0  # the CE term's weight in `loss` relative to (1 - alpha): set per call
+        # dskd_v2 / dskd_eta: whether the last micro-batch trusted the projected teacher only where it agreed (None:
+        # no micro-batch yet), the guess this one's fused chunks are hinted with (chunks.chunked: a wrong guess
+        # costs a recomputation, not a wrong gradient; no guess, one more backward per chunk)
+        self.masked_guess: bool | None = None
 
     def div(self, student_logits, target, name: str | None = None) -> torch.Tensor:
         """Per-position D(target || student) with the configured divergence (or `name`) and its parameters."""
@@ -160,10 +156,14 @@ class ObjectiveBase:
         s = SparseLogits(batch.teacher_topk_ids, batch.teacher_topk_logits, batch.teacher_lse, self.teacher.head.vocab_size)
         return s if rows is None else s[rows]
 
+    def ce_hint(self, normaliser: float) -> float:
+        """CE's weight in the loss: (1 - alpha) * ce_weight / N-bar."""
+        return (1 - self.cfg.alpha) * self.ce_weight / normaliser
+
     def done(self, ce: torch.Tensor, kd: dict[str, torch.Tensor], stats: dict) -> ObjectiveOutput:
         a = self.cfg.alpha
         total_kd = sum(kd.values())
-        loss = (1 - a) * ce + a * total_kd
+        loss = (1 - a) * self.ce_weight * ce + a * total_kd
         terms = {"ce": ce, "kd": total_kd, **kd}
         return ObjectiveOutput(loss, terms, stats)
 

@@ -13,12 +13,13 @@ from pipeline.models.zero3 import detached_full
 from pipeline.objectives.base import (
     ObjectiveBase,
     ObjectiveOutput,
+    RowTerm,
     StudentSide,
     apply_projector,
-    chunked,
     linear_sg,
     teacher_target,
 )
+from pipeline.objectives.chunks import chunked, pieces, whole_groups
 from pipeline.objectives.table import spec
 
 
@@ -42,31 +43,56 @@ def t2s_positions(name: str, batch: Batch, labels: torch.Tensor) -> tuple[torch.
     return rows, rows, top.squeeze(-1).long()
 
 
-def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows,
-                  logp: bool = False) -> dict[str, torch.Tensor]:
+def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows, hints: dict,
+                  extra: RowTerm | None = None) -> dict[str, torch.Tensor]:
     """Sums over the student's positions: ce; t2s_ce of the projected teacher on `t2s_labels`; the divergence
     between the student and the (stop-gradient) projected teacher over `t2s_rows`, and over the rows where
-    the projected teacher's argmax equals its label ("agree"). With `logp`, also "cat_logp": (N,) the student's
-    log-probability of each label (alm_eta's chunk likelihoods, from the same head output)."""
+    the projected teacher's argmax equals its label ("agree"). `hints`: each term's weight in the loss
+    (chunks.chunked). `extra`: a term of the student's label log-probabilities (alm_eta's chunk likelihoods, from
+    the same head output), as "extra"."""
 
-    def fn(h, y, ht, yt, rows):
-        z_s = student.head(h)
-        z_t2s = linear_sg(ht, student.head)
+    def fn(head, h, y, ht, yt, rows, group):
+        z_s = head(h)
+        z_t2s = linear_sg(ht, head)
         per = ob.div(z_s, z_t2s.detach())
-        agree = (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
-        logp_y = label_log_probs(z_s, y) if logp else None  # one log-softmax gives both the CE and alm's sums
+        agree = agreeing(z_t2s, yt, rows)
+        logp_y = label_log_probs(z_s, y) if extra else None  # one log-softmax gives both the CE and alm's sums
         out = {
-            "ce": -logp_y.sum() if logp else cross_entropy_sum(z_s, y),
+            "ce": -logp_y.sum() if extra else cross_entropy_sum(z_s, y),
             "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100)),
             "kd_rows": (per * rows).sum(),
             "kd_agree": (per * agree).sum(),
             "n_agree": agree.sum().float(),
         }
-        if logp:
-            out["cat_logp"] = logp_y
+        if extra:
+            out["extra"] = extra.fn(logp_y, group)
         return out
 
-    return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float())
+    group = None if extra is None else extra.group
+    return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float(), group,
+                   head=student.head, hints={**hints, **({"extra": extra.hint} if extra else {})}, cuts=spans_of(extra))
+
+
+def spans_of(extra: RowTerm | None) -> torch.Tensor | None:
+    """Where the student space's spans may start: anywhere, or between the groups of `extra`."""
+    return None if extra is None else whole_groups(extra.group)
+
+
+def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the t2s rows where the projected teacher's argmax is its label."""
+    return (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
+
+
+def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows, cuts) -> float:
+    """The count of agreeing t2s rows before the fused chunks run (the masked term's weight, 1 / count, is then
+    known to them): the projected teacher's logits alone, no gradient, over the same spans, so the same count."""
+
+    def fn(head, ht, yt, rows):
+        return {"n_agree": agreeing(linear_sg(ht, head), yt, rows).sum().float()}
+
+    with torch.no_grad():
+        out = chunked(fn, len(t2s_labels), ob.chunk, h_t2s, t2s_labels, t2s_rows.float(), head=student.head, cuts=cuts)
+    return float(out["n_agree"])
 
 
 def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,7 +100,7 @@ def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: 
     t = ob.teacher
     hidden_t = batch.teacher_hidden[t_rows] if t.dense else None
 
-    def fn(hs, ht, sp):
+    def fn(_, hs, ht, sp):
         target, err = teacher_target(t, ht, sp)
         name = None if ob.cfg.s2t_divergence == "same" else ob.cfg.s2t_divergence
         return {"s2t_kd": ob.div(t.head.logits(hs), target, name).sum(), "max_err": err}
@@ -100,18 +126,32 @@ def dskd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Te
 
 
 def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float,
-               logp: bool = False) -> tuple[torch.Tensor, dict, dict, dict]:
-    """(normalised ce, the KD terms, stats, the student-space sums) of `dskd`; alm_eta takes dskd_eta's."""
+               extra: RowTerm | None = None) -> tuple[torch.Tensor, dict, dict, dict]:
+    """(normalised ce, the KD terms, stats, the student-space sums) of `dskd`; alm_eta takes dskd_eta's, with its
+    chunk term as `extra`."""
     c, s, proj = ob.cfg, ob.spec, ob.proj
     n, dev = len(labels), labels.device
     h_t = batch.teacher_hidden.float()
     s_rows, t_rows, t2s_y = t2s_positions(s.name, batch, labels)
+    n_rows = len(s_rows)
+    # v1 (gold labels): the projected teacher teaches at every position; v2: where it agrees with its label when
+    # it agrees rarely (masked), as a local fraction; ETA normalises by the aligned positions
+    local = s.t2s_labels == "aligned"
+    t2s_norm = max(n_rows, 1e-3) if local else normaliser
+    gold = s.t2s_labels == "gold"
     # student space: the projected teacher sits at the student positions it is aligned to (zeros elsewhere)
     h_t2s = torch.zeros(n, student.hidden.shape[-1], device=dev, dtype=student.hidden.dtype)
     h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
     y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
     rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
-    st = student_space(ob, student, labels, h_t2s, y_t2s, rows, logp=logp)
+    # the fused chunks need the masked term's weight: the last micro-batch's choice guesses unmasked (a wrong guess
+    # is recomputed in backward); masked, or no guess yet, counts the agreeing rows first (one forward of t2s)
+    masked, n_first, cuts = False if gold else ob.masked_guess, None, spans_of(extra)
+    if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
+        n_first = agreement(ob, student, h_t2s, y_t2s, rows, cuts)
+        masked = n_first / max(n_rows, 1) <= c.t2s_agreement
+    st = student_space(ob, student, labels, h_t2s, y_t2s, rows, t2s_hints(ob, normaliser, t2s_norm, masked, n_first),
+                       extra)
     # teacher space
     te = None
     if c.spaces != "student":
@@ -121,20 +161,31 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
             h_s2t = student.hidden[s_rows].float() @ proj.s2t_matrix(detached_full(student.head.weight))
         te = teacher_space(ob, batch, h_s2t, t_rows)
         ob.check(te["max_err"], batch)
-    n_rows, n_agree = len(s_rows), float(st["n_agree"])
-    if s.t2s_labels == "gold":  # v1: the projected teacher teaches at every position
+    n_agree = float(st["n_agree"])
+    if gold:
         kd = kd_terms(ob, st, te, normaliser, st["kd_rows"] / normaliser, normaliser)
     else:
-        # the projected teacher is trusted only where it agrees with its label, as a local fraction
-        masked = n_agree / max(n_rows, 1) <= c.t2s_agreement
-        local = s.t2s_labels == "aligned"  # ETA: normalised by the aligned positions
-        t2s_norm = max(n_rows, 1e-3) if local else normaliser
+        masked = ob.masked_guess = n_agree / max(n_rows, 1) <= c.t2s_agreement
         t2s_kd = st["kd_agree"] / max(n_agree, 1e-3) if masked else st["kd_rows"] / t2s_norm
         kd = kd_terms(ob, st, te, t2s_norm, t2s_kd, max(n_rows, 1e-8) if local else normaliser)
     stats = {"t2s_agreement": n_agree / max(n_rows, 1), "aligned_positions": float(n_rows)}
     if te is not None:
         stats["teacher_max_err"] = float(te["max_err"])
     return st["ce"] / normaliser, kd, stats, st
+
+
+def t2s_hints(ob: ObjectiveBase, normaliser: float, t2s_norm: float, masked: bool | None, n_agree: float | None,
+              agree_only: bool = False) -> dict:
+    """The student-space terms' weights in the loss, as `kd_terms` and the callers combine them (the agreeing
+    rows' divergence, when masked, divided by their count `n_agree`)."""
+    a = ob.cfg.alpha if ob.cfg.spaces in ("both", "student") else 0.0
+    if agree_only:
+        rows_w, agree_w = 0.0, a / t2s_norm
+    elif masked:
+        rows_w, agree_w = 0.0, a / max(n_agree, 1e-3) if n_agree is not None else None
+    else:
+        rows_w, agree_w = a / t2s_norm, 0.0
+    return {"ce": ob.ce_hint(normaliser), "t2s_ce": a / t2s_norm, "kd_rows": rows_w, "kd_agree": agree_w}
 
 
 def dskd_cma(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
@@ -168,7 +219,8 @@ def dskd_cma(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torc
         h_t2s = h_t2s.index_copy(0, i, scores.softmax(-1) @ value_t[j])
         h_s2t = h_s2t.index_copy(0, j, scores.T.softmax(-1) @ value_s[i])
     rows = torch.ones(n, dtype=torch.bool, device=dev)
-    st = student_space(ob, student, labels, h_t2s.to(student.hidden.dtype), labels, rows)
+    st = student_space(ob, student, labels, h_t2s.to(student.hidden.dtype), labels, rows,
+                       t2s_hints(ob, normaliser, normaliser, False, None, agree_only=True))
     te = None
     if c.spaces != "student":
         te = teacher_space(ob, batch, h_s2t, torch.arange(h_t.shape[0], device=dev))

@@ -30,8 +30,10 @@ class Objective(ObjectiveBase):
             raise ValueError(f"objective {cfg.objective!r} needs the teacher's head (a teacher cache)")
         self.fn = function(self.spec.fn)
 
-    def __call__(self, batch: Batch, student: StudentSide, normaliser: float) -> ObjectiveOutput:
-        """student.hidden holds the N label positions of `batch` (labels != -100, row-major)."""
+    def __call__(self, batch: Batch, student: StudentSide, normaliser: float, ce_weight: float = 1.0) -> ObjectiveOutput:
+        """student.hidden holds the N label positions of `batch` (labels != -100, row-major). The loss is
+        (1 - alpha) * ce_weight * CE + alpha * KD (ce_weight: on-policy mixes weigh the gold CE apart; sft: CE)."""
+        self.ce_weight = ce_weight
         labels = batch.labels[batch.labels != -100]
         if not self.chunk:  # automatic: from the largest vocabulary in play (ZeRO-3 keeps out_features when partitioned)
             v = getattr(student.head, "out_features", None) or student.head.weight.shape[0]

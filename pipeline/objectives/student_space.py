@@ -16,13 +16,14 @@ import torch.nn.functional as F
 
 from pipeline.cache.batch import Batch
 from pipeline.losses import LOG_FLOOR, SparseLogits, cross_entropy_sum, divergence_from_log_probs, sorted_l1
-from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, chunked, teacher_target
+from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, teacher_target
+from pipeline.objectives.chunks import chunked
 
 
 def sft(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
     """CE on the labels: the whole loss (alpha weighs CE against a KD term, and sft has none)."""
-    out = chunked(lambda h, y: {"ce": cross_entropy_sum(student.head(h), y)}, len(labels), ob.chunk, student.hidden,
-                  labels)
+    out = chunked(lambda head, h, y: {"ce": cross_entropy_sum(head(h), y)}, len(labels), ob.chunk, student.hidden,
+                  labels, head=student.head)
     ce = out["ce"] / normaliser
     return ObjectiveOutput(ce, {"ce": ce}, {})
 
@@ -87,12 +88,13 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
     hidden_t = batch.teacher_hidden[t_idx] if t.dense else None
     sparse = ob.sparse(batch, t_idx)
 
-    def fn(h, y, ht, sp, keep):
-        z_s = student.head(h)
+    def fn(head, h, y, ht, sp, keep):
+        z_s = head(h)
         target, err = teacher_target(t, ht, sp)
         return {"ce": cross_entropy_sum(z_s, y), "kd": (per_position(z_s, target) * keep).sum(), "max_err": err}
 
-    out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float())
+    out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float(), head=student.head,
+                  hints={"ce": ob.ce_hint(normaliser), "kd": ob.cfg.alpha / normaliser})
     ob.check(out["max_err"], batch)
     return ob.done(out["ce"] / normaliser, {"kd": out["kd"] / normaliser},
                    {"teacher_max_err": float(out["max_err"]), "kd_positions": float(has.sum())})

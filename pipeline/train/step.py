@@ -23,17 +23,17 @@ def mixed(engine, compute: Objective, ce_only: Objective, alpha: float, batch: B
     student forward), else on the gold batch (normalised by the count of labels that KD terms were computed on)."""
     student = engine.module.student
     if kd_batch is None:
-        out = compute(batch, student_side(student, batch, hidden), kd_normaliser)
-        ce = out.terms["ce"] * (kd_normaliser / normaliser)  # CE is a sum over labels / the normaliser
+        # CE is a sum over labels / the normaliser: the gold one's normaliser, not the KD one's
+        out = compute(batch, student_side(student, batch, hidden), kd_normaliser, ce_weight=kd_normaliser / normaliser)
+        loss, ce = out.loss, out.terms["ce"] * (kd_normaliser / normaliser)
     else:
         ce = ce_only(batch, student_side(student, batch, hidden), normaliser).terms["ce"]
         kd_batch = kd_batch.to(device)
         kd_hidden = engine(kd_batch.input_ids, kd_batch.attention_mask)
-        out = compute(kd_batch, student_side(student, kd_batch, kd_hidden), kd_normaliser)
+        out = compute(kd_batch, student_side(student, kd_batch, kd_hidden), kd_normaliser, ce_weight=0.0)
+        loss = (1 - alpha) * ce + out.loss  # out.loss: alpha * KD alone
     kd_terms = {k: v for k, v in out.terms.items() if k != "ce"}
-    kd = kd_terms.get("kd", torch.zeros((), device=ce.device))
-    return ObjectiveOutput((1 - alpha) * ce + alpha * kd, {"ce": ce, **kd_terms},
-                           {**out.stats, "onpolicy_fraction": float(kd_batch is not None)})
+    return ObjectiveOutput(loss, {"ce": ce, **kd_terms}, {**out.stats, "onpolicy_fraction": float(kd_batch is not None)})
 
 
 def diagnostics(compute: Objective, batch: Batch, side: StudentSide, normaliser, projectors,

@@ -1,0 +1,256 @@
+"""Chunks of positions: the one place where vocabulary-sized tensors are built, a chunk of rows at a time.
+
+`chunked(fn, n, size, *args, head=, hints=)` sums fn's terms over chunks of rows. Under autograd it is *fused*: each
+chunk's terms and, in the same pass, their gradients with respect to the chunk's differentiable inputs (rows of
+`args` that require grad, the student head's trainable weight and bias) are taken with a local `torch.autograd.grad`
+and summed, so no chunk's (rows x vocabulary) tensors outlive it and nothing is recomputed. The summed terms leave
+through one autograd node (`_Fused`) whose backward scales the stored gradients by the gradient arriving for them.
+
+That needs each term's weight in the loss while the chunks run, before the loss exists: `hints` gives it, up to one
+common factor (the accumulation's or the on-policy mix's scale is left to the backward). A term whose weight is
+unknown until every chunk has run (dskd_v2's agreement-masked term, divided by the agreeing count) is hinted `None`:
+its gradient is kept apart, at the cost of one more backward through the chunk for it. A single differentiable term
+needs no hint. In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess,
+or a caller asking for one term alone, as the per-term gradient diagnostics do) the chunks are recomputed with the
+arriving weights, the checkpointed path of before: the hints decide speed, never the gradient.
+
+Under ZeRO-3 the head's partitioned weight is gathered around the fused node (the node sees its full shape, so the
+stored full gradient reaches DeepSpeed's own reduction as the module's backward would); a frozen head (LoRA) keeps
+no weight gradient; gradients are summed in float32 and returned in each input's dtype (bf16 under mixed precision).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.losses import accumulate, is_maximum
+from pipeline.models.zero3 import gathered
+from pipeline.objectives.base import LeafHead
+
+# relative tolerance between an arriving gradient and its hint (both float32 products of the same normalisers)
+HINT_RTOL = 1e-5
+
+
+def pieces(n: int, size: int, cuts: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """[start, end) spans of at most `size` rows covering n rows; with `cuts` ((n,) bool, True where a span may start),
+    spans start only there (a span grows past `size` when it must)."""
+    if cuts is None:
+        return [(s, min(s + size, n)) for s in range(0, n, size)]
+    allowed = torch.nonzero(cuts[1:].cpu())[:, 0].add(1).tolist() + [n]
+    out, start = [], 0
+    while start < n:
+        i = bisect.bisect_right(allowed, start + size) - 1  # the furthest start within `size`
+        end = allowed[i] if i >= 0 and allowed[i] > start else allowed[bisect.bisect_right(allowed, start)]
+        out.append((start, end))
+        start = end
+    return out
+
+
+def whole_groups(group: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: where a span of rows may start without splitting a group (rows of one group id >= 0 anywhere in
+    `group` (n,) long; -1: in no group), so that a term summed per group can be taken span by span."""
+    group = group.cpu().long()
+    n = len(group)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    rows = torch.arange(n)
+    grouped = group >= 0
+    last = torch.full((int(group.max()) + 1 if grouped.any() else 1,), -1, dtype=torch.long)
+    last.scatter_reduce_(0, group[grouped], rows[grouped], reduce="amax")
+    reach = torch.where(grouped, last[group.clamp(min=0)], rows)  # the last row this row's group needs
+    done_before = torch.cat([torch.full((1,), -1), torch.cummax(reach, 0).values[:-1]])
+    return done_before < rows
+
+
+def _call(fn, head, rows: list, span: tuple[int, int]):
+    """The terms of the rows `span` (start, end): the single call site of every chunk's forward (tests count it)."""
+    return fn(head, *rows)
+
+
+def chunked(fn, n: int, size: int, *args, head: nn.Module | None = None, hints: dict | None = None,
+            cuts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """fn(head, *rows) -> dict of scalar tensors summed over rows, over spans of rows of each tensor / SparseLogits in
+    `args` (None passes through); the spans' values are folded by `losses.accumulate` (`max_` names maxed: statistics,
+    without gradient when fused; the rest summed). `head`: the student's output layer fn applies (its trainable weight and bias get gradients).
+    `hints`: each differentiable term's weight in the loss (up to a common factor), None for one known only
+    afterwards; see the module's docstring. `cuts`: where spans may start (`whole_groups`)."""
+    spans = pieces(n, size, cuts)
+    diff = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled() or len(spans) <= 1 or not (diff or params):
+        out: dict[str, torch.Tensor] = {}
+        for s, e in spans or [(0, 0)]:
+            accumulate(out, _call(fn, head, _rows(args, s, e), (s, e)))
+        return out
+    run = _Run(fn, args, spans, diff, head, hints or {})
+    with gathered(run.params):  # ZeRO-3: the node's inputs in their full shape
+        values = _Fused.apply(run, *[args[i] for i in diff], *run.params)
+    return dict(zip(run.names, values))
+
+
+def _rows(args, s: int, e: int) -> list:
+    return [a if a is None else a[s:e] for a in args]
+
+
+@dataclass
+class _Run:
+    """One fused call: what it was given, the terms' names, and the gradients stored for its backward."""
+
+    fn: object
+    args: tuple
+    spans: list
+    diff: list  # indices of the differentiable args
+    head: nn.Module | None
+    hints: dict
+    names: list = field(default_factory=list)
+    grad_names: list = field(default_factory=list)
+    known: dict = field(default_factory=dict)  # name -> hint (float) of the terms summed into `stored`
+    stored: list | None = None  # per input: the hinted terms' weighted gradient
+    deferred: dict = field(default_factory=dict)  # name -> per input: that term's own gradient
+    recomputed: int = 0
+
+    def __post_init__(self):
+        h = self.head
+        own = {id(getattr(h, "weight", None)), id(getattr(h, "bias", None))}
+        # a plain linear head is replaced by leaf tensors over its storage (its gradient stops there: a head tied to
+        # the input embeddings would otherwise send each chunk's gradient through the body); any other head (a LoRA
+        # adapter on it) is used as it is, its own trainable parameters the inputs
+        self.plain = h is None or all(id(p) in own for p in h.parameters() if p.requires_grad)
+        self.params = [] if h is None else [p for p in h.parameters() if p.requires_grad]
+
+    def local(self) -> tuple[nn.Module | None, list]:
+        """The head fn is given, and the tensors its chunk gradients are taken for (the params' stand-ins)."""
+        if self.head is None or not self.params:
+            return self.head, []
+        if not self.plain:
+            return self.head, list(self.params)
+        leaf = LeafHead(self.head)
+        return leaf, [t for t in (leaf.weight, leaf.bias) if t is not None and t.requires_grad]
+
+    def sweep(self, weights: dict | None) -> tuple[dict[str, torch.Tensor], list, dict]:
+        """Every span once: (the summed values, per input the gradient of sum_k w_k term_k, and per unhinted term
+        its own gradients), w = `weights`, or the hints when None (then the unhinted terms are kept apart)."""
+        head, leaves = self.local()
+        sizes = [self.args[i].shape for i in self.diff] + [t.shape for t in leaves]
+        acc: list[torch.Tensor | None] = [None] * len(sizes)
+        apart: dict[str, list] = {}
+        values: dict[str, torch.Tensor] = {}
+        for s, e in self.spans:
+            rows = _rows(self.args, s, e)
+            for i in self.diff:
+                rows[i] = rows[i].detach().requires_grad_()
+            with torch.enable_grad():  # (a Function's forward runs without autograd)
+                out = _call(self.fn, head, rows, (s, e))
+                self._grads(out, rows, leaves, weights, acc, apart, s, e, sizes)
+            accumulate(values, {k: v.detach() for k, v in out.items()})
+        return values, acc, apart
+
+    def _grads(self, out: dict, rows: list, leaves: list, weights: dict | None, acc: list, apart: dict, s: int,
+               e: int, sizes: list) -> None:
+        """One span's gradients: of the weighted sum into `acc`, of each term kept apart into `apart`."""
+        if not self.names:
+            self._name(out)
+        inputs = [rows[i] for i in self.diff] + leaves
+        jobs = [(None, weights if weights is not None else self.known)] if weights is not None or self.known else []
+        jobs += [] if weights is not None else [(k, {k: 1.0}) for k in self.grad_names if k not in self.known]
+        for j, (key, w) in enumerate(jobs):
+            total = sum(float(c) * out[k] for k, c in w.items() if c != 0 and out[k].requires_grad)
+            if not isinstance(total, torch.Tensor):
+                continue
+            grads = torch.autograd.grad(total, inputs, retain_graph=j + 1 < len(jobs), allow_unused=True)
+            _add(acc if key is None else apart.setdefault(key, [None] * len(sizes)), grads, s, e, len(self.diff), sizes)
+
+    def _name(self, out: dict) -> None:
+        self.names = list(out)
+        self.grad_names = [k for k, v in out.items() if v.requires_grad and not is_maximum(k)]
+        only = len(self.grad_names) == 1 and not self.hints
+        self.known = {} if only else {k: self.hints[k] for k in self.grad_names if self.hints.get(k) is not None}
+
+    def backward(self, g: dict[str, torch.Tensor]) -> list:
+        """Each input's gradient for the arriving gradients g (name -> scalar) of the terms."""
+        scale = self._scale(g)
+        if scale is None:  # the hints were wrong for this loss: recompute every span with the arriving weights
+            self.recomputed += 1
+            with gathered(self.params):
+                parts = [(1.0, self.sweep({k: float(g[k]) for k in self.grad_names})[1])]
+        else:
+            parts = [(scale, self.stored)] + [(float(g[k]), self.deferred[k]) for k in self.deferred]
+        inputs = [self.args[i] for i in self.diff] + self.params
+        hold_until_accumulated(self.params)
+        out = []
+        for j, x in enumerate(inputs):
+            total = None
+            for c, grads in parts:
+                if grads is not None and grads[j] is not None and c != 0:
+                    total = c * grads[j] if total is None else total + c * grads[j]
+            out.append(None if total is None else total.to(x.dtype))
+        return out
+
+    def _scale(self, g: dict[str, torch.Tensor]) -> float | None:
+        """The common factor between the arriving gradients of the hinted terms and their hints, or None when they
+        are not proportional."""
+        if not self.known:
+            return 0.0
+        top = max(self.known, key=lambda k: abs(self.known[k]))
+        scale = float(g[top]) / self.known[top] if self.known[top] else 0.0
+        for k, hint in self.known.items():
+            want, got = scale * hint, float(g[k])
+            if abs(got - want) > HINT_RTOL * max(abs(got), abs(want)):
+                return None
+        return scale
+
+
+def hold_until_accumulated(params: list) -> None:
+    """ZeRO-3: gather the partitioned `params` again until their gradient has been accumulated, which autograd does
+    after this backward returns (DeepSpeed accumulates and reduces a full-shaped gradient only while its parameter
+    is whole, as inside the module's own backward); each is partitioned again after DeepSpeed's own hook ran."""
+    for p in params:
+        if not hasattr(p, "ds_id") or p.ds_status.name == "AVAILABLE":
+            continue
+        p.all_gather()
+
+        def release(param, p=p):
+            handle.remove()
+            p.partition()
+
+        handle = p.register_post_accumulate_grad_hook(release)
+
+
+def _add(into: list, grads, s: int, e: int, n_rows: int, sizes: list) -> None:
+    """Fold one span's gradients into float32 buffers: rows s:e of the row inputs, the whole of the head's."""
+    for j, gr in enumerate(grads):
+        if gr is None:
+            continue
+        if into[j] is None:
+            into[j] = torch.zeros(sizes[j], dtype=_at_least_float(gr.dtype), device=gr.device)
+        if j < n_rows:
+            into[j][s:e] += gr
+        else:
+            into[j] += gr
+
+
+def _at_least_float(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16 / fp16 (sums of chunks), a wider type as it is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _Fused(torch.autograd.Function):
+    """The summed terms of a `_Run`, whose backward scales the gradients the forward stored."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, *inputs):
+        values, run.stored, run.deferred = run.sweep(None)
+        ctx.run = run
+        outs = tuple(values[k].to(_at_least_float(values[k].dtype)) for k in run.names)
+        ctx.mark_non_differentiable(*[o for k, o in zip(run.names, outs) if k not in run.grad_names])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        run: _Run = ctx.run
+        g = {k: (x if x is not None else torch.zeros(())) for k, x in zip(run.names, grads)}
+        return (None, *run.backward(g))

@@ -1,0 +1,139 @@
+"""The fused chunks of positions (pipeline/objectives/chunks.py) on a small head, against the unchunked
+computation: values and every gradient, each chunk's forward run once, hints that decide speed but never the
+gradient, kept-apart terms, a frozen or tied head, and spans that never split a group."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.objectives import chunks
+from pipeline.objectives.chunks import chunked, pieces, whole_groups
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every chunk forward, as (fn, span): a span's forward runs once unless a recomputation was asked for."""
+    seen = []
+    real = chunks._call
+
+    def counted(fn, head, rows, span):
+        seen.append((fn, span))
+        return real(fn, head, rows, span)
+
+    monkeypatch.setattr(chunks, "_call", counted)
+    return seen
+
+
+def twice(seen: list) -> list:
+    keys = [(id(fn), span) for fn, span in seen]
+    return [k for k in set(keys) if keys.count(k) > 1]
+
+
+def setup(n=23, d=5, v=11, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(d, v, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, d, generator=g, dtype=torch.float64))
+    h = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    return head, h, x, y
+
+
+def fn(head, h, x, y):
+    """Two differentiable terms through one head (one of them through a stop-gradient side), and two statistics."""
+    z, zx = head(h), head(x)
+    return {"a": F.cross_entropy(z, y, reduction="sum"),
+            "b": (zx.detach().softmax(-1) * (zx.detach().log_softmax(-1) - z.log_softmax(-1))).sum()
+            + (zx.log_softmax(-1).gather(-1, y[:, None])).sum(),
+            "hits": (z.argmax(-1) == y).sum().double(),
+            "max_z": z.max()}
+
+
+def grads_of(loss, tensors, **kw):
+    got = torch.autograd.grad(loss, tensors, allow_unused=True, **kw)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, got)]
+
+
+@pytest.mark.parametrize("hints,loss_of", [
+    ({"a": 0.3, "b": 0.7}, lambda t: 2.5 * (0.3 * t["a"] + 0.7 * t["b"])),  # the hints, up to a common factor
+    ({"a": 0.3, "b": None}, lambda t: 0.3 * t["a"] - 1.7 * t["b"]),  # b kept apart: any weight
+    ({}, lambda t: 0.3 * t["a"] + 0.7 * t["b"]),  # no hints: every term kept apart
+])
+def test_fused_equals_unchunked_and_runs_each_chunk_once(calls, hints, loss_of):
+    head, h, x, y = setup()
+    inputs = [h, x, head.weight, head.bias]
+    whole = fn(head, h, x, y)
+    want = grads_of(loss_of(whole), inputs)
+    calls.clear()
+    got = chunked(fn, len(y), 5, h, x, y, head=head, hints=hints)
+    assert [s for _, s in calls] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for k in whole:
+        torch.testing.assert_close(got[k], whole[k], rtol=1e-12, atol=1e-12)
+    assert not got["hits"].requires_grad and not got["max_z"].requires_grad
+    for w, g in zip(want, grads_of(loss_of(got), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert not twice(calls), "a chunk ran its forward twice"
+
+
+def test_a_loss_other_than_the_hints_recomputes_and_is_still_exact(calls):
+    """The per-term gradient diagnostics ask for one term at a time: the chunks run again with those weights."""
+    head, h, x, y = setup()
+    inputs = [h, x, head.weight, head.bias]
+    got = chunked(fn, len(y), 5, h, x, y, head=head, hints={"a": 0.3, "b": 0.7})
+    whole = fn(head, h, x, y)
+    for term in ("a", "b"):
+        calls.clear()
+        for w, g in zip(grads_of(whole[term], inputs, retain_graph=True), grads_of(got[term], inputs, retain_graph=True)):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+        assert len(calls) == 5  # recomputed, once per chunk
+    calls.clear()
+    torch.autograd.grad(0.6 * got["a"] + 1.4 * got["b"], inputs)  # proportional again: no recomputation
+    assert not calls
+
+
+def test_a_frozen_head_keeps_no_weight_gradient_and_a_tied_one_sends_none_through_the_rest():
+    head, h, x, y = setup(bias=False)
+    head.weight.requires_grad_(False)
+    got = chunked(fn, len(y), 4, h, x, y, head=head, hints={"a": 1.0, "b": 1.0})
+    (got["a"] + got["b"]).backward()
+    assert head.weight.grad is None and h.grad is not None
+    # a head tied to an embedding: the head's share arrives once, through the fused node, beside the embedding's
+    head, h, x, y = setup(bias=False)
+    emb = head.weight
+    ids = torch.randint(0, 11, (23,))
+    whole = fn(head, h + emb[ids], x, y)
+    want = grads_of(whole["a"] + whole["b"], [emb])[0]
+    got = chunked(fn, len(y), 4, h + emb[ids], x, y, head=head, hints={"a": 1.0, "b": 1.0})
+    torch.testing.assert_close(grads_of(got["a"] + got["b"], [emb])[0], want, rtol=1e-6, atol=1e-9)
+
+
+def test_without_autograd_or_with_one_chunk_nothing_is_fused(calls):
+    head, h, x, y = setup()
+    with torch.no_grad():
+        out = chunked(fn, len(y), 5, h, x, y, head=head)
+    assert len(calls) == 5 and not out["a"].requires_grad
+    calls.clear()
+    out = chunked(fn, len(y), 100, h, x, y, head=head)
+    assert len(calls) == 1 and out["a"].grad_fn is not None and "Fused" not in type(out["a"].grad_fn).__name__
+
+
+def test_spans_cover_the_rows_and_never_split_a_group():
+    assert pieces(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    group = torch.tensor([0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 3])
+    assert torch.nonzero(whole_groups(group))[:, 0].tolist() == [0, 3, 5, 6, 10]
+    assert pieces(11, 4, whole_groups(group)) == [(0, 3), (3, 6), (6, 10), (10, 11)]
+    assert pieces(11, 2, whole_groups(group)) == [(0, 3), (3, 5), (5, 6), (6, 10), (10, 11)]  # a group longer than 2
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        group = torch.tensor([rng.choice([-1, *range(6)]) for _ in range(n)])  # any order, not only runs
+        spans = pieces(n, rng.randint(1, 8), whole_groups(group))
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        for gid in set(group.tolist()) - {-1}:
+            where = torch.nonzero(group == gid)[:, 0]
+            assert len({i for i, (s, e) in enumerate(spans) for r in where.tolist() if s <= r < e}) == 1
