@@ -264,7 +264,7 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
         batch = s.cache_batch()
         whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
         fused = Objective(cfg, side, proj2, chunk_positions=7)
-        for micro in range(2):
+        for _ in range(2):  # two micro-batches
             seen.clear()
             student2.zero_grad(set_to_none=True)
             if proj2 is not None:

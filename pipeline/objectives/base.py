@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.cache.batch import Batch
 from pipeline.config import LossConfig
-from pipeline.losses import SparseLogits, accumulate, divergence
+from pipeline.losses import SparseLogits, divergence
 from pipeline.models.head import OutputHead
 from pipeline.models.zero3 import detached_full
 from pipeline.objectives.projectors import Projectors

@@ -212,12 +212,13 @@ def hold_until_accumulated(params: list) -> None:
         if not hasattr(p, "ds_id") or p.ds_status.name == "AVAILABLE":
             continue
         p.all_gather()
+        handles = []
 
-        def release(param, p=p):
-            handle.remove()
-            p.partition()
+        def release(param, handles=handles):
+            handles.pop().remove()
+            param.partition()
 
-        handle = p.register_post_accumulate_grad_hook(release)
+        handles.append(p.register_post_accumulate_grad_hook(release))
 
 
 def _add(into: list, grads, s: int, e: int, n_rows: int, sizes: list) -> None:
