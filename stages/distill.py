@@ -369,7 +369,9 @@ def train(p: Plan, b: Built) -> float:
             last = step == tcfg.steps
             logged = step % tcfg.log_every == 0 or step == 1 or last
             m = _step(p, b, step, logged)
-            total, step_s, loss_tokens = m["loss"], time.perf_counter() - t0, m.pop("loss_tokens")
+            # the per-term gradient diagnostics of logged steps are timed apart: step_s is the training step's
+            diag_s = m.pop("diagnostics_s", 0.0)
+            total, step_s, loss_tokens = m["loss"], time.perf_counter() - t0 - diag_s, m.pop("loss_tokens")
             tok_s = m.pop("seen_tokens") / step_s
             ckpt_now = cfg.checkpoint.keep_at_end if last else cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
             valid = b.validation(b.engine, b.compute) if b.validation and (ckpt_now or last or step % cfg.valid.every == 0) else {}
@@ -377,7 +379,7 @@ def train(p: Plan, b: Built) -> float:
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
             if log is not None and (logged or valid):
                 log.write({"step": step, **m, **valid, "lr": b.scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
-                           "step_s": step_s, "loss_tokens": loss_tokens,
+                           "step_s": step_s, **({"diagnostics_s": diag_s} if diag_s else {}), "loss_tokens": loss_tokens,
                            **peak_memory_mb(dist.device), "elapsed_s": time.perf_counter() - b.t_start})
             if ckpt_now:
                 _save_checkpoint(p, b, step, {"train_loss": total, **valid})
@@ -415,7 +417,9 @@ def _step(p: Plan, b: Built, step: int, logged: bool) -> dict[str, float]:
             # this rank's first micro-batch; not under ZeRO-3, whose partitioned head is gathered only inside the
             # engine's own passes
             if b.teacher is not None and logged and not diag and zero_stage(p.ds) < 3:
+                t_diag = time.perf_counter()
                 diag = diagnostics(b.compute, batch, side, normaliser, b.projectors, cfg.loss.alpha)
+                diag["diagnostics_s"] = time.perf_counter() - t_diag
             out = b.compute(batch, side, normaliser)
         else:
             out = mixed(engine, b.compute, b.ce_only, cfg.loss.alpha, batch, hidden, kd_batch, normaliser,

@@ -81,18 +81,24 @@ def test_fused_equals_unchunked_and_runs_each_chunk_once(calls, hints, loss_of):
 
 
 def test_a_loss_other_than_the_hints_recomputes_and_is_still_exact(calls):
-    """The per-term gradient diagnostics ask for one term at a time: the chunks run again with those weights."""
+    """The per-term gradient diagnostics ask for one term at a time: the chunks run again with those weights, and
+    from the second request on with every term kept apart, so a node serves any number of requests with two
+    recomputations (a training step's one backward, with right hints, has none)."""
     head, h, x, y = setup()
     inputs = [h, x, head.weight, head.bias]
     got = chunked(fn, len(y), 5, h, x, y, head=head, hints={"a": 0.3, "b": 0.7})
     whole = fn(head, h, x, y)
-    for term in ("a", "b"):
+    for term, recomputed in (("a", 5), ("b", 5), ("a", 0)):
         calls.clear()
         for w, g in zip(grads_of(whole[term], inputs, retain_graph=True), grads_of(got[term], inputs, retain_graph=True)):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
-        assert len(calls) == 5  # recomputed, once per chunk
+        # the first request recomputes with its weights, the second keeps every term's own gradients, which serve
+        # every later request
+        assert len(calls) == recomputed, term
     calls.clear()
-    torch.autograd.grad(0.6 * got["a"] + 1.4 * got["b"], inputs)  # proportional again: no recomputation
+    for w, g in zip(grads_of(0.6 * whole["a"] - 1.4 * whole["b"], inputs),
+                    grads_of(0.6 * got["a"] - 1.4 * got["b"], inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
     assert not calls
 
 

@@ -13,7 +13,7 @@ from pipeline.evaluate.suites import mean_std
 from pipeline.objectives.setup import FIT_GAP_CLOSED
 
 # metrics.jsonl keys that are bookkeeping, not loss terms or validation metrics
-_NOT_CURVES = {"step", "lr", "tokens_per_s", "step_s", "loss_tokens", "peak_rss_mb", "elapsed_s", "kd_positions",
+_NOT_CURVES = {"step", "lr", "tokens_per_s", "step_s", "diagnostics_s", "loss_tokens", "peak_rss_mb", "elapsed_s", "kd_positions",
                "teacher_max_err", "round", "aligned_positions"}
 
 

@@ -132,6 +132,7 @@ class _Run:
     known: dict = field(default_factory=dict)  # name -> hint (float) of the terms summed into `stored`
     stored: list | None = None  # per input: the hinted terms' weighted gradient (handed out by the first backward)
     deferred: dict = field(default_factory=dict)  # name -> per input: that term's own gradient
+    apart: dict | None = None  # name -> per input: every term's own gradient (after a second recomputation)
     recomputed: int = 0
 
     def __post_init__(self):
@@ -204,10 +205,21 @@ class _Run:
         scaled in place and handed out (autograd keeps them as the parameters' .grad, no copy), so a second backward
         through this node recomputes."""
         scale = None if self.stored is None else self._scale(g)
-        if scale is None:  # the hints were wrong for this loss: recompute every span with the arriving weights
+        if self.apart is not None:  # every term's own gradients, from an earlier recomputation
+            parts = [(float(g[k]), [None if x is None else x.clone() for x in grads]) for k, grads in self.apart.items()]
+        elif scale is None and self.recomputed == 0:
+            # the hints were wrong for this loss: recompute every span with the arriving weights
             self.recomputed += 1
             with gathered(self.params):
                 parts = [(1.0, self.sweep({k: float(g[k]) for k in self.grad_names})[1])]
+        elif scale is None:
+            # asked again (the per-term diagnostics take one term at a time): once more, keeping every term's own
+            # gradients, which serve any further backward through this node without recomputing
+            self.recomputed += 1
+            with gathered(self.params):
+                self.known = {}  # (before the sweep: it keeps apart what is not hinted)
+                self.apart = self.sweep(None)[2]
+            return self.backward(g)
         else:
             parts = [(scale, self.stored)] + [(float(g[k]), self.deferred[k]) for k in self.deferred]
             self.stored, self.deferred = None, {}
