@@ -160,13 +160,20 @@ def markdown(results: dict) -> str:
             if "online_over_cache_time" in r:
                 lines += ["", f"kd from the cache vs online (teacher resident): {show(r['online_over_cache_time'])} "
                           f"faster per step; peak memory {show(r['cache_over_online_peak'])} of online."]
-            if "chunked_over_naive_time" in r:
+            if "fused_over_naive_time" in r:
                 a, b = p["variants"]["dskd_eta x4"], p["variants"]["dskd_eta x4 naive"]
-                lines += ["", f"Chunked vs naive loss at the {p['dims']['v_s']:,}-token vocabulary (dskd_eta, micro-batch "
-                          f"{4 * p['micro_batch']}): chunked {a['step_s'] * 1000:.0f} ms / {a['peak_mb']:.0f} MB, naive "
-                          f"(every position's logits at once) {b['step_s'] * 1000:.0f} ms / {b['peak_mb']:.0f} MB: "
-                          f"time {show(r['chunked_over_naive_time'])}, peak memory {show(r['chunked_over_naive_peak'])} "
-                          f"of naive."]
+                lines += ["", f"Fused chunks vs naive loss at the {p['dims']['v_s']:,}-token vocabulary (dskd_eta, "
+                          f"micro-batch {4 * p['micro_batch']}): fused {a['step_s'] * 1000:.0f} ms / {a['peak_mb']:.0f} "
+                          f"MB, naive (every position's logits at once) {b['step_s'] * 1000:.0f} ms / "
+                          f"{b['peak_mb']:.0f} MB: time {show(r['fused_over_naive_time'])}, peak memory "
+                          f"{show(r['fused_over_naive_peak'])} of naive."]
+            against = [k.removesuffix(" fused_over_checkpointed_time") for k in r if k.endswith(" fused_over_checkpointed_time")]
+            if against:
+                lines += ["", "Fused chunks vs the checkpointed chunks they replaced (each chunk's vocabulary-sized "
+                          "forward run again in backward), same run:", "",
+                          "| variant | time fused / checkpointed | peak fused / checkpointed |", "|---|---|---|"]
+                lines += [f"| {v} | {show(r[f'{v} fused_over_checkpointed_time'])} | "
+                          f"{show(r[f'{v} fused_over_checkpointed_peak'])} |" for v in against]
     if "rollout" in sec:
         ro = sec["rollout"]
         rows = ro["throughput"]

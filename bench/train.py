@@ -94,7 +94,7 @@ def distill_cfg(pair: str, cache: Path, student: Path, objective: str, steps: in
         "valid.every=0", "valid.cache=null", "checkpoint.every=0", "checkpoint.keep_best=0",
         "checkpoint.keep_at_end=false", *LENGTHS,
         f"loss.objective={objective}", f"train.steps={steps}", f"train.micro_batch_size={PAIRS[pair]['micro']}",
-        "train.log_every=1", "train.warmup_steps=0", "train.lr=1e-5", *extra])
+        "train.log_every=1", "train.grad_diagnostics=false", "train.warmup_steps=0", "train.lr=1e-5", *extra])
 
 
 def checkpointed_chunks() -> None:

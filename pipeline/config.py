@@ -300,6 +300,9 @@ class TrainConfig:
     deepspeed: str = "configs/deepspeed/zero0.json"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = 10
+    # at logged steps, each KD term's gradient norm (metrics `grad_*`): the objective once more on the first
+    # micro-batch and a backward per term (at the 262k vocabulary about as long as the step itself)
+    grad_diagnostics: bool = True
     # projectors (DSKD objectives): their learning rate, on the same schedule; null = `lr` (the DSKD v2 reference's
     # 1:1; a projector slower than the student's head it projects through cannot follow it)
     projector_lr: float | None = None

@@ -168,6 +168,8 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+        # a trim threshold of -1 is SIZE_MAX inside glibc: the heap is never trimmed (2 GB, before, was exceeded at
+        # the 262k vocabulary: its freed top went back to the kernel, and the next step faulted it in again)
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, -1))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

@@ -416,7 +416,7 @@ def _step(p: Plan, b: Built, step: int, logged: bool) -> dict[str, float]:
             side = student_side(engine.module.student, batch, hidden)
             # this rank's first micro-batch; not under ZeRO-3, whose partitioned head is gathered only inside the
             # engine's own passes
-            if b.teacher is not None and logged and not diag and zero_stage(p.ds) < 3:
+            if b.teacher is not None and logged and tcfg.grad_diagnostics and not diag and zero_stage(p.ds) < 3:
                 t_diag = time.perf_counter()
                 diag = diagnostics(b.compute, batch, side, normaliser, b.projectors, cfg.loss.alpha)
                 diag["diagnostics_s"] = time.perf_counter() - t_diag

@@ -323,7 +323,8 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
             for b, idx in enumerate(prep.batches):
                 seqs = [prep.teacher[i].ids for i in idx]
                 starts = [prep.teacher[i].response_start for i in idx]
-                results = teacher_forward(t.model, t.head, seqs, starts, t.k, p.t_pad, head_exact=t.head_exact)
+                results = teacher_forward(t.model, t.head, seqs, starts, t.k, p.t_pad, head_exact=t.head_exact,
+                                          keep_logits=KL_SAMPLE if b == 0 and t.head_exact else 0)
                 if t.head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
                     err.merge(_storage_error(t.head, results, p.encoding, channel_scale, sample=b == 0))
                 for i, r in zip(idx, results):
@@ -476,7 +477,8 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
                    sample: bool) -> dict:
     """How far logits recomputed from the stored hidden states (encoded, then decoded) are from the cached ones:
     the max |error| of the top-k at every position (k * d per position through `OutputHead.logits_at`), and on up
-    to KL_SAMPLE positions (`sample`) the log-sum-exp error and KL(exact || recomputed)."""
+    to KL_SAMPLE positions (`sample`) the log-sum-exp error and KL(exact || recomputed), the exact logits those the
+    forward kept (`teacher_forward`'s keep_logits)."""
     hidden = torch.cat([r.hidden for r in results])
     ids, top, lse = (torch.cat([getattr(r, f) for r in results]) for f in ("topk_ids", "topk_logits", "lse"))
     out = StorageError()
@@ -493,9 +495,12 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
     if sample:  # a chunk of positions at a time: (positions x V) float32 logits, several alive in the KL
         chunk = stage1_chunk_positions(head.vocab_size)
         n = min(KL_SAMPLE, len(approx))
+        exact = [r.logits for r in results if r.logits is not None]  # kept by the forward: not computed again
+        exact = torch.cat(exact) if exact else None
         for part in range(0, n, chunk):
             rows = slice(part, min(part + chunk, n))
-            z, z_approx = head.logits(hidden[rows].to(device)), head.logits(approx[rows])
+            z_approx = head.logits(approx[rows])
+            z = exact[rows].to(device) if exact is not None and len(exact) >= rows.stop else head.logits(hidden[rows].to(device))
             kl = divergence("fkl", z_approx, z, reduction="none").clamp(min=0)  # KL(exact || approx)
             out.lse_max = max(out.lse_max, float((torch.logsumexp(z_approx, -1).cpu() - lse[rows]).abs().max()))
             out.kl_sum, out.kl_max = out.kl_sum + float(kl.sum()), max(out.kl_max, float(kl.max()))

@@ -251,7 +251,7 @@ def test_diagnostics_stop_at_a_tied_head_and_leave_training_as_it_is(chain, tmp_
     through the body and DeepSpeed's hooks on the engine's output (ZeRO-0 refuses a backward it did not start: the
     real-model runs failed so). The diagnostics stop at detached copies of the head and hidden states: the run logs
     them at every step, and its weights are the same bit for bit as a run that logs (and so diagnoses) only its
-    first and last steps."""
+    first and last steps, and as one that logs every step without them (`train.grad_diagnostics: false`)."""
     from safetensors.torch import load_file
 
     tiny, _ = chain
@@ -265,7 +265,12 @@ def test_diagnostics_stop_at_a_tied_head_and_leave_training_as_it_is(chain, tmp_
               "train.deepspeed=configs/deepspeed/zero0.json", f"out_dir={tmp_path / 'runs'}"]
     every = distill.run(tiny.distill_cfg(*common, "train.log_every=1", "run_name=every"))
     last = distill.run(tiny.distill_cfg(*common, "train.log_every=100", "run_name=last"))
+    quiet = distill.run(tiny.distill_cfg(*common, "train.log_every=1", "train.grad_diagnostics=false", "run_name=quiet"))
     rows = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_ce_head"] > 0 and r["grad_s2t_kd_hidden"] > 0 for r in rows)
-    a, b = load_file(every / "final" / "model.safetensors"), load_file(last / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["diagnostics_s"] > 0 for r in rows)
+    plain = [json.loads(line) for line in (quiet / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in plain] == [1, 2, 3] and not any(k.startswith("grad_") or k == "diagnostics_s"
+                                                               for r in plain for k in r)
+    a, b, c = (load_file(run / "final" / "model.safetensors") for run in (every, last, quiet))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)

@@ -46,6 +46,25 @@ def test_cached_hidden_reproduces_model_logits(kind):
     assert check_head(model, head, SEQS, pad_id=0) < 1e-5
 
 
+@pytest.mark.parametrize("keep,chunk", [(6, 4), (100, 0), (0, 0)])
+def test_kept_logits_are_the_forwards_own(keep, chunk):
+    """Stage 1's storage-error sample reads the logits the forward computed for the batch's first positions (across
+    rows and chunks of positions) instead of computing them again: the same values, and only those positions."""
+    model = tiny("llama")
+    head = OutputHead.from_model(model)
+    rows = teacher_forward(model, head, SEQS, STARTS, top_k=8, pad_id=0, keep_logits=keep, chunk_positions=chunk)
+    left = keep
+    for row in rows:
+        n = min(left, row.hidden.shape[0])
+        if n == 0:
+            assert row.logits is None
+            continue
+        assert row.logits.shape == (n, V) and row.logits.dtype == torch.float32
+        torch.testing.assert_close(row.logits, head.logits(row.hidden[:n]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.logsumexp(row.logits, -1), row.lse[:n])
+        left -= n
+
+
 def test_softcap_is_part_of_the_head():
     head = OutputHead.from_model(tiny("gemma3-softcap"))
     assert head.final_logit_softcapping == 5.0

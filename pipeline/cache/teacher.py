@@ -35,6 +35,9 @@ class TeacherRow:
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
     target_logprob: torch.Tensor  # (n_resp,) float32 log-probability of the actual next token (the sequence's own)
+    # (m, V) float32 logits of this row's first m positions, when `teacher_forward` was asked to keep them (stage 1's
+    # storage-error sample: measured against them instead of computing them again)
+    logits: torch.Tensor | None = None
 
 
 def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,19 +47,24 @@ def _hidden(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return h, ids, mask
 
 
-def _top_k_and_lse(logits_fn, flat: torch.Tensor, targets: torch.Tensor, k: int, chunk_positions: int):
-    """(top-k logits, top-k ids, log-sum-exp, log-probability of `targets`) at each of the positions of `flat`."""
-    ids_out, vals_out, lse_out, tgt_out = [], [], [], []
+def _top_k_and_lse(logits_fn, flat: torch.Tensor, targets: torch.Tensor, k: int, chunk_positions: int,
+                   keep: int = 0):
+    """(top-k logits, top-k ids, log-sum-exp, log-probability of `targets`, the float32 logits of the first `keep`
+    positions) at each of the positions of `flat`."""
+    ids_out, vals_out, lse_out, tgt_out, kept = [], [], [], [], []
     # chunks of positions bound the (positions, vocab) float32 logits in memory
     for part, tgt in zip(flat.split(chunk_positions), targets.split(chunk_positions)):
         z = logits_fn(part)
+        if keep > 0:
+            kept.append(z[:keep].float().cpu().clone())
+            keep -= len(kept[-1])
         lse = torch.logsumexp(z, dim=-1)
         lse_out.append(lse)
         tgt_out.append(z.gather(-1, tgt.to(z.device).long()[:, None])[:, 0] - lse)
         vals, idx = z.topk(k, dim=-1)
         vals_out.append(vals)
         ids_out.append(idx.to(torch.int32))
-    return torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out), torch.cat(tgt_out)
+    return torch.cat(vals_out), torch.cat(ids_out), torch.cat(lse_out), torch.cat(tgt_out), kept
 
 
 @torch.no_grad()
@@ -70,12 +78,14 @@ def teacher_forward(
     *,
     head_exact: bool = True,
     chunk_positions: int = 0,
+    keep_logits: int = 0,
 ) -> list[TeacherRow]:
     """Run the teacher on full sequences `seqs` (prompt + response + EOS) and keep what the cache stores.
 
     With `head_exact` (the head reproduces the model, see `check_head`) one decoder pass runs and the head is applied
     at response positions only. Otherwise the model's own full forward gives the logits (top-k and lse stay exact
-    for a head the cache cannot reproduce) and its last hidden state is kept beside them."""
+    for a head the cache cannot reproduce) and its last hidden state is kept beside them. `keep_logits`: the full
+    logits of the batch's first that many response positions are also kept (`TeacherRow.logits`)."""
     k = min(top_k, head.vocab_size)
     chunk_positions = chunk_positions or stage1_chunk_positions(head.vocab_size)
     spans = [response_positions(len(s), rs) for s, rs in zip(seqs, response_starts)]
@@ -83,19 +93,22 @@ def teacher_forward(
     if head_exact:
         h, _, _ = _hidden(model, seqs, pad_id)
         picked = [h[b, span] for b, span in enumerate(spans)]
-        topv, topi, lse, tgt = _top_k_and_lse(head.logits, torch.cat(picked), targets, k, chunk_positions)
+        topv, topi, lse, tgt, kept = _top_k_and_lse(head.logits, torch.cat(picked), targets, k, chunk_positions,
+                                                    keep_logits)
     else:
         ids, mask = pad([s[:-1] for s in seqs], pad_id)
         device = next(model.parameters()).device
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         picked = [out.hidden_states[-1][b, span] for b, span in enumerate(spans)]
         z = torch.cat([out.logits[b, span] for b, span in enumerate(spans)]).float()
-        topv, topi, lse, tgt = _top_k_and_lse(lambda part: part, z, targets, k, chunk_positions)
+        topv, topi, lse, tgt, kept = _top_k_and_lse(lambda part: part, z, targets, k, chunk_positions, keep_logits)
     rows, start = [], 0
     topv, topi, lse, tgt = topv.cpu(), topi.cpu(), lse.cpu(), tgt.cpu()
+    kept = torch.cat(kept) if kept else None
     for p in picked:
         part = slice(start, start + p.shape[0])
-        rows.append(TeacherRow(p.cpu(), topi[part], topv[part], lse[part], tgt[part]))
+        own = kept[part] if kept is not None and start < len(kept) else None
+        rows.append(TeacherRow(p.cpu(), topi[part], topv[part], lse[part], tgt[part], own))
         start += p.shape[0]
     return rows
 

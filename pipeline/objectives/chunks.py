@@ -30,6 +30,7 @@ from torch import nn
 
 from pipeline.losses import accumulate, is_maximum
 from pipeline.models.zero3 import gathered
+from pipeline.objectives.base import linear_sg
 
 # relative tolerance between an arriving gradient and its hint (both float32 products of the same normalisers)
 HINT_RTOL = 1e-5
@@ -108,13 +109,25 @@ class Recorder(nn.Module):
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else bias.detach()
         self.out_features = self.weight.shape[0]
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple] = []  # (x, z) or (x, z, trained rows)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, trained_rows: int | None = None) -> torch.Tensor:
+        """x @ W^T (+ b); the head's gradient is taken from the first `trained_rows` rows only (all by default): the
+        rest are rows the head is applied to without training it (`student_and_projected`)."""
         z = F.linear(x, self.weight, self.bias)
-        if z.requires_grad:
-            self.calls.append((x, z))
+        if z.requires_grad and trained_rows != 0:
+            self.calls.append((x, z) if trained_rows is None else (x, z, trained_rows))
         return z
+
+
+def student_and_projected(head: nn.Module, h: torch.Tensor, ht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head(h), the head applied to `ht` without training it): on a recorded head one product over the rows of
+    both, so the (V x d) weight is read from memory once per chunk instead of twice, in forward and in backward (at
+    V = 262k and 64-row chunks the products are bound by reading the weight)."""
+    if not isinstance(head, Recorder):
+        return head(h), linear_sg(ht, head)
+    z = head(torch.cat([h, ht.to(h.dtype)]), trained_rows=len(h))
+    return z[: len(h)], z[len(h) :]
 
 
 @dataclass
@@ -176,7 +189,7 @@ class _Run:
         if not self.names:
             self._name(out)
         calls = head.calls if isinstance(head, Recorder) else []
-        inputs = [rows[i] for i in self.diff] + leaves + [z for _, z in calls]
+        inputs = [rows[i] for i in self.diff] + leaves + [call[1] for call in calls]
         jobs = [(None, weights if weights is not None else self.known)] if weights is not None or self.known else []
         jobs += [] if weights is not None else [(k, {k: 1.0}) for k in self.grad_names if k not in self.known]
         n_rows, n_own = len(self.diff), len(self.diff) + len(leaves)
@@ -190,9 +203,10 @@ class _Run:
                 if gr is not None:
                     _fold(into, k, gr, slice(s, e) if k < n_rows else slice(None), self.args[self.diff[k]].shape
                           if k < n_rows else gr.shape)
-            for (x, _), dz in zip(calls, grads[n_own:]):  # a recorded head: dW += dz^T x, db += sum dz
+            for call, dz in zip(calls, grads[n_own:]):  # a recorded head: dW += dz^T x, db += sum dz
                 if dz is not None:
-                    _fold_weight(into, n_rows, dz, x, self.params)
+                    x, rows = call[0], call[2] if len(call) > 2 else None
+                    _fold_weight(into, n_rows, dz[:rows], x[:rows], self.params)
 
     def _name(self, out: dict) -> None:
         self.names = list(out)
@@ -294,7 +308,8 @@ def _fold_weight(into: list, first: int, dz: torch.Tensor, x: torch.Tensor, para
             into[w] += dz.t() @ x
     b = first + (1 if w is not None else 0)
     if b < len(into) and b - first < len(params) and params[b - first].dim() == 1:
-        into[b] = dz.sum(0).float() if into[b] is None else into[b] + dz.sum(0)
+        db = dz.sum(0)
+        into[b] = db.to(_at_least_float(db.dtype)) if into[b] is None else into[b].add_(db)
 
 
 def _at_least_float(dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ from pipeline.objectives.base import (
     linear_sg,
     teacher_target,
 )
-from pipeline.objectives.chunks import chunked, pieces, whole_groups
+from pipeline.objectives.chunks import chunked, pieces, student_and_projected, whole_groups
 from pipeline.objectives.table import spec
 
 
@@ -52,8 +52,7 @@ def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_la
     the same head output), as "extra"."""
 
     def fn(head, h, y, ht, yt, rows, group):
-        z_s = head(h)
-        z_t2s = linear_sg(ht, head)
+        z_s, z_t2s = student_and_projected(head, h, ht)
         per = ob.div(z_s, z_t2s.detach())
         agree = agreeing(z_t2s, yt, rows)
         logp_y = label_log_probs(z_s, y) if extra else None  # one log-softmax gives both the CE and alm's sums
@@ -83,16 +82,23 @@ def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch
     return (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
 
 
-def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows, cuts) -> float:
+def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows) -> float:
     """The count of agreeing t2s rows before the fused chunks run (the masked term's weight, 1 / count, is then
-    known to them): the projected teacher's logits alone, no gradient, over the same spans, so the same count."""
+    known to them): the projected teacher's logits alone, without gradient, so in spans AGREEMENT_SPANS times as long
+    (each span reads the (V x d) head once). The chunks count again; where a near-tie's last bits differ between the
+    two products and the counts disagree, the wrong weight is found in backward and the chunks recomputed."""
 
     def fn(head, ht, yt, rows):
         return {"n_agree": agreeing(linear_sg(ht, head), yt, rows).sum().float()}
 
     with torch.no_grad():
-        out = chunked(fn, len(t2s_labels), ob.chunk, h_t2s, t2s_labels, t2s_rows.float(), head=student.head, cuts=cuts)
+        out = chunked(fn, len(t2s_labels), AGREEMENT_SPANS * ob.chunk, h_t2s, t2s_labels, t2s_rows.float(),
+                      head=student.head)
     return float(out["n_agree"])
+
+
+# the agreement count's spans, in chunks: without backward only the logits and their argmax are alive in a span
+AGREEMENT_SPANS = 4
 
 
 def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,7 +154,7 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     # is recomputed in backward); masked, or no guess yet, counts the agreeing rows first (one forward of t2s)
     masked, n_first, cuts = False if gold else ob.masked_guess, None, spans_of(extra)
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
-        n_first = agreement(ob, student, h_t2s, y_t2s, rows, cuts)
+        n_first = agreement(ob, student, h_t2s, y_t2s, rows)
         masked = n_first / max(n_rows, 1) <= c.t2s_agreement
     st = student_space(ob, student, labels, h_t2s, y_t2s, rows, t2s_hints(ob, normaliser, t2s_norm, masked, n_first),
                        extra)
