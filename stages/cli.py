@@ -124,8 +124,10 @@ def teacher_cache(config_path, overrides, repair):
     from stages import teacher_cache as stage
 
     if _THREADS_LINE:  # beside the teacher's threads: the data preparation and the shard writes
-        _THREADS_LINE[0] += (f"; + {cfg.cache.loader_workers} loader worker process(es) of 1 thread preparing shards"
-                             " and 1 thread writing them, mostly waiting")
+        workers = cfg.cache.loader_workers
+        _THREADS_LINE[0] += ("; shards prepared inline on a CPU (1 loader process beside a GPU teacher)" if workers is None
+                             else f"; + {workers} loader worker process(es) of 1 thread preparing shards") + \
+            " and 1 thread writing them, mostly waiting"
     _run(stage.run, cfg, repair=repair)
 
 

@@ -72,8 +72,16 @@ from pipeline.train.tracking import peak_memory_mb
 
 # this run's throughput (rank 0's tokens and seconds); informational, not part of the cache's identity
 STATS_FILE = "build_stats.json"
-# positions per shard (from its first batch) on which compact mode measures its KL against the exact hidden states
+# positions per shard (from its first batch) on which the KL against the exact hidden states is measured: at most
+# KL_SAMPLE, and at most 1/KL_SHARE of the shard's response positions (a one-head product each: a small shard's
+# sample would otherwise cost as much as its head)
 KL_SAMPLE = 128
+KL_SHARE = 16
+
+
+def kl_sample_size(positions: int) -> int:
+    """Positions of a shard with `positions` response positions on which the storage KL is measured (>= 1)."""
+    return max(1, min(KL_SAMPLE, positions // KL_SHARE))
 # rows of the data the head check runs on
 HEAD_CHECK_ROWS = 8
 # shard schema metadata: this shard's StorageError (JSON), gathered into the manifest
@@ -304,6 +312,8 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
     preparer = ShardPreparer(examples, todo, R, cfg.cache.batch_size, p.teacher_tok, None if p.same else p.student_tok,
                              cfg.tokenize, str(cfg.data.path))
     workers = cfg.cache.loader_workers
+    if workers is None:  # CacheSettings.loader_workers: a process beside a GPU teacher, inline beside a CPU one
+        workers = 1 if dist.device.type == "cuda" else 0
     loader = DataLoader(preparer, batch_size=None, collate_fn=_identity, num_workers=workers,
                         prefetch_factor=2 if workers else None)
     bar = tqdm(total=sum(len(examples[i * R : (i + 1) * R]) for i in todo), unit="row",
@@ -320,13 +330,14 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
                 cut.setdefault(side, Truncation()).merge(tr)
             outputs: list = [None] * len(prep.rows)
             err = StorageError()
+            sample = kl_sample_size(sum(len(e.ids) - e.response_start for e in prep.teacher))
             for b, idx in enumerate(prep.batches):
                 seqs = [prep.teacher[i].ids for i in idx]
                 starts = [prep.teacher[i].response_start for i in idx]
                 results = teacher_forward(t.model, t.head, seqs, starts, t.k, p.t_pad, head_exact=t.head_exact,
-                                          keep_logits=KL_SAMPLE if b == 0 and t.head_exact else 0)
+                                          keep_logits=sample if b == 0 and t.head_exact else 0)
                 if t.head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
-                    err.merge(_storage_error(t.head, results, p.encoding, channel_scale, sample=b == 0))
+                    err.merge(_storage_error(t.head, results, p.encoding, channel_scale, sample if b == 0 else 0))
                 for i, r in zip(idx, results):
                     outputs[i] = r
                 tokens += sum(len(s) - 1 for s in seqs)
@@ -474,10 +485,10 @@ def _save_embeddings(model, path: Path) -> None:
 
 
 def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale: np.ndarray | None,
-                   sample: bool) -> dict:
+                   sample: int) -> dict:
     """How far logits recomputed from the stored hidden states (encoded, then decoded) are from the cached ones:
     the max |error| of the top-k at every position (k * d per position through `OutputHead.logits_at`), and on up
-    to KL_SAMPLE positions (`sample`) the log-sum-exp error and KL(exact || recomputed), the exact logits those the
+    to `sample` positions (`kl_sample_size`) the log-sum-exp error and KL(exact || recomputed), the exact logits those the
     forward kept (`teacher_forward`'s keep_logits)."""
     hidden = torch.cat([r.hidden for r in results])
     ids, top, lse = (torch.cat([getattr(r, f) for r in results]) for f in ("topk_ids", "topk_logits", "lse"))
@@ -494,7 +505,7 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
         out.topk_max = max(out.topk_max, float((z.cpu() - top[part : part + 256]).abs().max()))
     if sample:  # a chunk of positions at a time: (positions x V) float32 logits, several alive in the KL
         chunk = stage1_chunk_positions(head.vocab_size)
-        n = min(KL_SAMPLE, len(approx))
+        n = min(sample, len(approx))
         exact = [r.logits for r in results if r.logits is not None]  # kept by the forward: not computed again
         exact = torch.cat(exact) if exact else None
         for part in range(0, n, chunk):
