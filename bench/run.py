@@ -166,7 +166,9 @@ def markdown(results: dict) -> str:
                           f"micro-batch {4 * p['micro_batch']}): fused {a['step_s'] * 1000:.0f} ms / {a['peak_mb']:.0f} "
                           f"MB, naive (every position's logits at once) {b['step_s'] * 1000:.0f} ms / "
                           f"{b['peak_mb']:.0f} MB: time {show(r['fused_over_naive_time'])}, peak memory "
-                          f"{show(r['fused_over_naive_peak'])} of naive."]
+                          f"{show(r['fused_over_naive_peak'])} of naive; above sft's peak (what the 4x micro-batch "
+                          f"and its loss add to the weights, optimizer state and gradients both hold): "
+                          f"{show(r['fused_over_naive_peak_above_sft'])}."]
             against = [k.removesuffix(" fused_over_checkpointed_time") for k in r if k.endswith(" fused_over_checkpointed_time")]
             if against:
                 lines += ["", "Fused chunks vs the checkpointed chunks they replaced (each chunk's vocabulary-sized "

@@ -77,15 +77,15 @@ STATS_FILE = "build_stats.json"
 # sample would otherwise cost as much as its head)
 KL_SAMPLE = 128
 KL_SHARE = 16
+# rows of the data the head check runs on
+HEAD_CHECK_ROWS = 8
+# shard schema metadata: this shard's StorageError (JSON), gathered into the manifest
+STORAGE_META = b"dskd_storage_error"
 
 
 def kl_sample_size(positions: int) -> int:
     """Positions of a shard with `positions` response positions on which the storage KL is measured (>= 1)."""
     return max(1, min(KL_SAMPLE, positions // KL_SHARE))
-# rows of the data the head check runs on
-HEAD_CHECK_ROWS = 8
-# shard schema metadata: this shard's StorageError (JSON), gathered into the manifest
-STORAGE_META = b"dskd_storage_error"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,6 +338,8 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
                                           keep_logits=sample if b == 0 and t.head_exact else 0)
                 if t.head_exact:  # what storing the hidden states costs: stage 2's check is derived from it
                     err.merge(_storage_error(t.head, results, p.encoding, channel_scale, sample if b == 0 else 0))
+                for r in results:  # the sample's logits are not kept with the shard
+                    r.logits = None
                 for i, r in zip(idx, results):
                     outputs[i] = r
                 tokens += sum(len(s) - 1 for s in seqs)
@@ -488,7 +490,7 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
                    sample: int) -> dict:
     """How far logits recomputed from the stored hidden states (encoded, then decoded) are from the cached ones:
     the max |error| of the top-k at every position (k * d per position through `OutputHead.logits_at`), and on up
-    to `sample` positions (`kl_sample_size`) the log-sum-exp error and KL(exact || recomputed), the exact logits those the
+    to `sample` positions (`kl_sample_size`) the log-sum-exp error and KL(exact || recomputed), against the exact logits the
     forward kept (`teacher_forward`'s keep_logits)."""
     hidden = torch.cat([r.hidden for r in results])
     ids, top, lse = (torch.cat([getattr(r, f) for r in results]) for f in ("topk_ids", "topk_logits", "lse"))
