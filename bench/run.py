@@ -5,12 +5,12 @@ Sections, each in its own process (its numbers are its own) and in this order:
               variant (exact bf16, compact int8, cross-tokenizer); bytes per response token by column; the
               reconstruction KL (bench/cache.py, SmolLM2-135M-Instruct over Dolly)
 2. train      stage-2 step time and peak memory from the cache vs online KD with the teacher resident; every
-              objective's step time relative to sft next to its FLOP floor; chunked vs naive loss at the 262k
+              objective's step time relative to sft next to its FLOP floor; fused chunks vs naive loss at the 262k
               Gemma-3 vocabulary (bench/train.py, bench/floor.py)
 3. rollout    generated tokens/s, hf vs vllm (bench/rollout.py; vllm where `make install-vllm` installed it)
 4. alignment  exact-pair and chunk alignment coverage and throughput on the real tokenizers (bench/alignment.py)
 
-BENCH_SCALE multiplies rows, steps and prompts: 0.5 (make bench's default) took 36 minutes on 2 CPU cores; a GPU
+BENCH_SCALE multiplies rows, steps and prompts: 0.5 (make bench's default) took 19 minutes on 2 CPU cores; a GPU
 machine takes 4 or more. `--sections cache,train` runs some of them and keeps the others' last results.
 
     python bench/run.py [--scale 1] [--sections cache,train,rollout,alignment]

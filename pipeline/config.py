@@ -196,7 +196,7 @@ class CacheSettings:
     # data-loader processes that tokenize and align the next shard while the teacher runs (0 = inline); null = 1 for a
     # GPU teacher, 0 for a CPU one, whose threads already use every core (a forked loader only takes turns with them,
     # and every page of the teacher's heap it shares becomes a copy-on-write fault when the teacher writes it again:
-    # measured on 2 cores, stage 1 at 0.61-0.64 of a bare forward with a loader process, 0.90-0.92 inline)
+    # measured on 2 cores, stage 1 at 0.61-0.65 of a bare forward with a loader process, 0.90-0.96 inline)
     loader_workers: int | None = None
 
     def __post_init__(self) -> None:

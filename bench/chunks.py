@@ -1,0 +1,93 @@
+"""The loss alone at the 262k vocabulary: fused chunks of several sizes vs naive, alternating in one process.
+
+    python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks 32,64,128] [--rounds 3]
+
+SmolLM2-135M's cache -> the 6-layer Gemma-3 prune (`make bench-train`'s vocab pair, built here if missing): the
+first `--rows` cached rows as one micro-batch, the student's hidden states computed once and detached, so each
+timing is the objective's forward and backward alone (no body, no optimizer, no tied-embedding gradient). The
+dskd family's count of agreeing rows, taken before the fused chunks, is timed apart. Rounds alternate the variants;
+each variant's first two calls are warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
+from train import setup
+
+import pipeline.objectives.dual_space as dual_space
+from pipeline.cache.batch import collate_cache_rows
+from pipeline.cache.store import CacheReader
+from pipeline.config import LossConfig, ModelRef
+from pipeline.cpu import keep_freed_memory
+from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, own_memory
+from pipeline.objectives.objective import Objective
+from pipeline.objectives.setup import build_projectors, student_side, teacher_from_cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--objective", default="dskd_eta")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--chunks", default="32,64,128", help="fused chunk sizes in positions (naive always runs)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    keep_freed_memory()  # as stage 2 runs
+    cache, student_dir = setup("vocab", 12)
+    reader = CacheReader(cache)
+    student = load_model(ModelRef(path=str(student_dir)))
+    own_memory(student)
+    tok = load_tokenizer(ModelRef(path=str(student_dir)))
+    cfg = LossConfig(objective=args.objective)
+    teacher, vmap = teacher_from_cache(cfg, reader, tok, "cpu")
+    proj = build_projectors(cfg, student, teacher, vmap, weights_follow=True)
+    batch = collate_cache_rows([reader[i] for i in range(args.rows)], tok.pad_token_id or 0)
+    with torch.no_grad():
+        hidden = decoder_hidden(student, batch.input_ids, batch.attention_mask)
+    counting = {"s": 0.0}
+    count = dual_space.agreement
+
+    def timed_count(*a, **k):
+        t0 = time.perf_counter()
+        out = count(*a, **k)
+        counting["s"] += time.perf_counter() - t0
+        return out
+
+    dual_space.agreement = timed_count
+    variants = {f"fused, {c} positions": int(c) for c in args.chunks.split(",")} | {"naive": 1 << 30}
+    objectives = {v: Objective(cfg, teacher, proj, chunk_positions=c) for v, c in variants.items()}
+
+    def run(v: str) -> tuple[float, float]:
+        side = student_side(student, batch, hidden.detach().requires_grad_())
+        counting["s"] = 0.0
+        t0 = time.perf_counter()
+        objectives[v](batch, side, normaliser=100.0).loss.backward()
+        total = time.perf_counter() - t0
+        student.zero_grad(set_to_none=True)
+        proj.zero_grad(set_to_none=True)
+        return total, counting["s"]
+
+    for v in variants:
+        run(v)
+        run(v)
+    got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            got[v].append(run(v))
+    n = int((batch.labels != -100).sum())
+    naive = [t for t, _ in got["naive"]]
+    print(f"bench-chunks: {args.objective}, {args.rows} rows ({n} label positions), V {student.get_output_embeddings().weight.shape[0]:,}, "
+          f"{torch.get_num_threads()} threads; forward + backward of the loss, median of {args.rounds} rounds")
+    for v, xs in got.items():
+        t = [x for x, _ in xs]
+        ratio = [a / b for a, b in zip(t, naive)]
+        print(f"  {v:<24} {statistics.median(t):6.2f} s (count of agreeing rows {statistics.median(c for _, c in xs):.2f} s)"
+              f"  / naive {statistics.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})")
+
+
+if __name__ == "__main__":
+    main()
