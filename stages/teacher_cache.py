@@ -43,7 +43,7 @@ from pipeline.cache.schema import (
     list_column,
 )
 from pipeline.cache.store import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
-from pipeline.cache.teacher import check_head, stage1_chunk_positions, teacher_forward
+from pipeline.cache.teacher import check_head, every_hidden, stage1_chunk_positions, teacher_forward
 from pipeline.config import (
     DataConfig,
     TeacherCacheConfig,
@@ -294,8 +294,7 @@ def _write_once_files(cfg: TeacherCacheConfig, p: Plan, t: Teacher) -> None:
     if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
         dump_config(cfg, out / "config.yaml")
     if p.encoding == "int8" and not (out / CHANNEL_SCALE_FILE).exists():  # fitted once: a resume reuses it
-        sample = teacher_forward(t.model, t.head, t.check_rows, [1] * len(t.check_rows), 1, p.t_pad)  # every position
-        atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(torch.cat([r.hidden for r in sample])))
+        atomic_save_npy(out / CHANNEL_SCALE_FILE, fit_channel_scale(every_hidden(t.model, t.check_rows, p.t_pad)))
     p.writer.complete_shards(p.n_shards)
 
 

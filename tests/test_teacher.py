@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cache.schema import decode_hidden, encode_hidden
-from pipeline.cache.teacher import check_head, teacher_forward
+from pipeline.cache.teacher import check_head, every_hidden, teacher_forward
 from pipeline.data.tokenize import response_positions
 from pipeline.models.head import OutputHead
 from tests.conftest import tiny_lm
@@ -63,6 +63,14 @@ def test_kept_logits_are_the_forwards_own(keep, chunk):
         torch.testing.assert_close(row.logits, head.logits(row.hidden[:n]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.logsumexp(row.logits, -1), row.lse[:n])
         left -= n
+
+
+def test_every_hidden_is_the_forwards_hidden_at_every_position():
+    """int8's channel-scale fit reads the decoder alone: the same hidden states teacher_forward keeps when every
+    position is a response position."""
+    model = tiny("llama")
+    rows = teacher_forward(model, OutputHead.from_model(model), SEQS, [1] * len(SEQS), top_k=1, pad_id=0)
+    assert torch.equal(every_hidden(model, SEQS, pad_id=0), torch.cat([r.hidden for r in rows]))
 
 
 def test_softcap_is_part_of_the_head():

@@ -68,6 +68,15 @@ def _top_k_and_lse(logits_fn, flat: torch.Tensor, targets: torch.Tensor, k: int,
 
 
 @torch.no_grad()
+def every_hidden(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(positions, d) the decoder's last hidden states at every position but the last of each sequence: what
+    `teacher_forward` keeps with response starts of 1, without applying the head anywhere (int8's channel-scale fit,
+    which needs no logits)."""
+    h, _, _ = _hidden(model, seqs, pad_id)
+    return torch.cat([h[b, : len(s) - 1] for b, s in enumerate(seqs)]).cpu()
+
+
+@torch.no_grad()
 def teacher_forward(
     model,
     head: OutputHead,
