@@ -489,8 +489,8 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
                    sample: int) -> dict:
     """How far logits recomputed from the stored hidden states (encoded, then decoded) are from the cached ones:
     the max |error| of the top-k at every position (k * d per position through `OutputHead.logits_at`), and on up
-    to `sample` positions (`kl_sample_size`) the log-sum-exp error and KL(exact || recomputed), against the exact logits the
-    forward kept (`teacher_forward`'s keep_logits)."""
+    to `sample` positions (`kl_sample_size`) the log-sum-exp error and KL(exact || recomputed), against the exact
+    logits the forward kept (`teacher_forward`'s keep_logits) where it kept them."""
     hidden = torch.cat([r.hidden for r in results])
     ids, top, lse = (torch.cat([getattr(r, f) for r in results]) for f in ("topk_ids", "topk_logits", "lse"))
     out = StorageError()
@@ -512,7 +512,8 @@ def _storage_error(head: OutputHead, results: list, encoding: str, channel_scale
         for part in range(0, n, chunk):
             rows = slice(part, min(part + chunk, n))
             z_approx = head.logits(approx[rows])
-            z = exact[rows].to(device) if exact is not None and len(exact) >= rows.stop else head.logits(hidden[rows].to(device))
+            kept = exact is not None and len(exact) >= rows.stop
+            z = exact[rows].to(device) if kept else head.logits(hidden[rows].to(device))
             kl = divergence("fkl", z_approx, z, reduction="none").clamp(min=0)  # KL(exact || approx)
             out.lse_max = max(out.lse_max, float((torch.logsumexp(z_approx, -1).cpu() - lse[rows]).abs().max()))
             out.kl_sum, out.kl_max = out.kl_sum + float(kl.sum()), max(out.kl_max, float(kl.max()))

@@ -278,6 +278,9 @@ def test_compact_mode(tiny, cache, tmp_path):
     assert m.mode == "compact" and m.hidden_encoding == "int8"
     e = m.storage_error
     assert e["kl_positions"] > 0 and 0 <= e["kl_mean"] < 1e-3 and e["kl_max"] >= e["kl_mean"]
+    # the KL sample: at most 1/16 of each shard's response positions (at least one), at most KL_SAMPLE
+    assert e["kl_positions"] <= sum(teacher_cache.kl_sample_size(s.response_tokens) for s in m.shards)
+    assert [teacher_cache.kl_sample_size(n) for n in (0, 15, 160, 10**6)] == [1, 1, 10, teacher_cache.KL_SAMPLE]
     assert 0 < e["lse_max_error"] and 0 < e["topk_max_error"] < 0.1
     _exact, small = info(cache), info(compact)
     d = m.hidden_size
@@ -422,11 +425,23 @@ def test_bad_rows_name_file_row_and_field(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_row_values_do_not_depend_on_loader_workers(tiny, cache, tmp_path):
-    """The default on a CPU (no loader process: cache.loader_workers null) and one loader process write the same
-    shards."""
+def test_row_values_do_not_depend_on_loader_workers(tiny, cache, tmp_path, monkeypatch):
+    """A CPU teacher prepares shards inline by default (cache.loader_workers null: a loader forked beside it made
+    every page the teacher wrote again a copy-on-write fault), and one loader process writes the same shards."""
+    workers = []
+    loader = teacher_cache.DataLoader
+
+    def recorded(*a, **k):
+        workers.append(k["num_workers"])
+        return loader(*a, **k)
+
+    monkeypatch.setattr(teacher_cache, "DataLoader", recorded)
+    inline = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'd'}"))
     forked = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'i'}", "cache.loader_workers=1"))
-    assert [s.sha256 for s in CacheReader(forked).manifest.shards] == [s.sha256 for s in CacheReader(cache).manifest.shards]
+    assert workers == [0, 1]
+    want = [s.sha256 for s in CacheReader(cache).manifest.shards]
+    assert [s.sha256 for s in CacheReader(inline).manifest.shards] == want
+    assert [s.sha256 for s in CacheReader(forked).manifest.shards] == want
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ class TeacherRow:
     topk_logits: torch.Tensor  # (n_resp, k) float32
     lse: torch.Tensor  # (n_resp,) float32
     target_logprob: torch.Tensor  # (n_resp,) float32 log-probability of the actual next token (the sequence's own)
-    # (m, V) float32 logits of this row's first m positions, when `teacher_forward` was asked to keep them (stage 1's
-    # storage-error sample: measured against them instead of computing them again)
+    # (m, V) float32 logits of this row's first m positions on the teacher's device, when `teacher_forward` was asked
+    # to keep them (stage 1's storage-error sample: measured against them instead of computing them again)
     logits: torch.Tensor | None = None
 
 
@@ -56,7 +56,7 @@ def _top_k_and_lse(logits_fn, flat: torch.Tensor, targets: torch.Tensor, k: int,
     for part, tgt in zip(flat.split(chunk_positions), targets.split(chunk_positions)):
         z = logits_fn(part)
         if keep > 0:
-            kept.append(z[:keep].float().cpu().clone())
+            kept.append(z[:keep].float().clone())  # on z's device: the storage error reads them there
             keep -= len(kept[-1])
         lse = torch.logsumexp(z, dim=-1)
         lse_out.append(lse)

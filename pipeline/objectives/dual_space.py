@@ -82,6 +82,10 @@ def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch
     return (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
 
 
+# the agreement count's spans, in chunks: without backward only the logits and their argmax are alive in a span
+AGREEMENT_SPANS = 4
+
+
 def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows) -> float:
     """The count of agreeing t2s rows before the fused chunks run (the masked term's weight, 1 / count, is then
     known to them): the projected teacher's logits alone, without gradient, so in spans AGREEMENT_SPANS times as long
@@ -95,10 +99,6 @@ def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_ro
         out = chunked(fn, len(t2s_labels), AGREEMENT_SPANS * ob.chunk, h_t2s, t2s_labels, t2s_rows.float(),
                       head=student.head)
     return float(out["n_agree"])
-
-
-# the agreement count's spans, in chunks: without backward only the logits and their argmax are alive in a span
-AGREEMENT_SPANS = 4
 
 
 def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
