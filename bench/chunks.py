@@ -21,12 +21,12 @@ from train import setup
 
 import pipeline.objectives.dual_space as dual_space
 from pipeline.cache.batch import collate_cache_rows
-from pipeline.cache.store import CacheReader
 from pipeline.config import LossConfig, ModelRef
 from pipeline.cpu import keep_freed_memory
 from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, own_memory
 from pipeline.objectives.objective import Objective
 from pipeline.objectives.setup import build_projectors, student_side, teacher_from_cache
+from pipeline.train.sources import open_for_student
 
 
 def main() -> None:
@@ -38,10 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     keep_freed_memory()  # as stage 2 runs
     cache, student_dir = setup("vocab", 12)
-    reader = CacheReader(cache)
+    tok = load_tokenizer(ModelRef(path=str(student_dir)))
+    reader = open_for_student(cache, tok)
     student = load_model(ModelRef(path=str(student_dir)))
     own_memory(student)
-    tok = load_tokenizer(ModelRef(path=str(student_dir)))
     cfg = LossConfig(objective=args.objective)
     teacher, vmap = teacher_from_cache(cfg, reader, tok, "cpu")
     proj = build_projectors(cfg, student, teacher, vmap, weights_follow=True)

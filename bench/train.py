@@ -169,13 +169,14 @@ def floors(pair: str, cache: Path, student: Path, variants: list[str]) -> tuple[
     from floor import counts_of, dims_of, floor, head_share
     from transformers import AutoConfig
 
-    from pipeline.cache.store import CacheReader
-    from pipeline.models.load import checkpoint_dir
+    from pipeline.config import ModelRef
+    from pipeline.models.load import checkpoint_dir, load_tokenizer
+    from pipeline.train.sources import open_for_student
 
-    reader = CacheReader(cache)
+    reader = open_for_student(cache, load_tokenizer(ModelRef(path=str(student))))
     t_cfg = AutoConfig.from_pretrained(checkpoint_dir(load_config(TeacherCacheConfig, cache / "config.yaml").teacher))
     s_cfg = AutoConfig.from_pretrained(student)
-    same = reader.manifest.same_tokenizer
+    same = reader.same_tokenizer
     d = dims_of(s_cfg, t_cfg, 0 if same else int((reader.vocab_map() >= 0).sum()))
     if same:
         d.shared = d.v_s

@@ -32,6 +32,7 @@ from pipeline.io_utils import write_json
 from pipeline.models.load import load_model, load_tokenizer
 from pipeline.objectives.projectors import PROJECTORS_FILE, Projectors
 from pipeline.objectives.table import spec
+from pipeline.train.sources import open_for_student
 
 # bump when the result gains a field: older results are recomputed
 VERSION = 2
@@ -62,10 +63,11 @@ def run(runs: list[str], rows: int = 32, seed: int = 0, cache: str | None = None
         if cache_path is None:
             raise ConfigError(f"analyze {r.name}: an SFT run has no teacher cache; give one (`--cache DIR`, the "
                               "cache the other runs were distilled from)")
-        reader = CacheReader(cache_path)
+        tok_ref = cfg.student_tokenizer or cfg.student
+        reader = open_for_student(cache_path, load_tokenizer(tok_ref), tok_ref)
         pick = sorted(np.random.default_rng(seed).choice(len(reader), min(rows, len(reader)), replace=False).tolist())
         key = {"checkpoint": checkpoint_hash(r.ref), "initial": checkpoint_hash(cfg.student),
-               "cache": reader.manifest.fingerprint, "rows": pick, "version": VERSION}
+               "cache": reader.fingerprint, "rows": pick, "version": VERSION}
         target = analysis_dir(entry) / RESULT
         old = read_result(target)
         if old is not None and old.get("key") == key:

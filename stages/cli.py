@@ -132,6 +132,24 @@ def teacher_cache(config_path, overrides, repair):
 
 
 @main.command()
+@click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, file_okay=False))
+@click.option("--student-tokenizer", "tokenizer", required=True,
+              help="the student's tokenizer: a directory, a hub name, or a GGUF file's directory with --gguf-file")
+@click.option("--gguf-file", default=None, help="the GGUF file (in --student-tokenizer's directory) whose vocabulary "
+              "is the tokenizer")
+@click.option("--repair", is_flag=True, help="also check a finished view's shards by sha256 and rebuild the bad ones")
+def align(cache_path, tokenizer, gguf_file, repair):
+    """The student view of a teacher cache for one student tokenizer (no model; CPU): student ids, token
+    alignments, t2s labels and the vocabulary map, beside the cache in views/."""
+    from pipeline.config import ModelRef
+    from stages import align as stage
+
+    out = _run(stage.run, cache_path, tokenizer=ModelRef(path=tokenizer, gguf_file=gguf_file), repair=repair)
+    click.echo(f"align: {out} is up to date" if out is not None else
+               f"align: {cache_path}: this is the teacher's own tokenizer; its students read the cache directly")
+
+
+@main.command()
 @_config
 @_set
 @click.option("--force", is_flag=True, help="start over, discarding a finished or checkpointed run with this name")
@@ -295,6 +313,8 @@ def verify(path, tolerance, as_json, repair):
             f"  top-1 agreement {100 * r.top1_agreement:.2f}%, top-k id overlap {100 * r.topk_overlap:.2f}%\n"
             f"  KL(stored || recomputed) over top-k + tail: mean {r.kl_mean:.3g}, max {r.kl_max:.3g} nats"
         )
+        for v in r.views:
+            click.echo(f"  student view {v['view']}: {v['rows']} rows, {v['reason']}")
     if not r.ok:
         raise click.ClickException(f"verify FAILED: {r.reason}")
     click.echo("verify: ok")
@@ -314,16 +334,19 @@ def info(path, as_json):
         click.echo(json.dumps(d, indent=2))
         return
     by_col = d.pop("bytes_per_response_token_by_column")
-    ratio = d.pop("alignment_ratio", None)
-    cover = d.pop("coverage", None)
+    views = d.pop("views")
     for key, value in d.items():
         click.echo(f"{key:>26}: {value}")
     click.echo(f"{'bytes/response token':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in by_col.items()))
-    if ratio:
-        click.echo(f"{'alignment ratio':>26}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
-    if cover:
-        click.echo(f"{'teacher signal':>26}: exact pairs {cover['exact']:.3f} (with a t2s label: "
-                   f"{cover['exact_usable']:.3f}), chunks {cover['chunks']:.3f} of student response tokens")
+    for v in views:
+        ratio = v.pop("alignment_ratio", None)
+        cover = v.pop("coverage", None)
+        click.echo(f"{'student view':>26}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        if ratio:
+            click.echo(f"{'alignment ratio':>26}: " + ", ".join(f"{k} {x:.3f}" for k, x in ratio.items()))
+        if cover:
+            click.echo(f"{'teacher signal':>26}: exact pairs {cover['exact']:.3f} (with a t2s label: "
+                       f"{cover['exact_usable']:.3f}), chunks {cover['chunks']:.3f} of student response tokens")
 
 
 if __name__ == "__main__":

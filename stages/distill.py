@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline import lock, stamps
 from pipeline.cache.batch import Batch
 from pipeline.cache.schema import recompute_tolerance
-from pipeline.cache.store import CacheReader
+from pipeline.cache.store import CacheReader, read_manifest, resolve_cache_dir
 from pipeline.config import (
     ConfigError,
     DistillConfig,
@@ -83,7 +83,7 @@ from pipeline.train.engine import (
 )
 from pipeline.train.run_dir import DONE, prepare_run_dir
 from pipeline.train.sampler import MicroBatchStream
-from pipeline.train.sources import Source, cache_source, data_source, same_teacher
+from pipeline.train.sources import Source, cache_source, data_source, open_for_student, same_teacher
 from pipeline.train.step import diagnostics, mixed, on_policy
 from pipeline.train.tracking import MetricsLog, check_sinks, peak_memory_mb
 from pipeline.train.validation import Validation
@@ -140,23 +140,29 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
     ds = deepspeed_config(tcfg, world)
     check_sinks(tcfg.report_to)
     # the caches' manifests or the data first (a wrong path or a bad row is the commonest mistake), then the
-    # student's tokenizer
-    reader = CacheReader(cfg.cache) if cfg.cache is not None else None
-    valid_reader = CacheReader(cfg.valid.cache) if reader is not None and cfg.valid.enabled else None
-    op_reader = CacheReader(cfg.onpolicy.cache) if cfg.onpolicy.cache is not None else None
+    # student's tokenizer, then each cache read for it (its student view built when missing)
+    caches = [resolve_cache_dir(c) for c in (cfg.cache, cfg.valid.cache if cfg.cache is not None and cfg.valid.enabled
+                                              else None, cfg.onpolicy.cache) if c is not None]
+    manifests = [read_manifest(c) for c in caches]
     continue_state = _continue_state(cfg, world)
-    examples = load_examples(cfg.data) if reader is None else None
-    valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] if reader is None and cfg.valid.enabled else None
-    tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
+    examples = load_examples(cfg.data) if cfg.cache is None else None
+    valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] \
+        if cfg.cache is None and cfg.valid.enabled else None
+    tok_ref = cfg.student_tokenizer or cfg.student
+    tokenizer = load_tokenizer(tok_ref)
     _, pad_id = special_ids(tokenizer)
+    if caches:  # before any student view is built for it
+        _check_caches(cfg, caches, manifests, tokenizer_fingerprint(tokenizer))
+    reader = open_for_student(cfg.cache, tokenizer, tok_ref) if cfg.cache is not None else None
+    valid_reader = open_for_student(cfg.valid.cache, tokenizer, tok_ref) \
+        if reader is not None and cfg.valid.enabled else None
+    op_reader = open_for_student(cfg.onpolicy.cache, tokenizer, tok_ref) if cfg.onpolicy.cache is not None else None
     student_name = cfg.student_name or short_name(cfg.student)
     source = valid_source = None
     if reader is not None:
-        _check_caches(cfg, reader, [r for r in (valid_reader, op_reader) if r is not None], tokenizer)
         label = run_label(cfg.loss.objective, cfg.loss.divergence)
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{label}"
-        identity = {"source": reader.manifest.fingerprint,
-                    "valid": valid_reader.manifest.fingerprint if valid_reader else None}
+        identity = {"source": reader.fingerprint, "valid": valid_reader.fingerprint if valid_reader else None}
     else:
         run_name = cfg.run_name or f"{student_name}__sft"
         say = rank == 0  # truncation is reported once, by rank 0, naming the run (two SFT runs share their data)
@@ -175,7 +181,7 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
     held.enter_context(lock.writer(run_dir, "distill", take=rank == 0))  # one writer: before anything is read or removed
     # the run's identity; not the number of processes, which does not change the result (same global batch)
     fingerprint = hash_json({"config": config_identity(cfg), **identity, "student": model_fingerprint(cfg.student),
-                             **({"onpolicy": op_reader.manifest.fingerprint} if op_reader else {}),
+                             **({"onpolicy": op_reader.fingerprint} if op_reader else {}),
                              **({"continue_from": continue_state["fingerprint"], "continue_step": continue_state["step"]}
                                 if continue_state else {})})
     return Plan(cfg, rank, tcfg.grad_accum // world, ds, tokenizer, pad_id, reader, valid_reader, op_reader,
@@ -203,24 +209,22 @@ def _continue_state(cfg: DistillConfig, world: int) -> dict | None:
     return state
 
 
-def _check_caches(cfg: DistillConfig, reader: CacheReader, others: list[CacheReader], tokenizer) -> None:
-    """The caches were built for this student's tokenizer, by one teacher, and can serve the objective."""
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    tok_ref = cfg.student_tokenizer or cfg.student  # what a cache for this student would be built with
-    student_tok_set = " ".join(f"--set student_tokenizer.{k}={v}" for k, v in
-                               (("path", tok_ref.path), ("gguf_file", tok_ref.gguf_file)) if v)
-    reader.check_student_tokenizer(tok_fp, student_tok_set)
+def _check_caches(cfg: DistillConfig, dirs: list[Path], manifests: list, student_fp: str) -> None:
+    """The caches (the training cache first) come from one teacher and can serve the objective for a student whose
+    tokenizer has the fingerprint `student_fp`."""
+    m = manifests[0]
+    same = student_fp == m.teacher_tokenizer_fingerprint
     try:
-        check_compatible(cfg.loss.objective, reader.manifest.same_tokenizer,
-                         reader.manifest.embeddings_sha256 is not None, str(reader.dir))
+        check_compatible(cfg.loss.objective, same, m.embeddings_sha256 is not None,
+                         f"{dirs[0]} (teacher tokenizer {m.teacher_tokenizer_fingerprint[:12]}, this student's "
+                         f"{student_fp[:12]})")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.loss.teacher_logits == "dense" and not reader.manifest.head_exact:
-        raise ConfigError(f"{reader.dir}: the teacher's head could not be reproduced when the cache was built, so "
+    if cfg.loss.teacher_logits == "dense" and not m.head_exact:
+        raise ConfigError(f"{dirs[0]}: the teacher's head could not be reproduced when the cache was built, so "
                           "it holds top-k + tail only; set loss.teacher_logits: sparse (or auto)")
-    for other in others:
-        other.check_student_tokenizer(tok_fp, student_tok_set)
-        same_teacher(reader, other)
+    for d, other in zip(dirs[1:], manifests[1:]):
+        same_teacher(dirs[0], m, d, other)
 
 
 # --------------------------------------------------------------------------------------------------------------

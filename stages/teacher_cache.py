@@ -1,7 +1,8 @@
 """Stage 1, `teacher-cache`: run the teacher once over the data and write the sharded Arrow cache.
 
-data -> [loader worker: tokenize both sides, align, sort by length] -> batched teacher forward -> [writer thread:
-encode hidden states, Arrow shard (tmp + rename)] -> manifest. The worker prepares shard i+1 and the writer writes
+data -> [loader worker: tokenize for the teacher, sort by length] -> batched teacher forward -> [writer thread:
+encode hidden states, Arrow shard (tmp + rename)] -> manifest -> (a student tokenizer other than the teacher's) its
+student view (pipeline/cache/views.py, no model). The worker prepares shard i+1 and the writer writes
 shard i-1 while the teacher runs on shard i. Ranks of a `torchrun` launch take shards i = rank (mod world); rank 0
 writes the once-per-cache files and the manifest. A finished cache with the same fingerprint is left alone; an
 unfinished one is resumed (shards already on disk are skipped); another fingerprint gets its own directory.
@@ -13,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,14 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import lock, stamps
+from pipeline.cache import views
 from pipeline.cache.schema import (
     CHANNEL_SCALE_FILE,
     CURRENT,
     DATA_FILE,
     EMBEDDINGS_FILE,
+    MANIFEST,
     SCHEMA_VERSION,
     SHARD_PATTERN,
-    VOCAB_MAP_FILE,
+    TEACHER_TOKENIZER,
     StorageError,
     arrow_schema,
     decode_hidden,
@@ -42,7 +44,14 @@ from pipeline.cache.schema import (
     fit_channel_scale,
     list_column,
 )
-from pipeline.cache.store import CacheError, CacheWriter, cache_dir_name, read_manifest, shard_metadata
+from pipeline.cache.store import (
+    CacheError,
+    CacheWriter,
+    cache_dir_name,
+    file_problems,
+    read_manifest,
+    shard_metadata,
+)
 from pipeline.cache.teacher import check_head, every_hidden, stage1_chunk_positions, teacher_forward
 from pipeline.config import (
     DataConfig,
@@ -53,7 +62,7 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.cpu import keep_freed_memory
-from pipeline.data.alignment import LabelMap, RowAlignment, aligned_labels, encode_pair, tokenizer_label_map
+from pipeline.data.alignment import encode_teacher
 from pipeline.data.records import Example, load_examples, write_jsonl
 from pipeline.data.tokenize import Encoded, TokenizerError, Truncation, encode, special_ids
 from pipeline.io_utils import atomic_save_npy, atomic_save_safetensors, hash_json, sha256_file, write_json
@@ -64,6 +73,7 @@ from pipeline.models.load import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    save_tokenizer,
     short_name,
     tokenizer_fingerprint,
 )
@@ -97,10 +107,8 @@ class PreparedShard:
     index: int
     rows: list[Example]
     teacher: list[Encoded]
-    student: list[Encoded]
-    alignments: list[RowAlignment] | None  # per row, cross-tokenizer only
     batches: list[list[int]]  # row indices per teacher forward, sorted by teacher length
-    truncation: dict[str, Truncation] = field(default_factory=dict)  # "teacher" / "student" rows cut to fit
+    truncation: Truncation = field(default_factory=Truncation)  # rows cut to fit
     error: str | None = None
 
 
@@ -118,27 +126,22 @@ class ShardPreparer(Dataset):
         try:
             return prepare_shard(index, rows, self.teacher_tok, self.student_tok, self.tok_cfg, self.batch_size)
         except TokenizerError as e:  # returned, not raised: a worker's exception would arrive wrapped in a traceback
-            return PreparedShard(index, rows, [], [], None, [], error=f"{self.where}: {e}")
+            return PreparedShard(index, rows, [], [], error=f"{self.where}: {e}")
 
 
 def prepare_shard(
     index: int, rows: list[Example], teacher_tok, student_tok, tok_cfg: TokenizeConfig, batch_size: int
 ) -> PreparedShard:
-    aligned = student_tok is not None
-    t_enc, s_enc, alignments = [], [], [] if aligned else None
-    cut = {"teacher": Truncation(), **({"student": Truncation()} if aligned else {})}
+    """The teacher's side of a shard's rows (`student_tok`: the tokenizer generated rows were sampled with, when it
+    is not the teacher's)."""
+    t_enc, cut = [], Truncation()
     for e in rows:
-        t, s, pairs = encode_pair(e, teacher_tok, student_tok, tok_cfg)
-        t_enc.append(t)
-        s_enc.append(s)
-        cut["teacher"].add_encoded(e.id, t, tok_cfg)
-        if aligned:
-            alignments.append(pairs)
-            cut["student"].add_encoded(e.id, s, tok_cfg)
+        t_enc.append(encode_teacher(e, teacher_tok, student_tok, tok_cfg))
+        cut.add_encoded(e.id, t_enc[-1], tok_cfg)
     # batches of similar length waste little compute on padding; rows are written back in data order
     order = sorted(range(len(rows)), key=lambda i: len(t_enc[i].ids))
     batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-    return PreparedShard(index, rows, t_enc, s_enc, alignments, batches, cut)
+    return PreparedShard(index, rows, t_enc, batches, cut)
 
 
 def _identity(x):
@@ -149,8 +152,9 @@ def _identity(x):
 # Stage
 
 
-def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok, student_tok) -> dict:
-    """What identifies a cache: every input that changes its rows."""
+def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok) -> dict:
+    """What identifies a cache: every input that changes its rows, never a student (generated rows name the
+    tokenizer they were sampled with in the data's hash)."""
     encoding = "int8" if cfg.cache.mode == "compact" else (
         cfg.teacher.dtype if cfg.cache.hidden_dtype == "auto" else cfg.cache.hidden_dtype
     )
@@ -158,7 +162,6 @@ def fingerprint_of(cfg: TeacherCacheConfig, examples: list[Example], teacher_tok
         "schema_version": SCHEMA_VERSION,
         "teacher": model_fingerprint(cfg.teacher),
         "teacher_tokenizer": tokenizer_fingerprint(teacher_tok),
-        "student_tokenizer": tokenizer_fingerprint(student_tok),
         "data": hash_json([[e.id, e.prompt, e.response] + ([list(e.prompt_ids), list(e.response_ids), e.tokenizer]
                                                             if e.generated else []) for e in examples]),
         "tokenize": config_to_dict(cfg.tokenize),
@@ -173,7 +176,8 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
     """Build (or resume, or repair) the cache of `cfg`; return its directory. With `repair`, a finished cache's
     shards are checked by sha256 (not only by size) and the bad ones recomputed; `expect_dir` refuses to build any
     other directory (`repair`). Plan (the cheap checks), then, if there is work: the teacher, the once-per-cache
-    files, the shards, the manifest."""
+    files, the shards, the manifest. Then, for a student tokenizer other than the teacher's, its student view
+    (built if missing, repaired with `repair`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader worker is a forked process
     with contextlib.ExitStack() as held:  # the cache directory's lock, from the first decision about it to the end
         dist = local_or_distributed()
@@ -181,13 +185,14 @@ def run(cfg: TeacherCacheConfig, *, repair: bool = False, expect_dir: Path | Non
             keep_freed_memory()
         p = plan(cfg, expect_dir)
         held.enter_context(lock.writer(p.out, "teacher-cache", take=dist.is_main))  # one writer, before anything is read
-        work = _plan(p.writer, repair) if dist.is_main else False
+        work = p.writer.needs_work(repair, lambda m, deep: file_problems(p.out, _once_files(m), deep)) \
+            if dist.is_main else False
         (work,) = all_reduce_sum([float(work)], dist.device)
         if not work:
             if dist.is_main:
                 p.writer.mark_current()
-                _record(cfg, p.writer, read_manifest(p.out))
                 print(f"teacher-cache: up to date ({p.out})")
+                _record(cfg, p.writer, read_manifest(p.out), _student_view(p, repair))
             return p.out
         t = load_teacher(cfg, p, dist)
         if dist.is_main:
@@ -213,7 +218,8 @@ class Plan:
     student_tok: object
     t_pad: int
     fingerprint_inputs: dict
-    same: bool  # one tokenizer on both sides
+    same: bool  # one tokenizer on both sides (no student view)
+    student_fingerprint: str
     encoding: str  # how hidden states are stored
     teacher_name: str
     writer: CacheWriter
@@ -236,17 +242,17 @@ def plan(cfg: TeacherCacheConfig, expect_dir: Path | None) -> Plan:
     student_tok = load_tokenizer(cfg.student_tokenizer) if cfg.student_tokenizer else teacher_tok
     _, t_pad = special_ids(teacher_tok, require_eos=False)
     special_ids(student_tok)  # a student tokenizer without EOS is an error here, before any work
-    inputs = fingerprint_of(cfg, examples, teacher_tok, student_tok)
+    inputs = fingerprint_of(cfg, examples, teacher_tok)
     fingerprint = hash_json(inputs)
-    _check_generated(examples, inputs["student_tokenizer"], cfg)
+    student_fp = tokenizer_fingerprint(student_tok)
+    _check_generated(examples, student_fp, cfg)
     teacher_name = cfg.teacher_name or short_name(cfg.teacher)
     writer = CacheWriter(Path(cfg.out_dir), cache_dir_name(teacher_name, fingerprint), fingerprint)
     if expect_dir is not None and writer.dir.resolve() != Path(expect_dir).resolve():
         raise CacheError(f"{expect_dir}: its config.yaml no longer reproduces it (the teacher, the tokenizers or the "
                          f"data changed: it would build {writer.dir.name}); rebuild with `dskd teacher-cache`")
-    return Plan(examples, teacher_tok, student_tok, t_pad, inputs,
-                inputs["student_tokenizer"] == inputs["teacher_tokenizer"], inputs["hidden_encoding"], teacher_name,
-                writer, cfg.cache.rows_per_shard)
+    return Plan(examples, teacher_tok, student_tok, t_pad, inputs, student_fp == inputs["teacher_tokenizer"], student_fp,
+                inputs["hidden_encoding"], teacher_name, writer, cfg.cache.rows_per_shard)
 
 
 @dataclass
@@ -259,7 +265,6 @@ class Teacher:
     check_rows: list[list[int]]
     head_err: float
     head_exact: bool  # the head reproduces the model's logits: stage 2 may recompute them densely
-    label_map: LabelMap | None  # cross-tokenizer: teacher id -> student id of the same text
 
 
 def load_teacher(cfg: TeacherCacheConfig, p: Plan, dist) -> Teacher:
@@ -275,8 +280,7 @@ def load_teacher(cfg: TeacherCacheConfig, p: Plan, dist) -> Teacher:
             f"teacher-cache: WARNING: the output head does not reproduce {cfg.teacher.path!r}'s logits (max error "
             f"{head_err:.3g}); falling back to top-k + tail from the model's own logits (stage 2 cannot recompute them)"
         )
-    label_map = None if p.same else tokenizer_label_map(p.teacher_tok, p.student_tok)
-    return Teacher(model, head, min(cfg.cache.top_k, head.vocab_size), check_rows, head_err, head_exact, label_map)
+    return Teacher(model, head, min(cfg.cache.top_k, head.vocab_size), check_rows, head_err, head_exact)
 
 
 def _write_once_files(cfg: TeacherCacheConfig, p: Plan, t: Teacher) -> None:
@@ -286,10 +290,7 @@ def _write_once_files(cfg: TeacherCacheConfig, p: Plan, t: Teacher) -> None:
     t.head.save(out / HEAD_FILE)
     if cfg.cache.store_embeddings:
         _save_embeddings(t.model, out / EMBEDDINGS_FILE)
-    if t.label_map is not None:
-        atomic_save_npy(out / VOCAB_MAP_FILE, t.label_map.exact)
-    _save_tokenizer(p.teacher_tok, out / "teacher_tokenizer")
-    _save_tokenizer(p.student_tok, out / "student_tokenizer")
+    save_tokenizer(p.teacher_tok, out / TEACHER_TOKENIZER)
     write_jsonl(out / DATA_FILE, [e.record() for e in p.examples])
     if not (out / "config.yaml").exists():  # a repair keeps the config the cache was built with
         dump_config(cfg, out / "config.yaml")
@@ -307,7 +308,7 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
     todo = [i for i in range(p.n_shards) if i % dist.world_size == dist.rank and i not in done]
     if done and dist.is_main:
         print(f"teacher-cache: resuming, {len(done)} of {p.n_shards} shard(s) already complete")
-    schema = arrow_schema(t.head.hidden_size, t.k, p.encoding, aligned=not p.same)
+    schema = arrow_schema(t.head.hidden_size, t.k, p.encoding)
     preparer = ShardPreparer(examples, todo, R, cfg.cache.batch_size, p.teacher_tok, None if p.same else p.student_tok,
                              cfg.tokenize, str(cfg.data.path))
     workers = cfg.cache.loader_workers
@@ -315,18 +316,17 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
         workers = 1 if dist.device.type == "cuda" else 0
     loader = DataLoader(preparer, batch_size=None, collate_fn=_identity, num_workers=workers,
                         prefetch_factor=2 if workers else None)
+    cut = Truncation()
     bar = tqdm(total=sum(len(examples[i * R : (i + 1) * R]) for i in todo), unit="row",
                desc=f"teacher-cache[{dist.rank}]" if dist.world_size > 1 else "teacher-cache", mininterval=2.0,
                disable=not dist.is_main)
     tokens, t0 = 0, time.perf_counter()
     pending: Future | None = None
-    cut: dict[str, Truncation] = {}
     with bar, ThreadPoolExecutor(max_workers=1) as pool:  # the bar closes on errors too
         for prep in loader:
             if prep.error:
                 raise TokenizerError(prep.error)
-            for side, tr in prep.truncation.items():
-                cut.setdefault(side, Truncation()).merge(tr)
+            cut.merge(prep.truncation)
             outputs: list = [None] * len(prep.rows)
             err = StorageError()
             sample = kl_sample_size(sum(len(e.ids) - e.response_start for e in prep.teacher))
@@ -346,19 +346,17 @@ def _compute_shards(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> tuple
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface promptly
-            pending = pool.submit(_write_shard, p.writer, schema, prep, outputs, p.encoding, channel_scale,
-                                  t.label_map, err)
+            pending = pool.submit(_write_shard, p.writer, schema, prep, outputs, p.encoding, channel_scale, err)
         if pending is not None:
             pending.result()
-    for side, tr in cut.items():  # once, for people: a 100k-character prompt is not cut silently
-        if msg := tr.message(cfg.tokenize, f"teacher-cache[{dist.rank}] {side}" if dist.world_size > 1 else
-                             f"teacher-cache: {side}" if len(cut) > 1 else "teacher-cache"):
-            print(msg)
+    # once, for people: a 100k-character prompt is not cut silently
+    if msg := cut.message(cfg.tokenize, f"teacher-cache[{dist.rank}]" if dist.world_size > 1 else "teacher-cache"):
+        print(msg)
     return tokens, time.perf_counter() - t0, todo
 
 
 def _finish(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> None:
-    """Rank 0: the manifest (the commit of the whole cache) and the quick up-to-date record."""
+    """Rank 0: the manifest (the commit of the whole cache), the student view, and the quick up-to-date record."""
     out, inputs = p.out, p.fingerprint_inputs
     manifest = p.writer.finish(
         {
@@ -372,8 +370,6 @@ def _finish(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> None:
             "head_exact": t.head_exact,
             "head_max_error": float(t.head_err),
             "storage_error": _gather_storage_error(out, p.n_shards),
-            "same_tokenizer": p.same,
-            "student_tokenizer_fingerprint": inputs["student_tokenizer"],
             "teacher_tokenizer_fingerprint": inputs["teacher_tokenizer"],
             "head_sha256": sha256_file(out / HEAD_FILE),
             "embeddings_sha256": sha256_file(out / EMBEDDINGS_FILE) if cfg.cache.store_embeddings else None,
@@ -382,73 +378,43 @@ def _finish(cfg: TeacherCacheConfig, p: Plan, t: Teacher, dist) -> None:
         },
         p.n_shards,
     )
-    _record(cfg, p.writer, manifest)
     size = sum(s.bytes for s in manifest.shards)
     print(
         f"teacher-cache: {manifest.rows} rows, {manifest.response_tokens} response tokens, {len(manifest.shards)} "
         f"shard(s), {size / max(manifest.response_tokens, 1):.0f} bytes/response token -> {out}"
     )
+    _record(cfg, p.writer, manifest, _student_view(p, repair=False))
+
+
+def _student_view(p: Plan, repair: bool) -> Path | None:
+    """Rank 0, the teacher cache finished: the student view for a student tokenizer other than the teacher's
+    (built if missing, its shards re-checked by sha256 with `repair`), or None."""
+    if p.same:
+        return None
+    return views.build(p.out, p.student_tok, repair=repair)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Up to date, resume, or repair
 
 
-def _plan(writer: CacheWriter, repair: bool) -> bool:
-    """Rank 0: is there work? A finished cache is re-checked (shard sizes and the once-per-cache files always,
-    sha256 with `repair`); what is bad is removed, so the run recomputes only that. Shards without a manifest
-    are adopted when their own metadata names this cache."""
-    status = writer.status()
-    if status == "orphan":
-        print(f"teacher-cache: {writer.dir} holds shards of this cache but no manifest; rebuilding it")
-        return True
-    if status != "done":
-        return True
-    try:
-        manifest = read_manifest(writer.dir)
-    except CacheError as e:
-        print(f"teacher-cache: {e}; rebuilding the manifest from the shards")
-        writer.reopen([])
-        return True
-    bad = writer.shard_problems(manifest, deep=repair)
-    files = _file_problems(writer.dir, manifest, deep=repair)
-    if not bad and not files:
-        return False
-    what = [f"shard {i} {why}" for i, why in sorted(bad.items())] + files
-    print(f"teacher-cache: {writer.dir}: {'; '.join(what[:4])}{' ...' if len(what) > 4 else ''}; recomputing "
-          f"{len(bad)} of {len(manifest.shards)} shard(s)")
-    writer.reopen(sorted(bad))
-    return True
-
-
 def _once_files(manifest) -> dict[str, str | None]:
     """The files a finished cache holds besides its shards -> their sha256 where the manifest records one."""
     need = {HEAD_FILE: manifest.head_sha256, DATA_FILE: None, "config.yaml": None,
-            "teacher_tokenizer/tokenizer.json": None, "student_tokenizer/tokenizer.json": None}
+            f"{TEACHER_TOKENIZER}/tokenizer.json": None}
     if manifest.embeddings_sha256:
         need[EMBEDDINGS_FILE] = manifest.embeddings_sha256
-    if not manifest.same_tokenizer:
-        need[VOCAB_MAP_FILE] = None
     if manifest.hidden_encoding == "int8":
         need[CHANNEL_SCALE_FILE] = None
     return need
 
 
-def _record(cfg: TeacherCacheConfig, writer: CacheWriter, manifest) -> None:
-    """The quick up-to-date check's record (pipeline/stamps.py)."""
+def _record(cfg: TeacherCacheConfig, writer: CacheWriter, manifest, view: Path | None) -> None:
+    """The quick up-to-date check's record (pipeline/stamps.py): the once-per-cache files, and the student view's
+    manifest when the cache was asked for another student tokenizer."""
+    files = sorted(_once_files(manifest)) + ([str(view.relative_to(writer.dir) / MANIFEST)] if view else [])
     stamps.record(writer.root, stamps.teacher_cache_key(cfg),
-                  {"dir": writer.dir.name, "fingerprint": manifest.fingerprint, "files": sorted(_once_files(manifest))})
-
-
-def _file_problems(out: Path, manifest, deep: bool) -> list[str]:
-    """The once-per-cache files that are missing (or, `deep`, whose sha256 differs from the manifest's)."""
-    problems = []
-    for name, sha in _once_files(manifest).items():
-        if not (out / name).is_file():
-            problems.append(f"{name} missing")
-        elif deep and sha is not None and sha256_file(out / name) != sha:
-            problems.append(f"{name} sha256 mismatch")
-    return problems
+                  {"dir": writer.dir.name, "fingerprint": manifest.fingerprint, "files": files})
 
 
 def repair(path: str | Path) -> Path:
@@ -464,7 +430,9 @@ def repair(path: str | Path) -> Path:
     cfg = dataclasses.replace(cfg, out_dir=str(d.parent))
     if (d / DATA_FILE).is_file():  # exactly the rows it was built from, wherever the original data is now
         cfg = dataclasses.replace(cfg, data=DataConfig(path=str(d / DATA_FILE), id_field="id"))
-    return run(cfg, repair=True, expect_dir=d)
+    out = run(cfg, repair=True, expect_dir=d)
+    views.repair_views(out)  # every other student view beside it, from the tokenizer saved in each
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -529,17 +497,8 @@ def _gather_storage_error(cache_dir: Path, n_shards: int) -> dict:
     return total.summary()
 
 
-def _save_tokenizer(tok, dest: Path) -> None:
-    """save_pretrained writes several files: into a temporary directory, then renamed (a kill leaves no half)."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-
-
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
-                 channel_scale: np.ndarray | None, label_map: LabelMap | None, err: StorageError) -> None:
+                 channel_scale: np.ndarray | None, err: StorageError) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     hidden = torch.cat([o.hidden for o in outputs])
     values, scale = encode_hidden(hidden, encoding, channel_scale)
@@ -548,8 +507,6 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
     split = np.cumsum([o.hidden.shape[0] for o in outputs])[:-1]
     cols = {
         "id": pa.array([e.id for e in prep.rows], pa.string()),
-        "student_ids": list_column([np.asarray(s.ids, np.int32) for s in prep.student], schema.field("student_ids").type),
-        "student_response_start": pa.array([s.response_start for s in prep.student], pa.int32()),
         "teacher_ids": list_column([np.asarray(t.ids, np.int32) for t in prep.teacher], schema.field("teacher_ids").type),
         "teacher_response_start": pa.array([t.response_start for t in prep.teacher], pa.int32()),
         "hidden": list_column(np.split(values, split), schema.field("hidden").type),
@@ -560,17 +517,6 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
     }
     if scale is not None:
         cols["hidden_scale"] = list_column(np.split(scale, split), schema.field("hidden_scale").type)
-    if prep.alignments is not None:
-        labels, ratios = [], []
-        for s, t, o, al in zip(prep.student, prep.teacher, outputs, prep.alignments):
-            labels.append(aligned_labels(o.topk_ids[:, 0].numpy(), al.pairs, t, s, label_map))
-            ratios.append(len(al.pairs) / s.n_response)
-        pairs = [al.pairs for al in prep.alignments]
-        cols["align_student"] = list_column([p[:, 0] for p in pairs], schema.field("align_student").type)
-        cols["align_teacher"] = list_column([p[:, 1] for p in pairs], schema.field("align_teacher").type)
-        cols["align_label"] = list_column(labels, schema.field("align_label").type)
-        cols["align_ratio"] = pa.array(ratios, pa.float32())
-        cols["chunks"] = list_column([al.chunks for al in prep.alignments], schema.field("chunks").type)
     meta = {STORAGE_META: json.dumps(err.to_dict())}
     table = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema.with_metadata(meta))
     writer.write_shard(prep.index, table)

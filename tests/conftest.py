@@ -123,7 +123,7 @@ def assert_labels_are_the_sampled_ids(cache_dir, rollout_dir):
     from pipeline.data.records import load_examples
 
     by_id = {e.id: e for e in load_examples(DataConfig(path=str(rollout_dir)))}
-    reader = CacheReader(cache_dir)
+    reader = CacheReader(cache_dir, student_tokenizer=next(iter(by_id.values())).tokenizer)  # the sampling one's view
     assert len(reader) == len(by_id)
     for i in range(len(reader)):
         row = reader[i]
@@ -132,6 +132,18 @@ def assert_labels_are_the_sampled_ids(cache_dir, rollout_dir):
         assert ids[: row.student_response_start] == list(e.prompt_ids)
         assert ids[row.student_response_start :] == list(e.response_ids)
     return reader
+
+
+def student_reader(cache, tokenizer):
+    """The cache read for the student with `tokenizer` (a ModelRef, a path, or a loaded tokenizer): through its student
+    view, built when missing, as stage 2 reads it."""
+    from pipeline.config import ModelRef
+    from pipeline.models.load import load_tokenizer
+    from pipeline.train.sources import open_for_student
+
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = ModelRef(path=str(tokenizer))
+    return open_for_student(cache, load_tokenizer(tokenizer) if isinstance(tokenizer, ModelRef) else tokenizer)
 
 
 _SHARED_TOKENIZERS: dict = {}

@@ -62,7 +62,7 @@ def test_round_trip_across_shard_boundaries(tiny, cache):
     assert shard_files(cache) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
     assert [s.rows for s in m.shards] == [64, 64, 32]
     assert reader.ids() == [e.id for e in examples]  # data order, whatever the batching order was
-    assert m.same_tokenizer and m.hidden_encoding == "float32" and m.top_k == 32 and m.mode == "exact"
+    assert reader.same_tokenizer and not (cache / "views").exists() and m.hidden_encoding == "float32" and m.top_k == 32 and m.mode == "exact"
     assert m.head_exact and m.world_size == 1
     # float32 storage of a float32 teacher is lossless; the largest logit sets the tolerance's rounding term
     assert m.storage_error["topk_max_error"] == 0 and m.storage_error["kl_positions"] == 0
@@ -83,8 +83,9 @@ def test_round_trip_across_shard_boundaries(tiny, cache):
         torch.testing.assert_close(row.lse, alone.lse, atol=1e-5, rtol=1e-5)
         assert torch.equal(row.topk_ids, alone.topk_ids)
     assert m.response_tokens == sum(reader[i].lse.shape[0] for i in range(len(reader)))
-    for name in ("config.yaml", "teacher_tokenizer", "student_tokenizer", HEAD_FILE, DATA_FILE):
+    for name in ("config.yaml", "teacher_tokenizer", HEAD_FILE, DATA_FILE):
         assert (cache / name).exists()
+    assert not (cache / "student_tokenizer").exists() and not (cache / VOCAB_MAP_FILE).exists()
     assert [json.loads(x)["id"] for x in (cache / DATA_FILE).read_text().splitlines()] == reader.ids()
     assert not (cache / PROGRESS).exists()
 
@@ -206,10 +207,11 @@ def test_two_ranks_equal_one(tiny, cache, tmp_path):
 
 
 def test_cross_tokenizer_alignment_columns(tiny, xcache):
-    reader = CacheReader(xcache)
-    m = reader.manifest
-    assert not m.same_tokenizer and (xcache / VOCAB_MAP_FILE).exists()
-    s_tok, t_tok = load_tokenizer(ModelRef(str(xcache / "student_tokenizer"))), load_tokenizer(ModelRef(str(xcache / "teacher_tokenizer")))
+    s_tok = load_tokenizer(ModelRef(str(tiny.assets / "tokenizer-metaspace")))
+    t_tok = load_tokenizer(ModelRef(str(xcache / "teacher_tokenizer")))
+    reader = CacheReader(xcache, student_tokenizer=tokenizer_fingerprint(s_tok))
+    assert not reader.same_tokenizer and (reader.view_dir / VOCAB_MAP_FILE).exists()
+    assert load_tokenizer(ModelRef(str(reader.view_dir / "student_tokenizer"))).get_vocab() == s_tok.get_vocab()
     vmap = reader.vocab_map()
     assert vmap[t_tok.eos_token_id] == s_tok.eos_token_id
     labels = tokenizer_label_map(t_tok, s_tok)
@@ -243,12 +245,13 @@ def test_cross_tokenizer_alignment_columns(tiny, xcache):
             s_text = s_tok.decode(row.student_ids[sb + 1 : se + 1].tolist(), skip_special_tokens=True).strip()
             assert s_text == t_tok.decode(row.teacher_ids[tb + 1 : te + 1].tolist(), skip_special_tokens=True).strip()
     assert checked > 100 and first > 0
-    d = info(xcache)
+    (d,) = info(xcache)["views"]
+    assert d["view"] == str(reader.view_dir) and d["student_tokenizer_fingerprint"] == tokenizer_fingerprint(s_tok)
     assert 0 < d["coverage"]["exact_usable"] <= d["coverage"]["exact"]
     assert 0.3 < d["alignment_ratio"]["median"] <= 1.0
     assert d["coverage"]["exact"] == pytest.approx(d["alignment_ratio"]["mean"], abs=0.05)
     assert d["coverage"]["chunks"] >= max(0.99, d["coverage"]["exact"])
-    assert d["bytes_per_response_token_by_column"]["target_logprob"] == pytest.approx(4, rel=0.3)
+    assert info(xcache)["bytes_per_response_token_by_column"]["target_logprob"] == pytest.approx(4, rel=0.3)
     # the batch numbers the chunks over its rows: each position's chunk, -1 nowhere here (nothing truncated)
     rows = [reader[i] for i in range(4)]
     batch = collate_cache_rows(rows, 0)
@@ -368,11 +371,12 @@ def test_reader_refuses_bad_manifest(cache, tmp_path, edit, match):
         CacheReader(with_manifest_edit(cache, tmp_path, edit))
 
 
-def test_a_version_4_cache_is_refused_with_the_command_that_rebuilds_it(cache, tmp_path):
-    """Version 5 translates align_label across leading whitespace: a version-4 cross-tokenizer cache left the first
-    response word of a SentencePiece student without a label."""
-    old = with_manifest_edit(cache, tmp_path, lambda m: m.update(schema_version=4))
-    with pytest.raises(CacheError, match=r"schema version 4 is not 5 .*rebuild it: `dskd teacher-cache --config "):
+@pytest.mark.parametrize("version", [4, 5])
+def test_an_older_cache_is_refused_with_the_command_that_rebuilds_it(cache, tmp_path, version):
+    """Version 5 translates align_label across leading whitespace (a version-4 cross-tokenizer cache left the first
+    response word of a SentencePiece student without a label); version 6 moves the student side into views."""
+    old = with_manifest_edit(cache, tmp_path, lambda m: m.update(schema_version=version))
+    with pytest.raises(CacheError, match=rf"schema version {version} is not 6 .*rebuild it: `dskd teacher-cache --config "):
         CacheReader(old)
 
 
@@ -380,8 +384,8 @@ def test_reader_refuses_unexpected_fingerprint_and_other_student(tiny, cache, tm
     with pytest.raises(CacheError, match="not the expected"):
         CacheReader(cache, expect_fingerprint="0" * 64)
     other = load_tokenizer(ModelRef(path=str(tiny.assets / "tokenizer-metaspace")))
-    with pytest.raises(CacheError, match="another student tokenizer"):
-        CacheReader(cache, expect_student_tokenizer=tokenizer_fingerprint(other))
+    with pytest.raises(CacheError, match=r"no student view for tokenizer .*build it with `dskd align .* --student-tok"):
+        CacheReader(cache, student_tokenizer=tokenizer_fingerprint(other), student_ref="tok/")
     with pytest.raises(CacheError, match="neither a teacher cache"):
         resolve_cache_dir(tmp_path)
 

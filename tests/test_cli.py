@@ -61,7 +61,7 @@ def test_stage2_reports_a_missing_cache_and_bad_settings_before_the_engine_start
 
 def test_late_errors_now_arrive_before_any_model_or_engine(caches, tmp_path, monkeypatch):
     """An output directory that cannot be written, a student path that is a file, too few rows for a micro-batch, an
-    out-of-range divergence setting and a cache of another student tokenizer: one line each, before a model loads or
+    out-of-range divergence setting and a same-vocabulary objective for a student of another tokenizer: one line each, before a model loads or
     DeepSpeed starts (issue 27; they came after 5-55 s, some as tracebacks)."""
     from pipeline.models.load import ModelLoadError
 
@@ -84,8 +84,7 @@ def test_late_errors_now_arrive_before_any_model_or_engine(caches, tmp_path, mon
                                            f"out_dir={tmp_path / 'sft'}"))
     with pytest.raises(ConfigError, match=r"loss\.beta must be in \[0, 1\], got 2"):
         caches.distill_cfg("loss.beta=2")
-    with pytest.raises(CacheError, match=r"another student tokenizer .*; build one for it with `dskd teacher-cache "
-                       r"--config .*config\.yaml --set student_tokenizer\.path=.*student-init-metaspace`"):
+    with pytest.raises(ConfigError, match=r"needs the teacher and the student to share a tokenizer"):
         distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init-metaspace"))
 
 

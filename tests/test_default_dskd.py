@@ -14,11 +14,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cache.store import CacheReader
 from pipeline.config import AssetsConfig, DistillConfig, TeacherCacheConfig, load_config
 from pipeline.evaluate.report import projector_flags, read_curves
 from pipeline.objectives.setup import T2S_INIT_FILE
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, student_reader
 
 pytestmark = pytest.mark.slow  # the default's teacher (3,000 steps) and two 300-step students: about 3 minutes
 
@@ -45,8 +44,9 @@ def cache(root, name: str, *extra: str):
 
 
 def test_every_first_response_word_of_the_cross_tokenizer_cache_has_a_label(default):
-    reader = CacheReader(cache(default, "teacher_cache_xtok.yaml",
-                               f"student_tokenizer.path={default}/assets/tokenizer-metaspace"))
+    reader = student_reader(cache(default, "teacher_cache_xtok.yaml",
+                                  f"student_tokenizer.path={default}/assets/tokenizer-metaspace"),
+                            default / "assets/tokenizer-metaspace")
     first = labelled = 0
     for i in range(len(reader)):
         row = reader[i]

@@ -80,7 +80,7 @@ def test_smollm2_gguf_teacher_runs_stage1(tmp_path):
     reader = CacheReader(out)
     m = reader.manifest
     assert m.rows == 4 and len(m.shards) == 2 and m.hidden_size == 576 and m.teacher_vocab_size == 49152
-    assert m.same_tokenizer and m.hidden_encoding == "bfloat16"
+    assert reader.same_tokenizer and m.hidden_encoding == "bfloat16"
     row = reader[3]
     # bfloat16 hidden states reproduce the cached top-k of the float32 teacher closely
     z = reader.load_head().logits(row.hidden.float())

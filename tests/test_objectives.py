@@ -20,7 +20,7 @@ from pipeline.data.records import load_examples
 from pipeline.data.tokenize import special_ids, token_surfaces
 from pipeline.losses import divergence
 from pipeline.models.head import OutputHead
-from pipeline.models.load import decoder_hidden, load_model, load_tokenizer
+from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, tokenizer_fingerprint
 from pipeline.objectives import table
 from pipeline.objectives.base import TeacherSide
 from pipeline.objectives.objective import Objective, function
@@ -62,14 +62,14 @@ class Setup:
     def __init__(self, tiny, cross: bool):
         name = "teacher_cache_xtok.yaml" if cross else "teacher_cache.yaml"
         cfg = tiny.cache_cfg(f"out_dir={tiny.root}/cache-objectives-{int(cross)}", "cache.store_embeddings=true", name=name)
-        self.reader = CacheReader(teacher_cache.run(cfg))
         self.examples = load_examples(cfg.data)[:ROWS]
         student_dir = tiny.assets / ("student-init-metaspace" if cross else "student-init")
         self.student_ref = ModelRef(path=str(student_dir))
         self.student_tok = load_tokenizer(self.student_ref)
+        self.reader = CacheReader(teacher_cache.run(cfg), student_tokenizer=tokenizer_fingerprint(self.student_tok))
         self.teacher_tok = load_tokenizer(ModelRef(path=str(tiny.teacher / "final")))
         self.teacher_model = load_model(ModelRef(path=str(tiny.teacher / "final")))
-        self.vmap = None if self.reader.manifest.same_tokenizer else self.reader.vocab_map()
+        self.vmap = None if self.reader.same_tokenizer else self.reader.vocab_map()
         self.vmap_t = None if self.vmap is None else torch.from_numpy(self.vmap).long()
         self.pad = special_ids(self.student_tok)[1]
         self.online = OnlineTeacher(self.teacher_model, self.teacher_tok, self.student_tok if cross else None,

@@ -25,7 +25,7 @@ from pipeline.models.load import gguf_path, load_model, load_tokenizer, resolve_
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import CheckpointError
 from stages import distill, teacher_cache
-from tests.conftest import CONFIGS, ROOT, SHARED, assert_labels_are_the_sampled_ids
+from tests.conftest import CONFIGS, ROOT, SHARED, assert_labels_are_the_sampled_ids, student_reader
 
 pytestmark = pytest.mark.slow
 
@@ -129,10 +129,10 @@ def test_gemma3_teacher_to_smollm2_student_dskd_eta_and_alm_eta_within_memory(tm
     path = tmp_path / "cache.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cache_cfg)))
     _cli("teacher-cache", "--config", str(path))  # each stage reports its own process's peak (VmHWM)
-    reader = CacheReader(tmp_path / "cache")
+    reader = student_reader(tmp_path / "cache", SMOL)
     m = reader.manifest
     stage1 = json.loads((reader.dir / "build_stats.json").read_text())["peak_rss_mb"]
-    assert m.teacher_vocab_size == 262144 and not m.same_tokenizer and m.hidden_encoding == "bfloat16"
+    assert m.teacher_vocab_size == 262144 and not reader.same_tokenizer and m.hidden_encoding == "bfloat16"
     # this config's stage-1 peak varies from run to run: 2,272 to 3,082 MB over 5 runs on 2-core machines (2.2x to
     # 3.0x; the code before and after the schema-4 change alike), hence 3.5x; the blow-ups this guards against were
     # 10 GB (a full-vocabulary head check)
@@ -191,7 +191,7 @@ def test_real_models_answer_and_are_scored_on_policy(tmp_path):
     scored = teacher_cache.run(load_config(TeacherCacheConfig, CONFIGS / "smollm2/teacher_cache.yaml", [
         f"data.path={gemma}", f"out_dir={tmp_path / 'c-g2s'}", f"student_tokenizer.path={GEMMA.path}",
         f"student_tokenizer.gguf_file={GEMMA.gguf_file}", "cache.rows_per_shard=2", "cache.batch_size=2", *SHORT]))
-    assert not assert_labels_are_the_sampled_ids(scored, gemma).manifest.same_tokenizer
+    assert not assert_labels_are_the_sampled_ids(scored, gemma).same_tokenizer
 
 
 def test_real_runs_are_analysed_evaluated_and_reported(tmp_path):
@@ -212,7 +212,7 @@ def test_real_runs_are_analysed_evaluated_and_reported(tmp_path):
     eta = distill.run(_stage2(cross, tmp_path / "s", "loss.objective=dskd_eta", "checkpoint.every=0",
                               "train.steps=1", "train.lr=1e-4"))
     res = analyze.run([str(kd), str(eta)], rows=4)
-    reader = CacheReader(cross)
+    reader = student_reader(cross, SMOL)
     pairs = [len(reader[i].align_student) for i in range(len(reader))]  # rows with < 2 pairs are skipped
     responses = sum(len(reader[i].student_ids) - reader[i].student_response_start for i in range(len(reader)))
     assert res[eta.name]["positions"] == sum(n for n in pairs if n >= 2) < responses  # the aligned pairs only

@@ -202,7 +202,7 @@ def test_stage1_over_rollouts_cross_tokenizer_then_dskd_eta_trains(caches, stude
     cfg = caches.cache_cfg(f"data.path={xtok}", f"out_dir={tmp_path / 'c'}", name="teacher_cache_xtok.yaml")
     cache = teacher_cache.run(cfg)
     reader = assert_labels_are_the_sampled_ids(cache, xtok)
-    assert not reader.manifest.same_tokenizer
+    assert not reader.same_tokenizer
     ratios = [reader[i].align_ratio for i in range(len(reader))]
     assert np.mean(ratios) > 0.3  # the teacher's tokens of the decoded text align with the sampled ones
     gold = teacher_cache.run(caches.cache_cfg(f"out_dir={tmp_path / 'gold'}", name="teacher_cache_xtok.yaml"))

@@ -42,7 +42,7 @@ def test_assets_and_teacher_sft_files(tiny):
 def test_three_stages_write_exactly_their_files(chain, monkeypatch):
     tiny, cache = chain
     assert files(cache) == {
-        "manifest.json", "config.yaml", "teacher_head.safetensors", "teacher_tokenizer", "student_tokenizer", "data.jsonl", "build_stats.json",
+        "manifest.json", "config.yaml", "teacher_head.safetensors", "teacher_tokenizer", "data.jsonl", "build_stats.json",
         "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow",
     }
 
@@ -124,7 +124,7 @@ def test_same_global_batch_gives_same_first_loss_with_accumulation(chain):
 def test_kd_refuses_cross_tokenizer_cache_but_sft_runs(tiny, tmp_path):
     xcache = teacher_cache.run(tiny.cache_cfg(f"out_dir={tmp_path / 'x'}", name="teacher_cache_xtok.yaml"))
     meta = [f"student.path={tiny.assets}/student-init-metaspace", f"cache={xcache}"]
-    with pytest.raises(ConfigError, match="cross-tokenizer cache"):
+    with pytest.raises(ConfigError, match="cross-tokenizer pair"):
         distill.run(tiny.distill_cfg(*meta))
     run_dir = distill.run(tiny.distill_cfg(*meta, "loss.objective=sft", "train.steps=2"))
     assert run_dir.name == "tiny-teacher_to_tiny-student__sft" and (run_dir / "done.json").exists()
@@ -132,9 +132,8 @@ def test_kd_refuses_cross_tokenizer_cache_but_sft_runs(tiny, tmp_path):
 
 def test_student_tokenizer_mismatch_is_refused(chain):
     tiny, cache = chain
-    from pipeline.cache.store import CacheError
 
-    with pytest.raises(CacheError, match="another student tokenizer"):
+    with pytest.raises(ConfigError, match="a cross-tokenizer pair"):
         distill.run(tiny.distill_cfg(f"student.path={tiny.assets}/student-init-metaspace"))
 
 

@@ -362,11 +362,14 @@ def test_nan_stops_naming_step_and_term_and_saves_nothing_corrupt(caches, monkey
     assert checkpoint.complete(caches.students / "inf") == []
 
 
-def test_cache_for_another_student_tokenizer_is_refused(caches):
-    from pipeline.cache.store import CacheError
+def test_a_same_vocabulary_objective_for_another_student_tokenizer_is_refused_before_any_view(caches):
+    """kd from the teacher's cache for a student of another tokenizer: refused, before a student view is built."""
+    from pipeline.cache.schema import VIEWS_DIR
 
-    with pytest.raises(CacheError, match="another student tokenizer"):
+    with pytest.raises(ConfigError, match=r"needs the teacher and the student to share a tokenizer; .* \(teacher "
+                                          r"tokenizer \w{12}, this student's \w{12}\): a cross-tokenizer pair"):
         distill.run(caches.distill_cfg(f"student.path={caches.assets}/student-init-metaspace", "run_name=wrongtok"))
+    assert not any(caches.cache.glob(f"*/{VIEWS_DIR}"))
 
 
 def test_valid_cache_from_another_teacher_is_refused(caches, tmp_path):

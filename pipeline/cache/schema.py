@@ -1,7 +1,13 @@
-"""THE teacher-cache declaration: Arrow schema, SCHEMA_VERSION, hidden-state encodings and the manifest.
+"""THE teacher-cache declaration: Arrow schemas, SCHEMA_VERSION, hidden-state encodings and the manifests.
 
-One row per example. Token ids are stored whole for student and teacher; every per-position teacher column covers
-exactly the teacher label positions that predict a response token (response_start-1 .. len(ids)-2), in order:
+A teacher cache belongs to the teacher: one row per example, teacher columns only, fingerprinted by the teacher, the
+data, the teacher's tokenization settings and the storage settings, never by a student. A same-tokenizer student
+reads it directly (its ids are the teacher's); each other student tokenizer reads it through a student view
+(`views/<fingerprint[:12]>/` inside the cache directory, built by pipeline/cache/views.py without any model), whose shards
+hold that tokenizer's side of the same rows in the same order.
+
+Teacher shards: ids are stored whole; every per-position column covers exactly the teacher label positions that
+predict a response token (response_start-1 .. len(ids)-2), in order:
 - hidden: last-layer hidden state after the final norm, (n_resp, d), in the manifest's `hidden_encoding`:
   float32 / bfloat16 / float16 ("exact" mode: the teacher's compute dtype; bfloat16 is stored as its raw uint16
   bits since Arrow has no bfloat16), or int8 ("compact" mode: per-position absmax scaling, 1 byte per dimension
@@ -11,7 +17,8 @@ exactly the teacher label positions that predict a response token (response_star
 - target_logprob: (n_resp,) the teacher's log-probability of the token that actually follows (its own tokenization
   of the response), from the model's logits in stage 1 whether or not the head is exact: summed over a chunk, the
   teacher's likelihood of the chunk's text (alm)
-Cross-tokenizer caches also hold two alignments of the response, in label-position coordinates:
+View shards (one student tokenizer): id (checked against the teacher row's), student_ids, student_response_start,
+and two alignments of the response, in label-position coordinates:
 - align_student / align_teacher: (K,) student and teacher label positions whose next tokens cover the same text
 - align_label: (K,) the student id of the teacher's top-1 prediction at that teacher position, its leading
   whitespace translated as the alignment trims it (`alignment.LabelMap`), -100 when no student token spells it
@@ -19,8 +26,8 @@ Cross-tokenizer caches also hold two alignments of the response, in label-positi
 - align_ratio: K / number of student response labels
 - chunks: (C, 4) [s_begin, s_end, t_begin, t_end) label-position ranges of `alignment.chunk_alignment`: runs of
   student and teacher positions predicting the same text, partitioning both responses (plus EOS as a 1:1 chunk)
-Version 4 added target_logprob and chunks; version 5 translates align_label across leading whitespace.
-Readers refuse any other SCHEMA_VERSION instead of patching around it.
+Version 4 added target_logprob and chunks; version 5 translates align_label across leading whitespace; version 6
+splits the student side into views. Readers refuse any other SCHEMA_VERSION instead of patching around it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ SHARD_PATTERN = "shard-{:05d}.arrow"
 # in a cache root: the name of the cache directory (one per fingerprint) that the last stage-1 run finished
 CURRENT = "CURRENT"
 DATA_FILE = "data.jsonl"
+# saved tokenizers: the teacher's beside its cache, a student's in its view
+TEACHER_TOKENIZER, STUDENT_TOKENIZER = "teacher_tokenizer", "student_tokenizer"
 EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 VOCAB_MAP_FILE = "vocab_map.npy"
 # compact mode: per-channel RMS of the teacher's hidden states, fitted once on the first rows (see encode_hidden)
@@ -47,13 +56,15 @@ CHANNEL_SCALE_FILE = "hidden_channel_scale.npy"
 
 _STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.int8()}
 ALIGN_COLUMNS = ("align_student", "align_teacher", "align_label", "align_ratio")
+# the student views of a teacher cache: views/<view fingerprint[:12]>/, each a manifest, shards, the student's
+# tokenizer and the vocabulary map
+VIEWS_DIR = "views"
 
 
-def arrow_schema(hidden_size: int, top_k: int, hidden_encoding: str, aligned: bool) -> pa.Schema:
+def arrow_schema(hidden_size: int, top_k: int, hidden_encoding: str) -> pa.Schema:
+    """A teacher shard's columns."""
     fields = [
         ("id", pa.string()),
-        ("student_ids", pa.list_(pa.int32())),
-        ("student_response_start", pa.int32()),
         ("teacher_ids", pa.list_(pa.int32())),
         ("teacher_response_start", pa.int32()),
         ("hidden", pa.list_(pa.list_(_STORAGE[hidden_encoding], hidden_size))),
@@ -66,9 +77,14 @@ def arrow_schema(hidden_size: int, top_k: int, hidden_encoding: str, aligned: bo
         ("lse", pa.list_(pa.float32())),
         ("target_logprob", pa.list_(pa.float32())),
     ]
-    if aligned:
-        fields += [(c, pa.list_(pa.int32())) for c in ALIGN_COLUMNS[:3]] + [("align_ratio", pa.float32())]
-        fields.append(("chunks", pa.list_(pa.list_(pa.int32(), 4))))
+    return pa.schema(fields)
+
+
+def view_schema() -> pa.Schema:
+    """A student view shard's columns."""
+    fields = [("id", pa.string()), ("student_ids", pa.list_(pa.int32())), ("student_response_start", pa.int32())]
+    fields += [(c, pa.list_(pa.int32())) for c in ALIGN_COLUMNS[:3]] + [("align_ratio", pa.float32())]
+    fields.append(("chunks", pa.list_(pa.list_(pa.int32(), 4))))
     return pa.schema(fields)
 
 
@@ -139,7 +155,7 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    # hash of `fingerprint_inputs`: teacher weights, both tokenizers, data content, template, lengths, k, dtypes, mode
+    # hash of `fingerprint_inputs`: teacher weights, its tokenizer, data content, template, lengths, k, dtypes, mode
     fingerprint: str
     fingerprint_inputs: dict
     teacher_name: str
@@ -157,10 +173,7 @@ class Manifest:
     # the max |logit error| of the recomputed top-k (every position) and log-sum-exp, the KL(exact || recomputed),
     # and the largest |logit|; the one tolerance stage 2 and `cache verify` accept derives from it
     storage_error: dict
-    # the student and teacher tokenizers encode identically (same ids): same-vocabulary objectives apply; otherwise
-    # the rows carry exact token alignments and `vocab_map.npy` maps teacher ids to student ids (-1 = none)
-    same_tokenizer: bool
-    student_tokenizer_fingerprint: str
+    # a student whose tokenizer has this fingerprint reads the rows directly; any other reads them through a view
     teacher_tokenizer_fingerprint: str
     # sha256 of the files saved once beside the shards: teacher head, and the input embeddings (null unless asked)
     head_sha256: str
@@ -179,6 +192,33 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
+        d = dict(d)
+        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ViewManifest:
+    """A student view's manifest: the teacher cache it reads, the student tokenizer, its shards (the teacher cache's
+    row ranges, one view shard per teacher shard)."""
+
+    schema_version: int
+    # hash of `fingerprint_inputs`: the teacher cache's fingerprint, the student tokenizer, the tokenization settings
+    fingerprint: str
+    fingerprint_inputs: dict
+    teacher_fingerprint: str
+    student_tokenizer_fingerprint: str
+    vocab_map_sha256: str
+    rows: int
+    # student response labels
+    response_tokens: int
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewManifest:
         d = dict(d)
         d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
         return cls(**d)

@@ -2,6 +2,8 @@
 
 Layout: a cache root (the stage's `out_dir`) holds one directory per fingerprint, `<teacher>-<fingerprint[:12]>`,
 and a `CURRENT` file naming the one the last stage-1 run finished; readers accept the root or a cache directory.
+A cache directory holds the teacher's rows and, under `views/`, one student view per other student tokenizer
+(schema.py); a reader opened for a student joins the two by row position, checking each row's id.
 
 Writer protocol, so that a killed run never leaves a half shard visible and a re-run resumes or refuses:
 1. `_progress.json` records the fingerprint of the cache being built.
@@ -33,9 +35,11 @@ from pipeline.cache.schema import (
     PROGRESS,
     SCHEMA_VERSION,
     SHARD_PATTERN,
+    VIEWS_DIR,
     VOCAB_MAP_FILE,
     Manifest,
     ShardInfo,
+    ViewManifest,
     decode_hidden,
 )
 from pipeline.io_utils import hash_json, sha256_file, write_json, write_text_if_changed
@@ -136,6 +140,32 @@ class CacheWriter:
                 bad[i] = "sha256 mismatch"
         return bad
 
+    def needs_work(self, repair: bool, file_problems, kind: type = Manifest, what: str = "teacher-cache") -> bool:
+        """Is there work? A finished directory is re-checked (shard sizes and its other files, by
+        `file_problems(manifest, deep)`, always; sha256 with `repair`); what is bad is removed, so the run recomputes
+        only that. Shards without a manifest are adopted when their own metadata names this directory."""
+        status = self.status()
+        if status == "orphan":
+            print(f"{what}: {self.dir} holds shards of this cache but no manifest; rebuilding it")
+            return True
+        if status != "done":
+            return True
+        try:
+            manifest = read_manifest(self.dir, kind)
+        except CacheError as e:
+            print(f"{what}: {e}; rebuilding the manifest from the shards")
+            self.reopen([])
+            return True
+        bad = self.shard_problems(manifest, deep=repair)
+        files = file_problems(manifest, repair)
+        if not bad and not files:
+            return False
+        problems = [f"shard {i} {why}" for i, why in sorted(bad.items())] + files
+        print(f"{what}: {self.dir}: {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}; recomputing "
+              f"{len(bad)} of {len(manifest.shards)} shard(s)")
+        self.reopen(sorted(bad))
+        return True
+
     def reopen(self, drop: list[int]) -> None:
         """Turn a finished cache back into an unfinished one: remove the shards in `drop`, then the manifest (in
         this order, so a run killed in between finds the manifest and the same problems again)."""
@@ -194,8 +224,10 @@ class CacheWriter:
             tmp.unlink(missing_ok=True)
         return final
 
-    def finish(self, manifest_fields: dict, n_shards: int) -> Manifest:
-        """Check that shards 0..n_shards-1 are all present, write the manifest, then point CURRENT at this cache."""
+    def finish(self, manifest_fields: dict, n_shards: int, *, kind: type = Manifest,
+               tokens_column: str = "lse") -> Manifest | ViewManifest:
+        """Check that shards 0..n_shards-1 are all present, write the manifest (a `kind`; its response tokens
+        counted as the lengths of `tokens_column`), then point CURRENT at this cache (a teacher cache)."""
         missing = sorted(set(range(n_shards)) - self.present_shards())
         if missing:
             raise CacheError(f"{self.dir}: shard(s) {missing[:5]} missing after the run; re-run to complete them")
@@ -207,12 +239,12 @@ class CacheWriter:
                 ShardInfo(
                     file=path.name,
                     rows=table.num_rows,
-                    response_tokens=int(pc.sum(pc.list_value_length(table["lse"])).as_py() or 0),
+                    response_tokens=_response_tokens(table, tokens_column),
                     bytes=path.stat().st_size,
                     sha256=sha256_file(path),
                 )
             )
-        manifest = Manifest(
+        manifest = kind(
             schema_version=SCHEMA_VERSION,
             fingerprint=self.fingerprint,
             rows=sum(s.rows for s in shards),
@@ -224,11 +256,32 @@ class CacheWriter:
             raise CacheError("internal: fingerprint does not hash its inputs")
         write_json(self.dir / MANIFEST, manifest.to_dict())
         (self.dir / PROGRESS).unlink(missing_ok=True)
-        self.mark_current()
+        if kind is Manifest:
+            self.mark_current()
         return manifest
 
     def mark_current(self) -> None:
         write_text_if_changed(self.root / CURRENT, self.dir.name + "\n")
+
+
+def file_problems(directory: Path, need: dict[str, str | None], deep: bool) -> list[str]:
+    """Which of the files `need` (name -> sha256 or None) are missing from `directory` (or, `deep`, differ from
+    their recorded sha256)."""
+    problems = []
+    for name, sha in need.items():
+        if not (directory / name).is_file():
+            problems.append(f"{name} missing")
+        elif deep and sha is not None and sha256_file(directory / name) != sha:
+            problems.append(f"{name} sha256 mismatch")
+    return problems
+
+
+def _response_tokens(table: pa.Table, column: str) -> int:
+    """Response tokens of a shard: the lengths of a per-position column, or of the student's response (a view)."""
+    if column == "student_ids":
+        return int(pc.sum(pc.subtract(pc.list_value_length(table["student_ids"]),
+                                      table["student_response_start"])).as_py() or 0)
+    return int(pc.sum(pc.list_value_length(table[column])).as_py() or 0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -260,19 +313,28 @@ class CacheRow:
     chunks: np.ndarray | None = None  # (C, 4) int32 label-position ranges [s_begin, s_end, t_begin, t_end)
 
 
-def read_manifest(cache_dir: Path) -> Manifest:
+def read_manifest(cache_dir: Path, kind: type = Manifest) -> Manifest | ViewManifest:
+    """The manifest of a teacher cache (or, `kind` ViewManifest, of a student view), checked: schema version,
+    fields, fingerprint of its recorded inputs."""
     path = Path(cache_dir) / MANIFEST
+    view = kind is ViewManifest
     if not path.exists():
-        hint = " (an unfinished cache: re-run teacher-cache to complete it)" if (path.parent / PROGRESS).exists() else ""
+        again = "an unfinished view: re-run `dskd align` for it" if view else \
+            "an unfinished cache: re-run teacher-cache to complete it"
+        hint = f" ({again})" if (path.parent / PROGRESS).exists() else ""
         raise CacheError(f"{path.parent}: no {MANIFEST}{hint}")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CacheError(f"{path}: unreadable manifest") from None
     if raw.get("schema_version") != SCHEMA_VERSION:
+        cache = path.parent.parent.parent if view else path.parent
         raise CacheError(
             f"{path}: schema version {raw.get('schema_version')} is not {SCHEMA_VERSION} (built by another version of "
-            f"dskd); rebuild it: `dskd teacher-cache --config {path.parent / 'config.yaml'}` (a new directory beside it)"
+            f"dskd); rebuild it: `dskd teacher-cache --config {cache / 'config.yaml'}` (a new directory beside it)"
         )
     try:
-        manifest = Manifest.from_dict(raw)
+        manifest = kind.from_dict(raw)
     except TypeError as e:  # missing or unknown fields
         raise CacheError(f"{path}: malformed manifest ({e})") from None
     if hash_json(manifest.fingerprint_inputs) != manifest.fingerprint:
@@ -280,15 +342,37 @@ def read_manifest(cache_dir: Path) -> Manifest:
     return manifest
 
 
+def view_inputs(manifest: Manifest, student_tokenizer: str) -> dict:
+    """What identifies the student view of the teacher cache `manifest` for the tokenizer with this fingerprint:
+    the teacher cache, the student tokenizer and the tokenization settings (the teacher cache's)."""
+    return {"schema_version": SCHEMA_VERSION, "teacher_cache": manifest.fingerprint,
+            "student_tokenizer": student_tokenizer, "tokenize": manifest.fingerprint_inputs.get("tokenize")}
+
+
+def view_dir(cache_dir: Path, manifest: Manifest, student_tokenizer: str) -> Path:
+    """Where the student view of this teacher cache for that tokenizer lives (whether or not it is built)."""
+    return Path(cache_dir) / VIEWS_DIR / hash_json(view_inputs(manifest, student_tokenizer))[:12]
+
+
+def view_command(cache_dir: Path, student_ref: str | None) -> str:
+    """The command that builds a student view (`student_ref`: the --student-tokenizer argument, when known)."""
+    return f"dskd align {cache_dir} --student-tokenizer {student_ref or '<the student tokenizer>'}"
+
+
 class CacheReader:
-    """Map-style access to cache rows across shards, memory-mapped, each shard's sha256 checked on first use."""
+    """Map-style access to cache rows across shards, memory-mapped, each shard's sha256 checked on first use.
+
+    `student_tokenizer`: the fingerprint of the tokenizer the rows are read for. None, or the teacher's, reads the
+    teacher's rows directly (the student ids are the teacher's); any other joins them with that tokenizer's student
+    view (`student_ref` names the tokenizer in the error that says how to build a missing view)."""
 
     def __init__(
         self,
         cache_dir: str | Path,
         *,
+        student_tokenizer: str | None = None,
+        student_ref: str | None = None,
         expect_fingerprint: str | None = None,
-        expect_student_tokenizer: str | None = None,
         verify: bool = True,
     ):
         self.dir = resolve_cache_dir(cache_dir)
@@ -296,44 +380,56 @@ class CacheReader:
         m = self.manifest
         if expect_fingerprint is not None and m.fingerprint != expect_fingerprint:
             raise CacheError(f"{self.dir}: fingerprint {m.fingerprint[:12]} is not the expected {expect_fingerprint[:12]}")
-        if expect_student_tokenizer is not None:
-            self.check_student_tokenizer(expect_student_tokenizer)
         self.verify = verify
         self.channel_scale = np.load(self.dir / CHANNEL_SCALE_FILE) if m.hidden_encoding == "int8" else None
-        self._tables: dict[int, pa.Table] = {}
+        self._tables: dict[tuple[bool, int], pa.Table] = {}
         self._starts = np.cumsum([0] + [s.rows for s in m.shards])
+        self.view_dir: Path | None = None
+        self.view: ViewManifest | None = None
+        if student_tokenizer is not None and student_tokenizer != m.teacher_tokenizer_fingerprint:
+            self.view_dir = view_dir(self.dir, m, student_tokenizer)
+            if not (self.view_dir / MANIFEST).exists():
+                raise CacheError(f"{self.dir}: no student view for tokenizer {student_tokenizer[:12]} (the teacher's "
+                                 f"is {m.teacher_tokenizer_fingerprint[:12]}); build it with "
+                                 f"`{view_command(self.dir, student_ref)}`")
+            self.view = read_manifest(self.view_dir, ViewManifest)
+            v = self.view
+            if (v.teacher_fingerprint, v.student_tokenizer_fingerprint) != (m.fingerprint, student_tokenizer) \
+                    or [s.rows for s in v.shards] != [s.rows for s in m.shards]:
+                raise CacheError(f"{self.view_dir}: this view is not of {self.dir} for tokenizer "
+                                 f"{student_tokenizer[:12]} (rows or fingerprints differ); remove it and rebuild it "
+                                 f"with `{view_command(self.dir, student_ref)}`")
 
-    def check_student_tokenizer(self, fingerprint: str, student_set: str | None = None) -> None:
-        """Refuse a cache built for another student tokenizer, with the command that builds one for the student
-        (`student_set`: the --set options naming its tokenizer)."""
-        m = self.manifest
-        if m.student_tokenizer_fingerprint != fingerprint:
-            fix = (f"; build one for it with `dskd teacher-cache --config {self.dir / 'config.yaml'} "
-                   f"{student_set}` and set cache: to the directory it prints") if student_set else ""
-            raise CacheError(
-                f"{self.dir}: the cache was built for another student tokenizer "
-                f"({m.student_tokenizer_fingerprint[:12]} vs this student's {fingerprint[:12]}{fix})"
-            )
+    @property
+    def same_tokenizer(self) -> bool:
+        """The student reads the teacher's token ids (no view, no alignment)."""
+        return self.view is None
+
+    @property
+    def fingerprint(self) -> str:
+        """What the rows read here are: the teacher cache's fingerprint, or its view's (which covers it)."""
+        return self.view.fingerprint if self.view is not None else self.manifest.fingerprint
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _table(self, shard: int) -> pa.Table:
-        if shard not in self._tables:
-            info = self.manifest.shards[shard]
-            path = self.dir / info.file
+    def _table(self, shard: int, view: bool = False) -> pa.Table:
+        if (view, shard) not in self._tables:
+            where, info = (self.view_dir, self.view.shards[shard]) if view else (self.dir, self.manifest.shards[shard])
+            hint = _recover_hint(self.dir)
+            path = where / info.file
             if not path.exists():
-                raise CacheError(f"{path}: shard listed in the manifest is missing; {_recover_hint(self.dir)}")
+                raise CacheError(f"{path}: shard listed in the manifest is missing; {hint}")
             if path.stat().st_size != info.bytes:
                 raise CacheError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.bytes} (truncated or "
-                                 f"replaced); {_recover_hint(self.dir)}")
+                                 f"replaced); {hint}")
             if self.verify and sha256_file(path) != info.sha256:
-                raise CacheError(f"{path}: sha256 mismatch (shard corrupted or replaced); {_recover_hint(self.dir)}")
+                raise CacheError(f"{path}: sha256 mismatch (shard corrupted or replaced); {hint}")
             table = _open_table(path)
             if table.num_rows != info.rows:
                 raise CacheError(f"{path}: {table.num_rows} rows, manifest says {info.rows}")
-            self._tables[shard] = table
-        return self._tables[shard]
+            self._tables[(view, shard)] = table
+        return self._tables[(view, shard)]
 
     def __getitem__(self, i: int) -> CacheRow:
         if not 0 <= i < len(self):
@@ -343,36 +439,44 @@ class CacheReader:
         j = i - int(self._starts[shard])
         m = self.manifest
 
-        def matrix(col: str, width: int) -> np.ndarray:
-            flat = t[col][j].values.flatten().to_numpy(zero_copy_only=False)
+        def matrix(table: pa.Table, col: str, width: int) -> np.ndarray:
+            flat = table[col][j].values.flatten().to_numpy(zero_copy_only=False)
             return flat.reshape(-1, width)
 
-        def vector(col: str) -> np.ndarray:
-            return t[col][j].values.to_numpy(zero_copy_only=False)
+        def vector(table: pa.Table, col: str) -> np.ndarray:
+            return table[col][j].values.to_numpy(zero_copy_only=False)
 
         compact = m.hidden_encoding == "int8"
-        aligned = not m.same_tokenizer
+        row_id = t["id"][j].as_py()
+        teacher_ids = t["teacher_ids"][j].values.to_numpy()
+        teacher_start = t["teacher_response_start"][j].as_py()
+        student: dict = {"student_ids": teacher_ids, "student_response_start": teacher_start}
+        if self.view is not None:
+            v = self._table(shard, view=True)
+            if (found := v["id"][j].as_py()) != row_id:
+                raise CacheError(f"{self.view_dir / self.view.shards[shard].file}: row {j} is {found!r}, the teacher "
+                                 f"cache's is {row_id!r}; remove the view and rebuild it with "
+                                 f"`{view_command(self.dir, None)}`")
+            student = {"student_ids": v["student_ids"][j].values.to_numpy(),
+                       "student_response_start": v["student_response_start"][j].as_py(),
+                       "align_student": vector(v, "align_student"), "align_teacher": vector(v, "align_teacher"),
+                       "align_label": vector(v, "align_label"), "align_ratio": v["align_ratio"][j].as_py(),
+                       "chunks": matrix(v, "chunks", 4)}
         return CacheRow(
-            id=t["id"][j].as_py(),
-            student_ids=t["student_ids"][j].values.to_numpy(),
-            student_response_start=t["student_response_start"][j].as_py(),
-            teacher_ids=t["teacher_ids"][j].values.to_numpy(),
-            teacher_response_start=t["teacher_response_start"][j].as_py(),
+            id=row_id,
+            teacher_ids=teacher_ids,
+            teacher_response_start=teacher_start,
             hidden=decode_hidden(
-                matrix("hidden", m.hidden_size),
-                vector("hidden_scale") if compact else None,
+                matrix(t, "hidden", m.hidden_size),
+                vector(t, "hidden_scale") if compact else None,
                 m.hidden_encoding,
                 self.channel_scale,
             ),
-            topk_ids=torch.from_numpy(matrix("topk_ids", m.top_k).copy()),
-            topk_logits=torch.from_numpy(matrix("topk_logits", m.top_k).copy()),
-            lse=torch.from_numpy(vector("lse").copy()),
-            target_logprob=torch.from_numpy(vector("target_logprob").copy()),
-            align_student=vector("align_student") if aligned else None,
-            align_teacher=vector("align_teacher") if aligned else None,
-            align_label=vector("align_label") if aligned else None,
-            align_ratio=t["align_ratio"][j].as_py() if aligned else None,
-            chunks=matrix("chunks", 4) if aligned else None,
+            topk_ids=torch.from_numpy(matrix(t, "topk_ids", m.top_k).copy()),
+            topk_logits=torch.from_numpy(matrix(t, "topk_logits", m.top_k).copy()),
+            lse=torch.from_numpy(vector(t, "lse").copy()),
+            target_logprob=torch.from_numpy(vector(t, "target_logprob").copy()),
+            **student,
         )
 
     def load_head(self, device: torch.device | str = "cpu") -> OutputHead:
@@ -396,18 +500,23 @@ class CacheReader:
         return load_file(str(path))["weight"]
 
     def vocab_map(self) -> np.ndarray:
-        """(V_T,) int32 teacher id -> student id with the same text, -1 for none (cross-tokenizer caches)."""
-        if self.manifest.same_tokenizer:
-            raise CacheError(f"{self.dir}: a same-tokenizer cache has no vocabulary map (ids are shared)")
-        return np.load(self.dir / VOCAB_MAP_FILE)
+        """(V_T,) int32 teacher id -> student id with the same text, -1 for none (read through a view)."""
+        if self.view is None:
+            raise CacheError(f"{self.dir}: read for the teacher's own tokenizer, so there is no vocabulary map (ids "
+                             "are shared)")
+        path = self.view_dir / VOCAB_MAP_FILE
+        if not path.exists() or (self.verify and sha256_file(path) != self.view.vocab_map_sha256):
+            raise CacheError(f"{path}: missing or sha256 mismatch; {_recover_hint(self.dir)}")
+        return np.load(path)
 
-    def table(self, shard: int) -> pa.Table:
-        """The whole (checked) Arrow table of one shard, for column-wise inspection."""
-        return self._table(shard)
+    def table(self, shard: int, view: bool = False) -> pa.Table:
+        """The whole (checked) Arrow table of one shard (of the view, `view`), for column-wise inspection."""
+        return self._table(shard, view)
 
     def lengths(self) -> np.ndarray:
         """(rows,) student sequence lengths, read from the length column only (for length-grouped batching)."""
-        parts = [pc.list_value_length(self._table(s)["student_ids"]).to_numpy() for s in range(len(self.manifest.shards))]
+        view, col = (True, "student_ids") if self.view is not None else (False, "teacher_ids")
+        parts = [pc.list_value_length(self._table(s, view)[col]).to_numpy() for s in range(len(self.manifest.shards))]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def ids(self) -> list[str]:

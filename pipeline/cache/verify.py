@@ -3,6 +3,8 @@
 verify re-derives the teacher logits from the stored hidden states and the saved head, and compares them with the
 stored top-k (ids and values) and log-sum-exp. Its KL is between the stored and the recomputed distributions over
 the same k+1 buckets (the k stored ids and the tail): a lower bound of the full-vocabulary KL, exact in the tail mass.
+Each student view beside the cache is read whole: its shards' sha256, its vocabulary map's, every row's id against
+the teacher row's, and its pairs inside both responses.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from pipeline.cache.schema import recompute_tolerance
-from pipeline.cache.store import CacheReader
+from pipeline.cache.schema import MANIFEST, STUDENT_TOKENIZER, VIEWS_DIR, ViewManifest, recompute_tolerance
+from pipeline.cache.store import CacheError, CacheReader, read_manifest
 from pipeline.losses import SparseLogits, divergence
 
 
@@ -38,6 +40,8 @@ class VerifyReport:
     tolerance: float
     ok: bool
     reason: str
+    # per student view: {"view", "student_tokenizer", "rows", "ok", "reason"}
+    views: list = None
 
 
 def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
@@ -79,12 +83,54 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
                             f"> {2 * tol:g}"
     else:
         ok, reason = True, "ok"
+    views = [verify_view(reader, d) for d in view_dirs(reader.dir)]
+    bad = [v for v in views if not v["ok"]]
+    if ok and bad:
+        ok, reason = False, f"student view {bad[0]['view']}: {bad[0]['reason']}"
     return VerifyReport(
         cache=str(reader.dir), rows=len(reader), positions=positions, head_exact=m.head_exact,
         max_topk_error=err_topk, max_lse_error=err_lse, max_target_logprob_error=err_target,
         top1_agreement=top1 / max(positions, 1), topk_overlap=overlap / max(positions, 1),
-        kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, tolerance=tol, ok=ok, reason=reason,
+        kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, tolerance=tol, ok=ok, reason=reason, views=views,
     )
+
+
+def view_dirs(cache_dir: Path) -> list[Path]:
+    """The student views beside a teacher cache (finished or not)."""
+    root = Path(cache_dir) / VIEWS_DIR
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+
+
+def verify_view(teacher: CacheReader, d: Path) -> dict:
+    """One student view read whole through a reader of the teacher cache: manifest, shards (sha256), vocabulary map,
+    each row's id against the teacher's, each pair and chunk inside both responses."""
+    out = {"view": str(d), "student_tokenizer": None, "rows": 0, "ok": False, "reason": ""}
+    try:
+        v = read_manifest(d, ViewManifest)
+        out["student_tokenizer"] = v.student_tokenizer_fingerprint
+        reader = CacheReader(teacher.dir, student_tokenizer=v.student_tokenizer_fingerprint)
+        if reader.view_dir != d:
+            raise CacheError(f"{d}: not where this cache's view for its tokenizer lives ({reader.view_dir.name}); "
+                             "the cache changed since it was built: remove it")
+        reader.vocab_map()
+        for i in range(len(reader)):
+            row = reader[i]
+            n_s = len(row.student_ids) - row.student_response_start
+            n_t = len(row.lse)
+            s_lo, t_lo = row.student_response_start - 1, row.teacher_response_start - 1
+            inside = ((row.align_student >= s_lo) & (row.align_student < s_lo + n_s)).all() and \
+                ((row.align_teacher >= t_lo) & (row.align_teacher < t_lo + n_t)).all()
+            if not inside:
+                raise CacheError(f"{d}: row {i} ({row.id!r}) has pairs outside the responses")
+        out["rows"] = len(reader)
+    except CacheError as e:
+        out["reason"] = str(e)
+        return out
+    if not (d / STUDENT_TOKENIZER / "tokenizer.json").is_file():
+        out["reason"] = f"{d / STUDENT_TOKENIZER}: missing"
+        return out
+    out["ok"], out["reason"] = True, "ok"
+    return out
 
 
 def info(path: str | Path) -> dict:
@@ -93,28 +139,15 @@ def info(path: str | Path) -> dict:
     m = reader.manifest
     n_tok = max(m.response_tokens, 1)
     col_bytes: dict[str, int] = {}
-    ratios = []
-    student_labels = exact = usable = chunked = 0
     for s in range(len(m.shards)):
         table = reader.table(s)
         for name in table.column_names:
             col_bytes[name] = col_bytes.get(name, 0) + table.column(name).nbytes
-        if "align_ratio" in table.column_names:
-            ratios.append(table["align_ratio"].to_numpy())
-            student_labels += int(pc.sum(pc.subtract(pc.list_value_length(table["student_ids"]),
-                                                     table["student_response_start"])).as_py() or 0)
-            exact += len(table["align_student"].combine_chunks().values)
-            usable += int(np.count_nonzero(table["align_label"].combine_chunks().values.to_numpy() != -100))
-            ranges = table["chunks"].combine_chunks().values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
-            chunked += int((ranges[:, 1] - ranges[:, 0]).sum())
     cfg = yaml.safe_load((reader.dir / "config.yaml").read_text())
-    student_tok = cfg.get("student_tokenizer") or cfg.get("teacher_tokenizer") or cfg["teacher"]
     out = {
         "cache": str(reader.dir),
         "teacher": m.teacher_name,
         "teacher_model": cfg["teacher"]["path"],
-        "student_tokenizer": student_tok["path"],
-        "same_tokenizer": m.same_tokenizer,
         "data": cfg["data"]["path"],
         "rows": m.rows,
         "response_tokens": m.response_tokens,
@@ -131,7 +164,32 @@ def info(path: str | Path) -> dict:
         "storage_error": m.storage_error,
         "tokenize": cfg.get("tokenize"),
         "fingerprint": m.fingerprint,
+        "views": [view_info(reader, d) for d in view_dirs(reader.dir) if (d / MANIFEST).is_file()],
     }
+    return out
+
+
+def view_info(teacher: CacheReader, d: Path) -> dict:
+    """One student view: its tokenizer, size, alignment ratios and how much of the student's response has a teacher
+    signal."""
+    v = read_manifest(d, ViewManifest)
+    reader = CacheReader(teacher.dir, student_tokenizer=v.student_tokenizer_fingerprint)
+    ratios = []
+    student_labels = exact = usable = chunked = 0
+    for s in range(len(v.shards)):
+        table = reader.table(s, view=True)
+        if table.num_rows:
+            ratios.append(table["align_ratio"].to_numpy())
+            student_labels += int(pc.sum(pc.subtract(pc.list_value_length(table["student_ids"]),
+                                                     table["student_response_start"])).as_py() or 0)
+            exact += len(table["align_student"].combine_chunks().values)
+            usable += int(np.count_nonzero(table["align_label"].combine_chunks().values.to_numpy() != -100))
+            ranges = table["chunks"].combine_chunks().values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+            chunked += int((ranges[:, 1] - ranges[:, 0]).sum())
+    out = {"view": str(d), "student_tokenizer_fingerprint": v.student_tokenizer_fingerprint,
+           "rows": v.rows,
+           "student_response_tokens": v.response_tokens, "bytes": sum(s.bytes for s in v.shards),
+           "fingerprint": v.fingerprint}
     if ratios:
         r = np.concatenate(ratios)
         q = np.percentile(r, [0, 10, 50, 90, 100])

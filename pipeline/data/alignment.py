@@ -298,25 +298,37 @@ def edit_distance_vocab_map(teacher_surfaces: list, student_surfaces: list, exac
     return out
 
 
-def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
-    """(teacher Encoded, student Encoded, RowAlignment) for one example, the way the cache stores them; with
-    `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
-
-    aligned = student_tok is not None
+def encode_teacher(example, teacher_tok, student_tok, cfg, *, with_offsets: bool = False):
+    """The teacher side of `encode_pair` (a teacher cache's ids). `student_tok`: the tokenizer generated rows were
+    sampled with when it is not the teacher's (its EOS decides whether the teacher reads one), else None."""
     try:
-        if example.generated:  # the student side is what was sampled; the teacher reads its text (and sampled EOS)
-            own = student_tok or teacher_tok
-            s = encode_generated(own, example, cfg, with_offsets=aligned)
-            sampled_eos = example.response_ids[-1] == own.eos_token_id
-            t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=True, require_eos=False,
-                       add_eos=sampled_eos) if aligned else s
-        else:
-            t = encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=aligned, require_eos=False)
-            s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True) if aligned else t
+        if example.generated:  # the teacher reads the sampled text (and the sampled EOS)
+            if student_tok is None:
+                return encode_generated(teacher_tok, example, cfg, with_offsets=with_offsets)
+            sampled_eos = example.response_ids[-1] == student_tok.eos_token_id
+            return encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=with_offsets,
+                          require_eos=False, add_eos=sampled_eos)
+        return encode(teacher_tok, example.prompt, example.response, cfg, with_offsets=with_offsets,
+                      require_eos=False)
     except TokenizerError as err:
         raise TokenizerError(f"row {example.id!r}: {err}") from None
+
+
+def encode_pair(example, teacher_tok, student_tok, cfg) -> tuple:
+    """(teacher Encoded, student Encoded, RowAlignment) for one example, the way a teacher cache and its student view
+    store them; with `student_tok` None (same tokenizer) the student side is the teacher's and the alignment None."""
+
+    aligned = student_tok is not None
+    t = encode_teacher(example, teacher_tok, student_tok, cfg, with_offsets=aligned)
     if not aligned:
-        return t, s, None
+        return t, t, None
+    try:
+        if example.generated:  # the student side is what was sampled
+            s = encode_generated(student_tok, example, cfg, with_offsets=True)
+        else:
+            s = encode(student_tok, example.prompt, example.response, cfg, with_offsets=True)
+    except TokenizerError as err:
+        raise TokenizerError(f"row {example.id!r}: {err}") from None
     return t, s, row_alignment(s, t, example.response)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -235,6 +236,15 @@ def model_fingerprint(ref: ModelRef) -> dict:
         files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()]
         return {"files_sha256": sha256_files(files, root=path), "dtype": ref.dtype}
     return {"hub": ref.path, "revision": ref.revision or "main", "gguf_file": ref.gguf_file, "dtype": ref.dtype}
+
+
+def save_tokenizer(tok, dest: Path) -> None:
+    """save_pretrained writes several files: into a temporary directory, then renamed (a kill leaves no half)."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -120,7 +120,7 @@ def teacher_from_cache(loss: LossConfig, reader: CacheReader, student_tok, devic
     """The teacher's frozen pieces from the cache (whether it can serve the objective was checked before)."""
     m, objective = reader.manifest, loss.objective
     where, mode = str(reader.dir), loss.teacher_logits
-    vmap = None if m.same_tokenizer else reader.vocab_map()
+    vmap = None if reader.same_tokenizer else reader.vocab_map()
     head = reader.load_head(device)
     teacher = TeacherSide(
         head=head,

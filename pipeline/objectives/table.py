@@ -87,10 +87,10 @@ def check_compatible(objective: str, same_tokenizer: bool, has_embeddings: bool,
     """A clear error when the cache at `where` cannot serve the objective."""
     s = spec(objective)
     if s.vocab == "same" and not same_tokenizer:
-        raise ValueError(f"objective {objective!r} needs the teacher and the student to share a tokenizer; {where} is "
-                         f"a cross-tokenizer cache (use {', '.join(serving(False))})")
+        raise ValueError(f"objective {objective!r} needs the teacher and the student to share a tokenizer; {where}: "
+                         f"a cross-tokenizer pair (use {', '.join(serving(False))})")
     if s.vocab == "cross" and same_tokenizer:
-        raise ValueError(f"objective {objective!r} is for different tokenizers; {where} has one tokenizer "
+        raise ValueError(f"objective {objective!r} is for different tokenizers; {where}: one tokenizer "
                          f"(use {', '.join(serving(True))})")
     if "embeddings" in s.needs and not has_embeddings:
         raise ValueError(f"objective {objective!r} needs the teacher's input embeddings; {where} was built without "
