@@ -62,6 +62,13 @@ XTOK        ?= xtok
 XTOK_DIR    ?= runs/tiny/demo-$(XTOK)
 XTOK_OBJECTIVES ?= sft dskd_eta dskd_cma uld mined overlap_kd alm alm_eta
 XTOK_SCRATCH ?= dskd_eta alm_eta
+TEACHERS_DIR ?= runs/tiny/demo-teachers
+# the second teacher of `make demo-teachers`: the shipped teacher's SFT with another training seed
+TEACHER2_SEED ?= 2
+# make align: the student view of CACHE (a cache directory or root) for STUDENT_TOKENIZER (GGUF_FILE for a GGUF one)
+CACHE       ?= runs/tiny/cache
+STUDENT_TOKENIZER ?= runs/tiny/assets/tokenizer-pieces
+GGUF_FILE   ?=
 
 # The built-in default reproduces bit for bit on any x86-64 CPU with AVX2: its stages run the AVX2 kernels of torch,
 # MKL and oneDNN on 2 threads whatever the machine has (pipeline/cpu.py). CPU_ISA= CPU_THREADS= (empty) lets the
@@ -79,6 +86,7 @@ UNPINNED = DSKD_CPU_ISA= DSKD_CPU_THREADS=
 # name would be without its teacher, student and divergence (every demo run is forward KL)
 DEMO_RUNS = student-sft $(DEMO_OBJECTIVES) $(foreach o,$(DEMO_SCRATCH),scratch-$(o)) onpolicy_kd
 XTOK_RUNS = student-sft $(XTOK_OBJECTIVES) $(foreach o,$(XTOK_SCRATCH),scratch-$(o))
+TEACHERS_RUNS = student-sft kd-teacher1 kd-teacher2 kd-both
 # the random initialisation of XTOK's student (its from-scratch rows)
 XTOK_INIT = runs/tiny/assets/student-init-$(if $(filter xtok,$(XTOK)),metaspace,$(XTOK))
 
@@ -93,7 +101,7 @@ sets    = $(foreach s,$(1),--set $(s))
 # SET=...` validates it against distill.yaml (what `make distill SET=...` would run). A target that takes no SET
 # refuses one instead of ignoring it.
 own_set = $(if $(filter $(1),$(MAKECMDGOALS)),$(call sets,$(SET)))
-SET_GOALS = check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval
+SET_GOALS = check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok demo-teachers eval
 ifneq ($(strip $(SET)),)
 ifeq ($(filter $(SET_GOALS),$(MAKECMDGOALS)),)
 $(error SET="$(SET)" is applied by the targets of stages ($(SET_GOALS)), not by '$(or $(MAKECMDGOALS),install)'; name one of them)
@@ -106,9 +114,9 @@ RESUME_FLAG = $(if $(RESUME),--resume)
 force_flag = $(if $(FORCE),$(if $(filter $(1),$(MAKECMDGOALS)),--force))
 VALID_CACHE_CONFIG = $(wildcard $(CONFIGS)/teacher_cache_valid.yaml)
 
-.PHONY: install install-vllm install-harness install-liger check assets prune teacher student-sft teacher-cache distill sweep rollout seqkd onpolicy demo demo-xtok eval report test-all \
+.PHONY: install install-vllm install-harness install-liger check assets prune teacher student-sft teacher-cache align distill sweep rollout seqkd onpolicy demo demo-xtok demo-teachers eval report test-all \
 	analyze \
-	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment bench-jobs
+	simulate test lint clean bench bench-quality bench-cache bench-objectives bench-train bench-memory bench-rollout bench-alignment bench-views bench-jobs
 
 install: $(STAMP)
 
@@ -167,6 +175,7 @@ check: $(STAMP)
 	  $(if $(filter-out check,$(MAKECMDGOALS)),,$(call sets,$(SET))))
 	$(call check_config,distill,$(CONFIGS)/student_sft_$(XTOK).yaml,)
 	$(call check_config,distill,$(CONFIGS)/distill_$(XTOK).yaml,$(call own_set,demo-xtok))
+	$(call check_config,distill,$(CONFIGS)/distill_teachers.yaml,$(call own_set,demo-teachers))
 	$(call check_config,eval,$(CONFIGS)/eval.yaml,$(call own_set,eval))
 	$(call check_config,rollout,$(CONFIGS)/rollout_teacher.yaml,$(call own_set,rollout))
 	$(call check_config,distill,$(CONFIGS)/seqkd.yaml,$(call own_set,seqkd))
@@ -195,6 +204,11 @@ student-sft: assets prune
 teacher-cache: teacher
 	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache.yaml $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache)
 	$(if $(VALID_CACHE_CONFIG),$(DSKD) teacher-cache --config $(VALID_CACHE_CONFIG) $(call sets,$(CACHE_SET)) $(call own_set,teacher-cache))
+
+# a student view of a finished teacher cache for another student tokenizer (no model; stage 2 builds a missing one
+# itself, and stage 1 the one of its student_tokenizer)
+align: $(STAMP)
+	$(DSKD) align $(CACHE) --student-tokenizer $(STUDENT_TOKENIZER) $(if $(GGUF_FILE),--gguf-file $(GGUF_FILE))
 
 distill: teacher-cache student-sft
 	$(TRAIN) distill --config $(CONFIGS)/distill.yaml $(RESUME_FLAG) $(call force_flag,distill) $(call own_set,distill)
@@ -240,6 +254,33 @@ demo: teacher-cache
 	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(DEMO_RUNS),--run $(DEMO_DIR)/$(o)__seed$(s)))
 	$(DSKD) report $(foreach o,$(DEMO_RUNS),'$(DEMO_DIR)/$(o)__seed*') \
 	  runs/tiny/teachers/tiny-teacher__sft --preset protocol --out $(DEMO_DIR)/report
+
+# Two teachers for one student: the shipped teacher and a second one, its SFT with another seed (TEACHER2_SEED),
+# each cached over the same rows; per training seed, from the student SFT'd on its labelled rows, kd from each
+# teacher alone and from both (configs/tiny/distill_teachers.yaml, weights 0.5 / 0.5), 300 steps each, final weights;
+# then the protocol eval and the report (runs/tiny/demo-teachers/report). Done work is skipped on a re-run.
+demo-teachers: teacher-cache
+	$(TRAIN) distill --config $(CONFIGS)/teacher_sft.yaml --set train.seed=$(TEACHER2_SEED) \
+	  --set run_name=tiny-teacher__sft_seed$(TEACHER2_SEED)
+	$(DSKD) teacher-cache --config $(CONFIGS)/teacher_cache.yaml --set teacher_name=tiny-teacher2 \
+	  --set teacher.path=runs/tiny/teachers/tiny-teacher__sft_seed$(TEACHER2_SEED)/final --set out_dir=runs/tiny/cache-teacher2
+	set -e; for s in $(DEMO_SEEDS); do \
+	  $(TRAIN) distill --config $(CONFIGS)/student_sft.yaml --set train.seed=$$s --set out_dir=$(TEACHERS_DIR) \
+	    --set run_name=student-sft__seed$$s; \
+	  for t in teacher1:runs/tiny/cache teacher2:runs/tiny/cache-teacher2; do \
+	    $(TRAIN) distill --config $(CONFIGS)/distill.yaml --set cache=$${t#*:} --set train.seed=$$s \
+	      --set student.path=$(TEACHERS_DIR)/student-sft__seed$$s/final --set out_dir=$(TEACHERS_DIR) \
+	      --set valid.every=0 --set checkpoint.keep_best=0 --set run_name=kd-$${t%%:*}__seed$$s $(call own_set,demo-teachers); \
+	  done; \
+	  $(TRAIN) distill --config $(CONFIGS)/distill_teachers.yaml --set train.seed=$$s \
+	    --set student.path=$(TEACHERS_DIR)/student-sft__seed$$s/final --set out_dir=$(TEACHERS_DIR) \
+	    --set run_name=kd-both__seed$$s $(call own_set,demo-teachers); \
+	done
+	$(DSKD) eval --config $(CONFIGS)/eval.yaml --preset protocol \
+	  $(foreach s,$(DEMO_SEEDS),$(foreach o,$(TEACHERS_RUNS),--run $(TEACHERS_DIR)/$(o)__seed$(s))) \
+	  --run runs/tiny/teachers/tiny-teacher__sft_seed$(TEACHER2_SEED)
+	$(DSKD) report $(foreach o,$(TEACHERS_RUNS),'$(TEACHERS_DIR)/$(o)__seed*') runs/tiny/teachers/tiny-teacher__sft \
+	  runs/tiny/teachers/tiny-teacher__sft_seed$(TEACHER2_SEED) --preset protocol --out $(TEACHERS_DIR)/report
 
 # The default across tokenizers (byte-level BPE teacher -> the student tokenizer XTOK names: xtok = the metaspace
 # student, whole words like the teacher's; pieces = the small-vocabulary one, half the answer words in pieces), per
@@ -329,6 +370,10 @@ bench-rollout: teacher-cache
 # tokenizers over Dolly responses
 bench-alignment: $(STAMP)
 	$(UNPINNED) $(BIN)/python bench/alignment.py $(BENCH_ARGS)
+
+# one teacher pass against each student view built from it (SmolLM2-135M cache; Gemma-3, Qwen2, Llama-3 views)
+bench-views: $(STAMP)
+	$(UNPINNED) $(BIN)/python bench/views.py $(BENCH_ARGS)
 
 # two jobs on one machine: the default's distill alone and two side by side, interleaved rounds (about 6 min; the
 # default's pin, as make distill runs it); run it alone on the machine

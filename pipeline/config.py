@@ -424,12 +424,35 @@ class OnPolicyMixConfig:
 
 
 @dataclass(frozen=True)
+class TeacherEntry:
+    """One teacher of a multi-teacher run (`teachers:`): its cache, its weight in the KD term, and optionally its own
+    objective and divergence (default: loss.objective / loss.divergence)."""
+
+    cache: str
+    weight: float = 1.0
+    objective: ObjectiveName | None = None
+    divergence: Literal["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "gjsd"] | None = None
+    # the prefix of its terms in metrics.jsonl (default: the cache's teacher name, numbered when two are equal)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0:
+            raise ConfigError(f"teachers: weight must be >= 0, got {self.weight}")
+        if self.objective is not None and not objective_spec(self.objective).teacher:
+            raise ConfigError(f"teachers: objective {self.objective!r} needs no teacher; each teacher's objective "
+                              "distils from its cache")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
-    """Stage `distill`: train a student from a teacher cache (or SFT from `data` when `cache` is null)."""
+    """Stage `distill`: train a student from a teacher cache (or SFT from `data` when `cache` is null), or from
+    several teachers' caches (`teachers`): loss = (1 - alpha) CE + alpha * sum_i weight_i KD_i."""
 
     student: ModelRef
     out_dir: str
     cache: str | None = None
+    # several teachers instead of `cache`: the rows are the ids common to all their caches
+    teachers: list[TeacherEntry] = field(default_factory=list)
     data: DataConfig | None = None
     # the student's tokenizer when it is not beside the model
     student_tokenizer: ModelRef | None = None
@@ -449,6 +472,19 @@ class DistillConfig:
     continue_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.teachers:
+            if self.cache is not None or self.data is not None:
+                raise ConfigError("distill: set `teachers` (several caches) or `cache` (one) or `data` (SFT), not two")
+            if not objective_spec(self.loss.objective).teacher:
+                raise ConfigError(f"teachers: loss.objective {self.loss.objective!r} needs no teacher; set a "
+                                  "distillation objective (each teacher may override it)")
+            if not sum(t.weight for t in self.teachers) > 0:
+                raise ConfigError("teachers: the weights sum to 0")
+            if self.onpolicy.cache is not None or self.valid.every > 0 or self.checkpoint.keep_best > 0:
+                raise ConfigError("teachers: onpolicy.cache and validation (valid.every, checkpoint.keep_best) read one "
+                                  "teacher's cache; with several teachers leave them off (evaluate the student with "
+                                  "`dskd eval`)")
+            return
         if self.onpolicy.cache is not None and (self.cache is None or not objective_spec(self.loss.objective).teacher):
             raise ConfigError("onpolicy.cache needs a training cache and a distillation objective (not sft)")
         if (self.cache is None) == (self.data is None):

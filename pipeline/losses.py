@@ -267,6 +267,7 @@ def token_normaliser(global_tokens: int, grad_accum: int, world_size: int) -> fl
 
 
 def is_maximum(name: str) -> bool:
+    name = name.rsplit(".", 1)[-1]  # a teacher's own statistic among several: "<teacher>.<name>"
     return name.startswith("max_") or "_max_" in name
 
 

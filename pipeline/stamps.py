@@ -147,7 +147,7 @@ def distill_inputs(cfg) -> list:
         return [c / "manifest.json"] if (c / "manifest.json").is_file() else [c / "CURRENT"]
 
     inputs = [cfg.student, cfg.student_tokenizer, *manifest(cfg.cache), *manifest(cfg.valid.cache),
-              *manifest(cfg.onpolicy.cache)]
+              *manifest(cfg.onpolicy.cache), *[m for t in cfg.teachers for m in manifest(t.cache)]]
     if cfg.continue_from is not None:
         inputs.append(Path(cfg.continue_from) / "state.json")
     for data in (cfg.data, cfg.valid.data):

@@ -36,7 +36,9 @@ from pipeline.cache.store import CacheReader, read_manifest, resolve_cache_dir
 from pipeline.config import (
     ConfigError,
     DistillConfig,
+    LossConfig,
     ModelRef,
+    TeacherEntry,
     TrainConfig,
     config_identity,
     config_to_dict,
@@ -59,8 +61,8 @@ from pipeline.models.load import (
 from pipeline.models.lora import apply_lora
 from pipeline.models.zero3 import gathered
 from pipeline.objectives.base import TeacherSide
-from pipeline.objectives.objective import Objective
-from pipeline.objectives.projectors import PROJECTORS_FILE, Projectors
+from pipeline.objectives.objective import Ensemble, Objective
+from pipeline.objectives.projectors import PROJECTORS_FILE, Projectors, ProjectorSet
 from pipeline.objectives.setup import T2S_INIT_FILE, build_projectors, student_side, teacher_from_cache
 from pipeline.objectives.table import check_compatible, run_label, spec
 from pipeline.train import checkpoint
@@ -83,7 +85,14 @@ from pipeline.train.engine import (
 )
 from pipeline.train.run_dir import DONE, prepare_run_dir
 from pipeline.train.sampler import MicroBatchStream
-from pipeline.train.sources import Source, cache_source, data_source, open_for_student, same_teacher
+from pipeline.train.sources import (
+    Source,
+    cache_source,
+    data_source,
+    joint_source,
+    open_for_student,
+    same_teacher,
+)
 from pipeline.train.step import diagnostics, mixed, on_policy
 from pipeline.train.tracking import MetricsLog, check_sinks, peak_memory_mb
 from pipeline.train.validation import Validation
@@ -122,12 +131,16 @@ class Plan:
     reader: CacheReader | None  # the training cache (None: plain SFT on cfg.data)
     valid_reader: CacheReader | None
     op_reader: CacheReader | None  # the student's own samples, scored by the teacher
-    source: Source | None  # plain SFT's tokenized rows (a cache's are opened by build)
+    source: Source | None  # plain SFT's tokenized rows, or several teachers' joint rows (one cache's: by build)
     valid_source: Source | None
     run_name: str
     run_dir: Path
     fingerprint: str
     start_from: Path | str | None  # "done", the checkpoint to resume, or None (start)
+    # several teachers (`teachers:`): each one's cache read for the student, their names and loss settings
+    readers: list[CacheReader] = dataclasses.field(default_factory=list)
+    teacher_names: list[str] = dataclasses.field(default_factory=list)
+    teacher_losses: list[LossConfig] = dataclasses.field(default_factory=list)
 
 
 def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitStack) -> Plan:
@@ -144,22 +157,36 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
     caches = [resolve_cache_dir(c) for c in (cfg.cache, cfg.valid.cache if cfg.cache is not None and cfg.valid.enabled
                                               else None, cfg.onpolicy.cache) if c is not None]
     manifests = [read_manifest(c) for c in caches]
+    several = [resolve_cache_dir(t.cache) for t in cfg.teachers]
+    several_m = [read_manifest(c) for c in several]
     continue_state = _continue_state(cfg, world)
-    examples = load_examples(cfg.data) if cfg.cache is None else None
+    examples = load_examples(cfg.data) if cfg.data is not None else None
     valid_examples = load_examples(cfg.valid.data)[: cfg.valid.max_rows] \
-        if cfg.cache is None and cfg.valid.enabled else None
+        if cfg.data is not None and cfg.valid.enabled else None
     tok_ref = cfg.student_tokenizer or cfg.student
     tokenizer = load_tokenizer(tok_ref)
     _, pad_id = special_ids(tokenizer)
     if caches:  # before any student view is built for it
-        _check_caches(cfg, caches, manifests, tokenizer_fingerprint(tokenizer))
+        _check_caches(cfg.loss, caches, manifests, tokenizer_fingerprint(tokenizer))
+    losses = [teacher_loss(cfg.loss, t) for t in cfg.teachers]
+    for loss, d, m in zip(losses, several, several_m):
+        _check_caches(loss, [d], [m], tokenizer_fingerprint(tokenizer))
     reader = open_for_student(cfg.cache, tokenizer, tok_ref) if cfg.cache is not None else None
     valid_reader = open_for_student(cfg.valid.cache, tokenizer, tok_ref) \
         if reader is not None and cfg.valid.enabled else None
     op_reader = open_for_student(cfg.onpolicy.cache, tokenizer, tok_ref) if cfg.onpolicy.cache is not None else None
     student_name = cfg.student_name or short_name(cfg.student)
     source = valid_source = None
-    if reader is not None:
+    readers = [open_for_student(d, tokenizer, tok_ref) for d in several]
+    names = _teacher_names(cfg, several_m)
+    if readers:
+        source, left_out = joint_source(readers, pad_id)
+        if rank == 0:
+            print(f"distill: {len(source)} rows in all {len(readers)} teachers' caches ({', '.join(names)}); "
+                  f"{left_out} row(s) of some but not all left out")
+        run_name = cfg.run_name or f"{'+'.join(names)}_to_{student_name}__{run_label(cfg.loss.objective, cfg.loss.divergence)}"
+        identity = {"source": source.fingerprint, "valid": None}
+    elif reader is not None:
         label = run_label(cfg.loss.objective, cfg.loss.divergence)
         run_name = cfg.run_name or f"{reader.manifest.teacher_name}_to_{student_name}__{label}"
         identity = {"source": reader.fingerprint, "valid": valid_reader.fingerprint if valid_reader else None}
@@ -171,7 +198,9 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
             valid_source = data_source(valid_examples, tokenizer, cfg.tokenize, pad_id,
                                        f"distill {run_name} valid ({cfg.valid.data.path})" if say else "")
         identity = {"source": source.fingerprint, "valid": valid_source.fingerprint if valid_source else None}
-    for what, n in ((f"cache {reader.dir}", len(reader)) if reader is not None else (f"data {cfg.data.path}", len(source)),
+    for what, n in ((f"cache {reader.dir}", len(reader)) if reader is not None else
+                    (f"teachers' common rows ({names[0]}, ...)", len(source)) if readers else
+                    (f"data {cfg.data.path}", len(source)),
                     *(((f"onpolicy.cache {op_reader.dir}", len(op_reader)),) if op_reader else ())):
         if n < tcfg.micro_batch_size:  # with the data, before any engine starts
             raise ConfigError(f"{what}: {n} rows cannot fill one micro-batch of {tcfg.micro_batch_size} "
@@ -186,7 +215,18 @@ def plan(cfg: DistillConfig, force: bool, resume: bool, held: contextlib.ExitSta
                                 if continue_state else {})})
     return Plan(cfg, rank, tcfg.grad_accum // world, ds, tokenizer, pad_id, reader, valid_reader, op_reader,
                 source, valid_source, run_name, run_dir, fingerprint,
-                prepare_run_dir(run_dir, fingerprint, cfg, force, resume))
+                prepare_run_dir(run_dir, fingerprint, cfg, force, resume), readers, names, losses)
+
+
+def teacher_loss(loss: LossConfig, t: TeacherEntry) -> LossConfig:
+    """A teacher's loss settings among several: the run's, with its own objective and divergence where it sets them."""
+    return dataclasses.replace(loss, objective=t.objective or loss.objective, divergence=t.divergence or loss.divergence)
+
+
+def _teacher_names(cfg: DistillConfig, manifests: list) -> list[str]:
+    """Each teacher's name (its `name`, else its cache's teacher name), numbered where two would be equal."""
+    base = [t.name or m.teacher_name for t, m in zip(cfg.teachers, manifests)]
+    return [f"{n}{base[:i].count(n) + 1}" if base.count(n) > 1 else n for i, n in enumerate(base)]
 
 
 def _record(p: Plan) -> None:
@@ -209,18 +249,18 @@ def _continue_state(cfg: DistillConfig, world: int) -> dict | None:
     return state
 
 
-def _check_caches(cfg: DistillConfig, dirs: list[Path], manifests: list, student_fp: str) -> None:
-    """The caches (the training cache first) come from one teacher and can serve the objective for a student whose
-    tokenizer has the fingerprint `student_fp`."""
+def _check_caches(loss: LossConfig, dirs: list[Path], manifests: list, student_fp: str) -> None:
+    """The caches (the training cache first) come from one teacher and can serve the objective of `loss` for a
+    student whose tokenizer has the fingerprint `student_fp`."""
     m = manifests[0]
     same = student_fp == m.teacher_tokenizer_fingerprint
     try:
-        check_compatible(cfg.loss.objective, same, m.embeddings_sha256 is not None,
+        check_compatible(loss.objective, same, m.embeddings_sha256 is not None,
                          f"{dirs[0]} (teacher tokenizer {m.teacher_tokenizer_fingerprint[:12]}, this student's "
                          f"{student_fp[:12]})")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.loss.teacher_logits == "dense" and not m.head_exact:
+    if loss.teacher_logits == "dense" and not m.head_exact:
         raise ConfigError(f"{dirs[0]}: the teacher's head could not be reproduced when the cache was built, so "
                           "it holds top-k + tail only; set loss.teacher_logits: sparse (or auto)")
     for d, other in zip(dirs[1:], manifests[1:]):
@@ -236,10 +276,10 @@ class Built:
     dist: DistInfo
     engine: Any
     scheduler: Any
-    compute: Objective
+    compute: Objective | Ensemble
     ce_only: Objective  # the gold micro-batch's CE when KD comes from the student's samples
-    projectors: Projectors | None
-    teacher: TeacherSide | None
+    projectors: Projectors | ProjectorSet | None
+    teacher: TeacherSide | None  # (several teachers: the first's)
     source: Source
     stream: MicroBatchStream
     op_source: Source | None
@@ -286,7 +326,9 @@ def build(p: Plan) -> Built:
     if dist.device.type == "cpu" and not cfg.lora.enabled:  # a LoRA base is frozen: read only, it may stay mapped
         own_memory(student)
     projectors = None
-    if teacher is not None:
+    if p.readers:
+        compute, projectors, teacher = _teachers(p, student, source, dist)
+    elif teacher is not None:
         scores = _scores_init(cfg, p.start_from)
         sample = _init_sample(source, tcfg, dist.device) if scores else []
         projectors = build_projectors(cfg.loss, student, teacher, vmap, sample, weights_follow=not scores)
@@ -300,13 +342,41 @@ def build(p: Plan) -> Built:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=StudentWithProjectors(student, projectors),
                                                            optimizer=optimizer, lr_scheduler=scheduler, config=p.ds)
-    b = Built(dist, engine, scheduler, Objective(cfg.loss, teacher, projectors, cfg.loss.chunk_positions),
+    if not p.readers:
+        compute = Objective(cfg.loss, teacher, projectors, cfg.loss.chunk_positions) if teacher is not None else \
+            Objective(cfg.loss, chunk_positions=cfg.loss.chunk_positions)
+    b = Built(dist, engine, scheduler, compute,
               Objective(dataclasses.replace(cfg.loss, objective="sft"), chunk_positions=cfg.loss.chunk_positions),
               projectors, teacher, source, stream, op_source, op_stream,
               Validation(cfg, valid_source, p.tokenizer, dist, zero_stage(p.ds)) if valid_source else None,
               1, float("nan"))
     _restore(p, b, optimizer)
     return b
+
+
+def _teachers(p: Plan, student, source: Source, dist) -> tuple[Ensemble, ProjectorSet | None, TeacherSide]:
+    """Several teachers: each one's frozen pieces from its cache, its projectors (its objective's, initialised on
+    its own collation of the sampled rows), its objective; together the ensemble (and the first's TeacherSide)."""
+    cfg = p.cfg
+    objectives, members, sides = [], {}, []
+    sample = _init_sample(source, cfg.train, dist.device) if any(
+        _scores_init(dataclasses.replace(cfg, loss=loss), p.start_from) for loss in p.teacher_losses) else []
+    for i, (reader, name, loss) in enumerate(zip(p.readers, p.teacher_names, p.teacher_losses)):
+        side, vmap = teacher_from_cache(loss, reader, p.tokenizer, dist.device)
+        scores = _scores_init(dataclasses.replace(cfg, loss=loss), p.start_from)
+        own = [b if i == 0 else b.others[i - 1] for b in sample] if scores else []
+        proj = build_projectors(loss, student, side, vmap, own, weights_follow=not scores)
+        if proj is not None:
+            members[name] = proj
+        objectives.append(Objective(loss, side, proj, cfg.loss.chunk_positions))
+        sides.append(side)
+    if dist.is_main:
+        mb = [sum(t.numel() * t.element_size() for t in (s.head.weight, s.embeddings) if t is not None) / 2**20
+              for s in sides]
+        print(f"distill: {len(sides)} teachers' heads resident ({', '.join(f'{n} {m:.0f} MB' for n, m in zip(p.teacher_names, mb))}"
+              f"; {sum(mb):.0f} MB in all), weights {[t.weight for t in cfg.teachers]}")
+    return Ensemble(objectives, [t.weight for t in cfg.teachers], p.teacher_names), \
+        (ProjectorSet(members) if members else None), sides[0]
 
 
 def _restore(p: Plan, b: Built, optimizer) -> None:

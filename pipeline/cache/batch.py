@@ -41,6 +41,9 @@ class Batch:
     chunk_student: torch.Tensor | None = None  # (N_S,) long
     chunk_teacher: torch.Tensor | None = None  # (N,) long
     n_chunks: int = 0
+    # several teachers (`teachers:`): the same rows collated from each further teacher's cache (the student tensors
+    # equal, the teacher side that teacher's); this batch is the first teacher's
+    others: list[Batch] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -49,6 +52,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        if self.others is not None:
+            moved["others"] = [o.to(device) for o in self.others]
         return Batch(**moved)
 
 

@@ -93,4 +93,4 @@ def alm_term(ob: ObjectiveBase, batch: Batch, normaliser: float) -> tuple[RowTer
     rest = per_chunk(ll_t.new_zeros(int((~seen).sum())), ll_t[~seen])
     covered = (group >= 0).float().mean() if len(group) else torch.zeros(())
     stats = {"chunks": float(batch.n_chunks), "chunk_coverage": float(covered)}
-    return RowTerm(fn, group, ob.cfg.alpha / normaliser), rest, stats
+    return RowTerm(fn, group, ob.kd_alpha / normaliser), rest, stats

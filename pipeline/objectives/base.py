@@ -141,6 +141,7 @@ class ObjectiveBase:
         self.cfg, self.teacher, self.proj, self.chunk = cfg, teacher, projectors, chunk_positions
         self.spec = spec(cfg.objective)  # its entry in table.py
         self.ce_weight = 1.0  # the CE term's weight in `loss` relative to (1 - alpha): set per call
+        self.kd_weight = 1.0  # the KD term's weight relative to alpha: a teacher's weight among several (`Ensemble`)
         # dskd_v2 / dskd_eta: whether the last micro-batch trusted the projected teacher only where it agreed (None:
         # no micro-batch yet), the guess this one's fused chunks are hinted with (chunks.chunked: a wrong guess
         # costs a recomputation, not a wrong gradient; no guess, one more backward per chunk)
@@ -156,14 +157,18 @@ class ObjectiveBase:
         s = SparseLogits(batch.teacher_topk_ids, batch.teacher_topk_logits, batch.teacher_lse, self.teacher.head.vocab_size)
         return s if rows is None else s[rows]
 
+    @property
+    def kd_alpha(self) -> float:
+        """The KD term's weight in the loss: alpha, times this teacher's weight among several."""
+        return self.cfg.alpha * self.kd_weight
+
     def ce_hint(self, normaliser: float) -> float:
         """CE's weight in the loss: (1 - alpha) * ce_weight / N-bar."""
         return (1 - self.cfg.alpha) * self.ce_weight / normaliser
 
     def done(self, ce: torch.Tensor, kd: dict[str, torch.Tensor], stats: dict) -> ObjectiveOutput:
-        a = self.cfg.alpha
         total_kd = sum(kd.values())
-        loss = (1 - a) * self.ce_weight * ce + a * total_kd
+        loss = (1 - self.cfg.alpha) * self.ce_weight * ce + self.kd_alpha * total_kd
         terms = {"ce": ce, "kd": total_kd, **kd}
         return ObjectiveOutput(loss, terms, stats)
 

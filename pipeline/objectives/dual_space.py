@@ -184,7 +184,7 @@ def t2s_hints(ob: ObjectiveBase, normaliser: float, t2s_norm: float, masked: boo
               agree_only: bool = False) -> dict:
     """The student-space terms' weights in the loss, as `kd_terms` and the callers combine them (the agreeing
     rows' divergence, when masked, divided by their count `n_agree`)."""
-    a = ob.cfg.alpha if ob.cfg.spaces in ("both", "student") else 0.0
+    a = ob.kd_alpha if ob.cfg.spaces in ("both", "student") else 0.0
     if agree_only:
         rows_w, agree_w = 0.0, a / t2s_norm
     elif masked:

@@ -1,5 +1,5 @@
 """The configured objective: `Objective(cfg.loss, teacher, projectors)(batch, student, normaliser)` calls the function
-its entry in `table.py` names."""
+its entry in `table.py` names; `Ensemble` sums several teachers' objectives."""
 
 from __future__ import annotations
 
@@ -39,3 +39,28 @@ class Objective(ObjectiveBase):
             v = getattr(student.head, "out_features", None) or student.head.weight.shape[0]
             self.chunk = auto_chunk_positions(max(v, self.teacher.head.vocab_size if self.teacher else 0))
         return self.fn(self, batch, student, labels, normaliser)
+
+
+class Ensemble:
+    """Several teachers' objectives as one (`teachers:`): loss = (1 - alpha) CE + alpha * sum_i w_i KD_i. The first
+    teacher's objective carries the CE; each further teacher's runs on its own collation of the same rows
+    (`Batch.others`) with CE weight 0. Terms and statistics are reported per teacher as `<name>.<term>`, beside
+    `ce` and the weighted `kd`."""
+
+    def __init__(self, objectives: list[Objective], weights: list[float], names: list[str]):
+        self.objectives, self.weights, self.names = objectives, weights, names
+        for ob, w in zip(objectives, weights):
+            ob.kd_weight = w
+
+    def __call__(self, batch: Batch, student: StudentSide, normaliser: float, ce_weight: float = 1.0) -> ObjectiveOutput:
+        if batch.others is None or len(batch.others) != len(self.objectives) - 1:
+            raise ValueError(f"{len(self.objectives)} teachers, but the batch holds {1 + len(batch.others or [])} "
+                             "teachers' rows")
+        outs = [ob(b, student, normaliser, ce_weight if i == 0 else 0.0)
+                for i, (ob, b) in enumerate(zip(self.objectives, [batch, *batch.others]))]
+        terms = {"ce": outs[0].terms["ce"], "kd": sum(w * o.terms["kd"] for w, o in zip(self.weights, outs))}
+        stats = {}
+        for name, o in zip(self.names, outs):
+            terms.update({f"{name}.{k}": v for k, v in o.terms.items() if k != "ce"})
+            stats.update({f"{name}.{k}": v for k, v in o.stats.items()})
+        return ObjectiveOutput(sum(o.loss for o in outs), terms, stats)

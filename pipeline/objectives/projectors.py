@@ -100,3 +100,17 @@ class Projectors(nn.Module):
     def head_updated(self) -> None:
         """The student head may have changed: the next s2t_matrix recomputes Q."""
         self._q = None
+
+
+class ProjectorSet(nn.Module):
+    """Several teachers' projectors (`teachers:`), one `Projectors` per teacher whose objective has some, under its
+    teacher's name (their state dicts are prefixed with it)."""
+
+    def __init__(self, members: dict[str, Projectors]):
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+        self.init_report = {name: p.init_report for name, p in members.items()}
+
+    def head_updated(self) -> None:
+        for p in self.members.values():
+            p.head_updated()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.cache import views
 from pipeline.cache.batch import Batch, collate_cache_rows, collate_examples
@@ -35,15 +36,53 @@ class Source:
 
 def cache_source(reader: CacheReader, pad_id: int, limit: int | None = None) -> Source:
     n = len(reader) if limit is None else min(limit, len(reader))
+    return Source(reader.lengths()[:n], lambda idx: collate_cache_rows([reader[i] for i in idx], pad_id),
+                  reader.fingerprint, _examples_of(reader, lambda idx: idx))
+
+
+def _examples_of(reader: CacheReader, rows: Callable[[list[int]], list[int]]) -> Callable[[list[int]], list[Example]]:
+    """The examples of a source's rows (`rows` maps them to the reader's), from the cache's own copy of its data,
+    read on first use."""
     by_id: dict[str, Example] = {}
 
-    def examples(idx: list[int]) -> list[Example]:  # the cache's own copy of its data, read on first use
+    def examples(idx: list[int]) -> list[Example]:
         if not by_id:
             by_id.update((e.id, e) for e in load_examples(DataConfig(path=str(reader.dir / DATA_FILE), id_field="id")))
-        return [by_id[reader[i].id] for i in idx]
+        return [by_id[reader[i].id] for i in rows(idx)]
 
-    return Source(reader.lengths()[:n], lambda idx: collate_cache_rows([reader[i] for i in idx], pad_id),
-                  reader.fingerprint, examples)
+    return examples
+
+
+def joint_source(readers: list[CacheReader], pad_id: int) -> tuple[Source, int]:
+    """Several teachers' caches (each read for the student) as one source: the rows whose id every cache holds, in
+    the first cache's order, each micro-batch collated from every cache (`Batch.others`: the further teachers'),
+    the student's tokens checked equal across them. Returns (the source, the rows left out)."""
+    ids = [r.ids() for r in readers]
+    where = [{x: i for i, x in enumerate(each)} for each in ids]
+    common = [i for i, x in enumerate(ids[0]) if all(x in w for w in where[1:])]
+    left_out = len(set().union(*map(set, ids))) - len(common)
+    if not common:
+        raise ConfigError(f"teachers: no row id is in every cache ({', '.join(str(r.dir) for r in readers)}); build "
+                          "them over the same data")
+    index = [np.array([w[ids[0][i]] for i in common], dtype=np.int64) for w in where]
+    lengths = [r.lengths()[ix] for r, ix in zip(readers, index)]
+    for r, n in zip(readers[1:], lengths[1:]):
+        if (bad := np.flatnonzero(n != lengths[0])).size:
+            raise ConfigError(f"teachers: row {ids[0][common[bad[0]]]!r} is {n[bad[0]]} student tokens in {r.dir} and "
+                              f"{lengths[0][bad[0]]} in {readers[0].dir}: the caches tokenize the data differently "
+                              "(tokenize settings); build them with the same ones")
+
+    def collate(idx: list[int]) -> Batch:
+        first, *others = (collate_cache_rows([r[int(ix[j])] for j in idx], pad_id) for r, ix in zip(readers, index))
+        for r, b in zip(readers[1:], others):
+            if not (torch.equal(b.input_ids, first.input_ids) and torch.equal(b.labels, first.labels)):
+                raise ConfigError(f"teachers: rows {first.ids[:4]}: the student's tokens in {r.dir} are not those in "
+                                  f"{readers[0].dir} (tokenize settings); build the caches with the same ones")
+        first.others = others
+        return first
+
+    return (Source(lengths[0], collate, hash_json([r.fingerprint for r in readers]),
+                   _examples_of(readers[0], lambda idx: [int(index[0][j]) for j in idx])), left_out)
 
 
 def data_source(examples: list[Example], tokenizer, tok_cfg, pad_id: int, where: str = "") -> Source:
