@@ -8,7 +8,7 @@ both from bfloat16 caches of `--rows` Dolly rows. GGUF models are converted to s
 the conversion's own peak is reported separately, not inside the stages.
 
 Per component (the stage's functions wrapped, timed, and the process's peak resident memory within each read from
-/proc/self/status after resetting it): stage 1 model load, head check, vocabulary map, teacher forward, shard
+/proc/self/status after resetting it): stage 1 model load, head check, teacher forward, shard
 writes; stage 2 student load, teacher pieces from the cache, projector init, engine init, and per step the student
 forward, the objective, backward and the optimizer step (median over steps after the first). "resident" is what a
 stage cannot do without: stage 1 the teacher's float32 weights; stage 2 the student's weights, gradients and AdamW
@@ -87,12 +87,13 @@ def worker(stage: str, config: str, result: str, extra: list[str]) -> None:
     from stages import cli
 
     if stage == "teacher-cache":
+        from pipeline.cache import views
         from stages import teacher_cache as s
 
-        for name, label in (("load_model", "load teacher"), ("check_head", "head check"),
-                            ("tokenizer_label_map", "vocabulary map"), ("teacher_forward", "teacher forward (batch)"),
-                            ("_write_shard", "write shard")):
-            _instrument(records, s, name, label)
+        for owner, name, label in ((s, "load_model", "load teacher"), (s, "check_head", "head check"),
+                                   (s, "teacher_forward", "teacher forward (batch)"), (s, "_write_shard", "write shard"),
+                                   (views, "build", "student view (alignments, vocabulary map)")):
+            _instrument(records, owner, name, label)
     else:
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine

@@ -322,6 +322,16 @@ def verify(path, tolerance, as_json, repair):
 
 @cache.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
+def upgrade(path):
+    """Convert a version-5 cache to version 6 without the teacher: a new cache directory beside it (the teacher's
+    columns) and, across tokenizers, the student view of the tokenizer it was built for."""
+    from pipeline.cache.upgrade import upgrade as run_upgrade
+
+    click.echo(_run(run_upgrade, path))
+
+
+@cache.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print as JSON")
 def info(path, as_json):
     """Rows, tokens, bytes per token by column, alignment ratios, names and settings."""

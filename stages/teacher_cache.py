@@ -36,6 +36,7 @@ from pipeline.cache.schema import (
     MANIFEST,
     SCHEMA_VERSION,
     SHARD_PATTERN,
+    STORAGE_META,
     TEACHER_TOKENIZER,
     StorageError,
     arrow_schema,
@@ -89,8 +90,6 @@ KL_SAMPLE = 128
 KL_SHARE = 16
 # rows of the data the head check runs on
 HEAD_CHECK_ROWS = 8
-# shard schema metadata: this shard's StorageError (JSON), gathered into the manifest
-STORAGE_META = b"dskd_storage_error"
 
 
 def kl_sample_size(positions: int) -> int:

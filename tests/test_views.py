@@ -188,3 +188,64 @@ def test_distill_builds_the_missing_view_and_trains_as_from_stage_1s(tiny, teach
     assert [x.get("loss") for x in logs[0]] == [x.get("loss") for x in logs[1]] and logs[0][-1].get("loss")
     a, b = (load_file(str(next((r / "final").glob("*.safetensors")))) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _as_version_5(cache, view, dest):
+    """The pairwise version-5 cache that version 6's teacher cache + view were split from: one shard per pair of
+    shards, the student columns beside the teacher's in version 5's order, the version-5 manifest."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.cache.schema import STORAGE_META
+    from pipeline.cache.store import SHARD_META_FINGERPRINT, SHARD_META_INDEX
+    from pipeline.io_utils import hash_json, sha256_file
+
+    shutil.copytree(cache, dest, ignore=shutil.ignore_patterns("views"))
+    m = json.loads((cache / MANIFEST).read_text())
+    v = json.loads((view / MANIFEST).read_text())
+    inputs = {**m["fingerprint_inputs"], "schema_version": 5, "student_tokenizer": v["student_tokenizer_fingerprint"]}
+    fingerprint = hash_json(inputs)
+    order = ["id", "student_ids", "student_response_start", "teacher_ids", "teacher_response_start", "hidden",
+             "topk_ids", "topk_logits", "lse", "target_logprob", "align_student", "align_teacher", "align_label",
+             "align_ratio", "chunks"]
+    for i, info in enumerate(m["shards"]):
+        t = pa.ipc.open_file(pa.memory_map(str(cache / info["file"]))).read_all()
+        s = pa.ipc.open_file(pa.memory_map(str(view / info["file"]))).read_all()
+        cols = {**{c: t[c] for c in t.column_names}, **{c: s[c] for c in s.column_names}}
+        fields = [t.schema.field(c) if c in t.column_names else s.schema.field(c) for c in order]
+        meta = {STORAGE_META: t.schema.metadata[STORAGE_META], SHARD_META_FINGERPRINT: fingerprint.encode(),
+                SHARD_META_INDEX: str(i).encode()}
+        table = pa.Table.from_arrays([cols[c] for c in order], schema=pa.schema(fields, metadata=meta))
+        with pa.OSFile(str(dest / info["file"]), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        info.update(bytes=(dest / info["file"]).stat().st_size, sha256=sha256_file(dest / info["file"]))
+    shutil.copy(view / VOCAB_MAP_FILE, dest / VOCAB_MAP_FILE)
+    shutil.copytree(view / "student_tokenizer", dest / "student_tokenizer")
+    (dest / MANIFEST).write_text(json.dumps({**m, "schema_version": 5, "fingerprint": fingerprint,
+                                             "fingerprint_inputs": inputs, "same_tokenizer": False,
+                                             "student_tokenizer_fingerprint": v["student_tokenizer_fingerprint"]}))
+    return dest
+
+
+def test_a_version_5_cache_upgrades_to_what_version_6_builds(with_view, tmp_path):
+    """`dskd cache upgrade`: a pairwise version-5 cache (refused by readers, with the command) becomes the teacher cache
+    and the view that stage 1 of version 6 writes for the same teacher and data: the same directory names and, but
+    for config.yaml's out_dir, the same bytes; without any model."""
+    (view,) = align.views(with_view)
+    old = _as_version_5(with_view, view, tmp_path / "root" / "old-pairwise")
+    with pytest.raises(CacheError, match=r"schema version 5 is not 6 .*or convert it without the teacher: `dskd cache "
+                                         r"upgrade .*old-pairwise`"):
+        CacheReader(old)
+    result = CliRunner().invoke(cli, ["cache", "upgrade", str(old)])
+    assert result.exit_code == 0, result.output
+    new = tmp_path / "root" / with_view.name
+    assert (tmp_path / "root" / "CURRENT").read_text().strip() == with_view.name
+
+    def files(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*")
+                if p.is_file() and p.name not in ("build_stats.json", "config.yaml") and ".lock" not in p.name}
+
+    assert files(new) == files(with_view)
+    again = CliRunner().invoke(cli, ["cache", "upgrade", str(new)])
+    assert again.exit_code == 0 and "already version 6" in again.output

@@ -56,6 +56,8 @@ CHANNEL_SCALE_FILE = "hidden_channel_scale.npy"
 
 _STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.int8()}
 ALIGN_COLUMNS = ("align_student", "align_teacher", "align_label", "align_ratio")
+# teacher shard schema metadata: the shard's StorageError (JSON), gathered into the manifest
+STORAGE_META = b"dskd_storage_error"
 # the student views of a teacher cache: views/<view fingerprint[:12]>/, each a manifest, shards, the student's
 # tokenizer and the vocabulary map
 VIEWS_DIR = "views"

@@ -45,6 +45,9 @@ from pipeline.cache.schema import (
 from pipeline.io_utils import hash_json, sha256_file, write_json, write_text_if_changed
 from pipeline.models.head import HEAD_FILE, OutputHead
 
+# the version `dskd cache upgrade` converts (pipeline/cache/upgrade.py): its teacher columns are version 6's
+UPGRADABLE = 5
+
 
 class CacheError(RuntimeError):
     """The cache directory is unusable as asked (mismatch, corruption, incomplete)."""
@@ -329,9 +332,12 @@ def read_manifest(cache_dir: Path, kind: type = Manifest) -> Manifest | ViewMani
         raise CacheError(f"{path}: unreadable manifest") from None
     if raw.get("schema_version") != SCHEMA_VERSION:
         cache = path.parent.parent.parent if view else path.parent
+        convert = f", or convert it without the teacher: `dskd cache upgrade {cache}`" \
+            if raw.get("schema_version") == UPGRADABLE else ""
         raise CacheError(
             f"{path}: schema version {raw.get('schema_version')} is not {SCHEMA_VERSION} (built by another version of "
-            f"dskd); rebuild it: `dskd teacher-cache --config {cache / 'config.yaml'}` (a new directory beside it)"
+            f"dskd); rebuild it: `dskd teacher-cache --config {cache / 'config.yaml'}` (a new directory beside "
+            f"it){convert}"
         )
     try:
         manifest = kind.from_dict(raw)

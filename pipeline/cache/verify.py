@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from pipeline.cache.schema import MANIFEST, STUDENT_TOKENIZER, VIEWS_DIR, ViewManifest, recompute_tolerance
+from pipeline.cache.schema import MANIFEST, STUDENT_TOKENIZER, ViewManifest, recompute_tolerance
 from pipeline.cache.store import CacheError, CacheReader, read_manifest
+from pipeline.cache.views import view_dirs
 from pipeline.losses import SparseLogits, divergence
 
 
@@ -93,12 +94,6 @@ def verify(path: str | Path, tolerance: float | None = None) -> VerifyReport:
         top1_agreement=top1 / max(positions, 1), topk_overlap=overlap / max(positions, 1),
         kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, tolerance=tol, ok=ok, reason=reason, views=views,
     )
-
-
-def view_dirs(cache_dir: Path) -> list[Path]:
-    """The student views beside a teacher cache (finished or not)."""
-    root = Path(cache_dir) / VIEWS_DIR
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
 
 
 def verify_view(teacher: CacheReader, d: Path) -> dict:

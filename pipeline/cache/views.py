@@ -105,7 +105,7 @@ def repair_views(cache: str | Path) -> list[Path]:
     shards rebuilt, each from the student tokenizer saved in it. A view whose tokenizer is lost is reported."""
     cache_dir = resolve_cache_dir(cache)
     out = []
-    for d in _view_dirs(cache_dir):
+    for d in view_dirs(cache_dir):
         if not (d / STUDENT_TOKENIZER).is_dir():
             print(f"align: {d}: its student tokenizer is missing; remove the view and rebuild it with `dskd align "
                   f"{cache_dir} --student-tokenizer <the student tokenizer>`")
@@ -119,11 +119,12 @@ def repair_views(cache: str | Path) -> list[Path]:
 
 def views(cache: str | Path) -> list[Path]:
     """The finished student views beside a teacher cache."""
-    return [d for d in _view_dirs(resolve_cache_dir(cache)) if (d / MANIFEST).is_file()]
+    return [d for d in view_dirs(resolve_cache_dir(cache)) if (d / MANIFEST).is_file()]
 
 
-def _view_dirs(cache_dir: Path) -> list[Path]:
-    root = cache_dir / VIEWS_DIR
+def view_dirs(cache_dir: Path) -> list[Path]:
+    """The student views beside a teacher cache (finished or not)."""
+    root = Path(cache_dir) / VIEWS_DIR
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
 
 
