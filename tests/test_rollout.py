@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.cache import views
 from pipeline.config import ConfigError, DataConfig, ModelRef, OnPolicyMixConfig, SamplingConfig, load_config
 from pipeline.data.records import DataError, load_examples
 from pipeline.data.tokenize import (
@@ -205,6 +206,11 @@ def test_stage1_over_rollouts_cross_tokenizer_then_dskd_eta_trains(caches, stude
     assert not reader.same_tokenizer
     ratios = [reader[i].align_ratio for i in range(len(reader))]
     assert np.mean(ratios) > 0.3  # the teacher's tokens of the decoded text align with the sampled ones
+    # the sampled ids are the metaspace student's: no other student tokenizer gets a view of them
+    pieces = load_tokenizer(ModelRef(path=str(caches.assets / "tokenizer-pieces")))
+    with pytest.raises(TokenizerError, match=r"data\.jsonl: row .*: its token ids belong to tokenizer \w{12}, not this "
+                                             r"student's"):
+        views.build(cache, pieces)
     gold = teacher_cache.run(caches.cache_cfg(f"out_dir={tmp_path / 'gold'}", name="teacher_cache_xtok.yaml"))
     run_dir = distill.run(caches.distill_cfg(
         f"student.path={caches.assets}/student-init-metaspace", f"cache={gold}", f"onpolicy.cache={cache}",

@@ -62,9 +62,12 @@ def test_two_caches_of_one_teacher_at_half_weight_are_the_single_teacher_run(two
     a, b = metrics(single), metrics(both)
     names = [k for k in b[0] if k.endswith(".kd")]
     assert names == ["tiny-teacher1.kd", "tiny-teacher2.kd"]  # one name twice: numbered
+    # float summation: each teacher's pass sums its CE and KD gradients in its own products, and the later steps
+    # train from weights that differ in their last bits (rel. 2e-6 at step 4 with the pinned AVX2 kernels)
+    assert [x["loss_tokens"] for x in a] == [y["loss_tokens"] for y in b]
     for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6) and y["kd"] == pytest.approx(x["kd"], rel=1e-6)
-        assert y["tiny-teacher1.kd"] == y["tiny-teacher2.kd"] == pytest.approx(x["kd"], rel=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-5) and y["kd"] == pytest.approx(x["kd"], rel=2e-5)
+        assert y["tiny-teacher1.kd"] == y["tiny-teacher2.kd"] == pytest.approx(x["kd"], rel=2e-5)
     wa, wb = weights(single), weights(both)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
