@@ -83,6 +83,9 @@ def plan(cfg: OnPolicyConfig) -> list[Round]:
     """Every round's three stage configs (the configs are read and checked here, before anything runs)."""
     base = load_config(DistillConfig, cfg.distill, cfg.distill_set)
     t_base = load_config(TeacherCacheConfig, cfg.teacher_cache, cfg.teacher_cache_set)
+    if base.teachers:
+        raise ConfigError(f"{cfg.distill}: on-policy rounds score the student's samples with one teacher (`cache:`); "
+                          "`teachers:` (several) is not supported there")
     if base.cache is None or not spec(base.loss.objective).teacher:
         raise ConfigError(f"{cfg.distill}: on-policy rounds train from a teacher cache with a distillation objective "
                           f"(objective {base.loss.objective!r}, cache {base.cache!r})")

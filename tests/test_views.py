@@ -249,3 +249,29 @@ def test_a_version_5_cache_upgrades_to_what_version_6_builds(with_view, tmp_path
     assert files(new) == files(with_view)
     again = CliRunner().invoke(cli, ["cache", "upgrade", str(new)])
     assert again.exit_code == 0 and "already version 6" in again.output
+
+
+def test_the_mined_map_is_kept_in_the_view_by_its_first_use(tiny, with_view, monkeypatch):
+    """MinED's map (minutes at 262k teacher ids) is computed once per view: the first run keeps it with its sha256,
+    later runs read it back; a damaged copy is computed again."""
+    import pipeline.cache.views as views_module
+    from pipeline.data.alignment import edit_distance_vocab_map
+    from pipeline.data.tokenize import token_surfaces
+
+    meta = tok(tiny, "tokenizer-metaspace")
+    reader = CacheReader(with_view, student_tokenizer=tokenizer_fingerprint(meta))
+    t_tok = load_tokenizer(ModelRef(path=str(with_view / "teacher_tokenizer")))
+    want = edit_distance_vocab_map(token_surfaces(t_tok), token_surfaces(meta), reader.vocab_map())
+    kept = reader.view_dir / "mined_map.npy"
+    kept.unlink(missing_ok=True)
+    assert (align.mined_map(reader, meta) == want).all() and kept.is_file()
+
+    def refuse(*a, **k):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(views_module, "edit_distance_vocab_map", refuse)
+    assert (align.mined_map(reader, meta) == want).all()
+    good = kept.read_bytes()
+    kept.write_bytes(good[:-4] + bytes(4 * [255 - good[-1]]))
+    monkeypatch.undo()
+    assert (align.mined_map(reader, meta) == want).all() and kept.read_bytes() == good

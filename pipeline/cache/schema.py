@@ -51,6 +51,8 @@ DATA_FILE = "data.jsonl"
 TEACHER_TOKENIZER, STUDENT_TOKENIZER = "teacher_tokenizer", "student_tokenizer"
 EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 VOCAB_MAP_FILE = "vocab_map.npy"
+# a view's MinED map (objective mined), kept there by the first run that needs it, beside its sha256
+MINED_MAP_FILE = "mined_map.npy"
 # compact mode: per-channel RMS of the teacher's hidden states, fitted once on the first rows (see encode_hidden)
 CHANNEL_SCALE_FILE = "hidden_channel_scale.npy"
 

@@ -20,6 +20,7 @@ from pipeline import lock
 from pipeline.cache.schema import (
     DATA_FILE,
     MANIFEST,
+    MINED_MAP_FILE,
     SHARD_PATTERN,
     STUDENT_TOKENIZER,
     TEACHER_TOKENIZER,
@@ -46,10 +47,10 @@ from pipeline.config import (
     config_to_dict,
     load_config,
 )
-from pipeline.data.alignment import aligned_labels, encode_pair, tokenizer_label_map
+from pipeline.data.alignment import aligned_labels, edit_distance_vocab_map, encode_pair, tokenizer_label_map
 from pipeline.data.records import load_examples
-from pipeline.data.tokenize import TokenizerError, Truncation, special_ids
-from pipeline.io_utils import atomic_save_npy, hash_json, sha256_file
+from pipeline.data.tokenize import TokenizerError, Truncation, special_ids, token_surfaces
+from pipeline.io_utils import atomic_save_npy, atomic_write_text, hash_json, sha256_file
 from pipeline.models.load import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 
@@ -114,6 +115,22 @@ def repair_views(cache: str | Path) -> list[Path]:
         if built is not None and built != d:
             print(f"align: {d} is not this cache's view for its own tokenizer (the cache changed); remove it")
         out += [built] if built is not None else []
+    return out
+
+
+def mined_map(reader: CacheReader, student_tok) -> np.ndarray:
+    """MinED's (V_T,) teacher -> student map for the student `reader` reads the cache for: the exact map, and the
+    student token at the smallest edit distance where it has none. Kept in the view by the first run that needs it
+    (minutes at a 262k teacher vocabulary), beside its sha256; a later run reads it back when the sha256 holds."""
+    exact = reader.vocab_map()
+    path = reader.view_dir / MINED_MAP_FILE
+    stamp = path.with_name(path.name + ".sha256")
+    if path.is_file() and stamp.is_file() and sha256_file(path) == stamp.read_text().strip():
+        return np.load(path)
+    teacher_tok = load_tokenizer(ModelRef(path=str(reader.dir / TEACHER_TOKENIZER)))
+    out = edit_distance_vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), exact)
+    atomic_save_npy(path, out)
+    atomic_write_text(stamp, sha256_file(path) + "\n")
     return out
 
 

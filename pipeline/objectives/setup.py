@@ -8,14 +8,12 @@ import math
 import numpy as np
 import torch
 
+from pipeline.cache import views
 from pipeline.cache.batch import Batch
 from pipeline.cache.schema import recompute_tolerance
 from pipeline.cache.store import CacheReader
-from pipeline.config import LossConfig, ModelRef
-from pipeline.data.alignment import edit_distance_vocab_map
-from pipeline.data.tokenize import token_surfaces
+from pipeline.config import LossConfig
 from pipeline.losses import auto_chunk_positions
-from pipeline.models.load import load_tokenizer
 from pipeline.models.zero3 import detached_full
 from pipeline.objectives.base import StudentSide, TeacherSide
 from pipeline.objectives.dual_space import t2s_positions
@@ -132,7 +130,6 @@ def teacher_from_cache(loss: LossConfig, reader: CacheReader, student_tok, devic
         vocab_map=None if vmap is None else torch.from_numpy(vmap).long().to(device),
     )
     if "mined_map" in spec(objective).needs:
-        teacher_tok = load_tokenizer(ModelRef(path=str(reader.dir / "teacher_tokenizer")))
-        mined = edit_distance_vocab_map(token_surfaces(teacher_tok), token_surfaces(student_tok), vmap)
+        mined = views.mined_map(reader, student_tok)
         teacher.mined_map = torch.from_numpy(mined).long().to(device)
     return teacher, vmap
