@@ -145,7 +145,7 @@ def align(cache_path, tokenizer, gguf_file, repair):
     from stages import align as stage
 
     out = _run(stage.run, cache_path, tokenizer=ModelRef(path=tokenizer, gguf_file=gguf_file), repair=repair)
-    click.echo(f"align: {out} is up to date" if out is not None else
+    click.echo(f"align: the student view is {out}" if out is not None else
                f"align: {cache_path}: this is the teacher's own tokenizer; its students read the cache directly")
 
 

@@ -70,6 +70,7 @@ def build(cache: str | Path, student_tok, *, repair: bool = False) -> Path | Non
     with lock.writer(writer.dir, "align"):
         if not writer.needs_work(repair, lambda v, deep: file_problems(writer.dir, _view_files(v), deep),
                                  kind=ViewManifest, what="align"):
+            print(f"align: {writer.dir} is up to date")
             return writer.dir
         teacher_tok, tok_cfg, examples = _teacher_side(cache_dir, m)
         for e in examples:  # generated rows are read as the ids they were sampled as: only by that tokenizer
