@@ -72,8 +72,11 @@ def stage1(cfg: TeacherCacheConfig) -> dict:
     out = teacher_cache.run(cfg)
     stats = json.loads((out / teacher_cache.STATS_FILE).read_text())
     facts = info(out)
-    stats["bytes_per_response_token"] = facts["bytes_per_response_token"]
-    stats["bytes_by_column"] = facts["bytes_per_response_token_by_column"]
+    # a cross-tokenizer student reads the cache through its view: its bytes count per teacher response token too
+    view_bytes = sum(v["bytes"] for v in facts["views"])
+    stats["bytes_per_response_token"] = facts["bytes_per_response_token"] + view_bytes / max(facts["response_tokens"], 1)
+    stats["bytes_by_column"] = {**facts["bytes_per_response_token_by_column"],
+                                **({"student view": view_bytes / max(facts["response_tokens"], 1)} if view_bytes else {})}
     stats["hidden_encoding"] = facts["hidden_encoding"]
     stats["storage_kl_mean"] = (facts["storage_error"] or {}).get("kl_mean", 0.0)
     stats["topk_tail_kl_mean"] = verify(out).kl_mean

@@ -37,6 +37,7 @@ from pipeline.cache.store import (
     file_problems,
     read_manifest,
     resolve_cache_dir,
+    view_dir,
     view_inputs,
 )
 from pipeline.config import (
@@ -112,10 +113,17 @@ def repair_views(cache: str | Path) -> list[Path]:
             print(f"align: {d}: its student tokenizer is missing; remove the view and rebuild it with `dskd align "
                   f"{cache_dir} --student-tokenizer <the student tokenizer>`")
             continue
-        built = build(cache_dir, load_tokenizer(ModelRef(path=str(d / STUDENT_TOKENIZER))), repair=True)
-        if built is not None and built != d:
-            print(f"align: {d} is not this cache's view for its own tokenizer (the cache changed); remove it")
-        out += [built] if built is not None else []
+        tok = load_tokenizer(ModelRef(path=str(d / STUDENT_TOKENIZER)))
+        try:
+            recorded = read_manifest(d, ViewManifest).student_tokenizer_fingerprint
+        except CacheError:
+            recorded = None  # an unfinished view (or a lost manifest): the tokenizer saved in it says whose it is
+        if recorded not in (None, tokenizer_fingerprint(tok)) or \
+                view_dir(cache_dir, read_manifest(cache_dir), tokenizer_fingerprint(tok)) != d:
+            print(f"align: {d} is not this cache's view for the tokenizer saved in it (the cache or the tokenizer "
+                  "changed); remove it")
+            continue
+        out.append(build(cache_dir, tok, repair=True))
     return out
 
 
