@@ -275,3 +275,15 @@ def test_the_mined_map_is_kept_in_the_view_by_its_first_use(tiny, with_view, mon
     kept.write_bytes(good[:-4] + bytes(4 * [255 - good[-1]]))
     monkeypatch.undo()
     assert (align.mined_map(reader, meta) == want).all() and kept.read_bytes() == good
+
+
+def test_a_cache_that_cannot_be_written_says_who_can_build_the_view(tiny, teacher_only, tmp_path, monkeypatch):
+    """A shared read-only teacher cache: the missing view is refused in one line naming `dskd align` (root ignores
+    file modes, so the check's answer is replaced here)."""
+    import pipeline.cache.views as views_module
+
+    cache = bare_copy(teacher_only, tmp_path)
+    monkeypatch.setattr(views_module.os, "access", lambda path, mode: False)
+    with pytest.raises(CacheError, match=r"cannot be written, so this student's view .* `dskd align "):
+        align.build(cache, tok(tiny, "tokenizer-metaspace"))
+    assert not (cache / VIEWS_DIR).exists()

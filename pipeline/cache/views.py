@@ -11,6 +11,7 @@ built from the text the teacher read. Several views live beside one teacher cach
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,11 @@ def build(cache: str | Path, student_tok, *, repair: bool = False) -> Path | Non
     inputs = view_inputs(m, fp)
     fingerprint = hash_json(inputs)
     writer = CacheWriter(cache_dir / VIEWS_DIR, fingerprint[:12], fingerprint)
+    where = writer.dir.parent if writer.dir.parent.is_dir() else cache_dir
+    if not (writer.dir / MANIFEST).is_file() and not os.access(where, os.W_OK):
+        raise CacheError(f"{where} cannot be written, so this student's view of the cache (tokenizer {fp[:12]}) cannot "
+                         f"be built beside it; have the cache's owner run `dskd align {cache_dir} --student-tokenizer "
+                         "<this student's tokenizer>`, or copy the cache somewhere writable")
     with lock.writer(writer.dir, "align"):
         if not writer.needs_work(repair, lambda v, deep: file_problems(writer.dir, _view_files(v), deep),
                                  kind=ViewManifest, what="align"):
