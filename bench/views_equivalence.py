@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from common import ROOT
+from common import ROOT, SHARED
 from safetensors.torch import load_file
 
 TEACHER_COLUMNS = ["id", "teacher_ids", "teacher_response_start", "hidden", "topk_ids", "topk_logits", "lse",
@@ -98,7 +98,7 @@ def main() -> None:
     old_tree = out / "old-tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), args.old_ref], check=True,
                    capture_output=True)
-    (out / "shared").symlink_to(ROOT.parent / "shared")  # the configs' ../shared from the worktree's parent
+    (out / "shared").symlink_to(SHARED)  # the configs' ../shared, from the worktree's parent
     try:
         trees = {"old": old_tree, "new": ROOT}
         sets = [f"data.limit={args.rows}", "cache.rows_per_shard=8", *args.set]
