@@ -18,6 +18,11 @@ def weights(run):
     return load_file(str(next((run / "final").glob("*.safetensors"))))
 
 
+def projectors_of(run):
+    """The final projectors of a run (beside final/)."""
+    return next(p for p in (run / "final" / "projectors.safetensors", run / "projectors.safetensors") if p.is_file())
+
+
 def metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -82,8 +87,7 @@ def test_each_teacher_has_its_own_objective_and_projectors(two, tmp_path):
     assert run.name == "tiny-teacher+init_to_tiny-student__kd_fkl"
     assert "tiny-teacher.kd" in r and "init.t2s_ce" in r and "init.t2s_agreement" in r
     assert r["kd"] == pytest.approx(0.7 * r["tiny-teacher.kd"] + 0.3 * r["init.kd"], rel=1e-5)
-    saved = load_file(str(run / "final" / "projectors.safetensors")) if (run / "final" / "projectors.safetensors").exists() \
-        else load_file(str(run / "projectors.safetensors"))
+    saved = load_file(str(projectors_of(run)))
     assert saved and all(k.startswith("members.init.") for k in saved)
 
 
@@ -109,3 +113,29 @@ def test_rows_are_those_of_every_cache_and_none_is_refused(two, tmp_path, capsys
 def test_bad_teachers_settings_are_refused(tiny, bad, match):
     with pytest.raises(ConfigError, match=match):
         tiny.distill_cfg(*teachers({"cache": "a", "weight": 1.0}), *bad)
+
+
+def test_a_two_teacher_run_resumes_on_the_uninterrupted_curve(two, tmp_path, monkeypatch):
+    """kd from one teacher and dskd_v2 (its projectors in the engine) from another, interrupted while checkpoint 4 is
+    written and resumed from checkpoint 2: the loss curve and the final weights and projectors of the straight run."""
+    import errno
+
+    from pipeline.train.checkpoint import CheckpointError
+    from tests.test_train import _fail_checkpoint_at, assert_same_curve, assert_same_weights
+
+    tiny, cache, _, other = two
+    common = [f"out_dir={tmp_path}", "train.steps=6", "train.log_every=1", "checkpoint.every=2", "loss.objective=kd",
+              *teachers({"cache": cache, "weight": 0.6}, {"cache": other, "weight": 0.4, "objective": "dskd_v2"})]
+    straight = distill.run(tiny.distill_cfg(*common, "run_name=straight"))
+    cfg = tiny.distill_cfg(*common, "run_name=resumed")
+    _fail_checkpoint_at(monkeypatch, 4, OSError(errno.EIO, "I/O error"))
+    with pytest.raises(CheckpointError):
+        distill.run(cfg)
+    monkeypatch.undo()
+    resumed = distill.run(cfg, resume=True)
+    keys = ("loss", "ce", "kd", "tiny-teacher1.kd", "tiny-teacher2.t2s_ce")
+    assert all(k in r for r in metrics(resumed) for k in keys)
+    assert_same_curve(straight, resumed, keys=keys)
+    assert_same_weights(straight, resumed)
+    a, b = (load_file(str(projectors_of(r))) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
