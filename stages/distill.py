@@ -368,6 +368,8 @@ def _teachers(p: Plan, student, source: Source, dist) -> tuple[Ensemble, Project
         proj = build_projectors(loss, student, side, vmap, own, weights_follow=not scores)
         if proj is not None:
             members[name] = proj
+            if dist.is_main and p.start_from is None and cfg.continue_from is None:
+                _report_t2s_init(p.run_dir, proj.init_report, name)
         objectives.append(Objective(loss, side, proj, cfg.loss.chunk_positions))
         sides.append(side)
     if dist.is_main:
@@ -411,14 +413,16 @@ def _init_sample(source: Source, tcfg: TrainConfig, device) -> list[Batch]:
     return [source.collate(pick[i : i + m].tolist()).to(device) for i in range(0, len(pick), m)]
 
 
-def _report_t2s_init(run_dir: Path, report: dict) -> None:
-    """Say which t2s initialisation the run starts from, and why (<run>/t2s_init.json keeps it for `dskd report`)."""
-    write_json(run_dir / T2S_INIT_FILE, report)
+def _report_t2s_init(run_dir: Path, report: dict, teacher: str | None = None) -> None:
+    """Say which t2s initialisation the run starts from, and why (<run>/t2s_init.json keeps it for `dskd report`;
+    one of several teachers': <run>/t2s_init.<teacher>.json)."""
+    write_json(run_dir / (T2S_INIT_FILE if teacher is None else f"t2s_init.{teacher}.json"), report)
     r = report
     if "t2s_init_fit_ce" in r:
         plain = (f"; plain t2s_ce {r['t2s_init_plain_ce']:.3f}, agreement {r['t2s_init_plain_agreement']:.3f}"
                  if "t2s_init_plain_ce" in r else "")
-        print(f"distill: t2s starts at the {'logit-identity fit' if r['t2s_init'] == 'fit' else 'plain init'} "
+        whose = f"{teacher}'s " if teacher else ""
+        print(f"distill: {whose}t2s starts at the {'logit-identity fit' if r['t2s_init'] == 'fit' else 'plain init'} "
               f"(loss.init_t2s {str(r['init_t2s']).lower()}, {r['positions']} cached positions: fit t2s_ce "
               f"{r['t2s_init_fit_ce']:.3f}, agreement {r['t2s_init_fit_agreement']:.3f}{plain}; uniform "
               f"{r['uniform_ce']:.3f}, teacher {r['teacher_ce']:.3f}: the fit goes {100 * r['fit_gap_closed']:.0f}% of "

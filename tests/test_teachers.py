@@ -89,6 +89,8 @@ def test_each_teacher_has_its_own_objective_and_projectors(two, tmp_path):
     assert r["kd"] == pytest.approx(0.7 * r["tiny-teacher.kd"] + 0.3 * r["init.kd"], rel=1e-5)
     saved = load_file(str(projectors_of(run)))
     assert saved and all(k.startswith("members.init.") for k in saved)
+    init = json.loads((run / "t2s_init.init.json").read_text())  # the dskd_v2 teacher's t2s start, and why
+    assert init["t2s_init"] in ("fit", "plain") and "t2s_init_fit_ce" in init and not (run / "t2s_init.json").exists()
 
 
 def test_rows_are_those_of_every_cache_and_none_is_refused(two, tmp_path, capsys):
