@@ -156,8 +156,21 @@ class ShardInfo:
     sha256: str
 
 
+class _ShardedManifest:
+    """A manifest's JSON form: its fields, the shards as ShardInfo."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(_ShardedManifest):
     schema_version: int
     # hash of `fingerprint_inputs`: teacher weights, its tokenizer, data content, template, lengths, k, dtypes, mode
     fingerprint: str
@@ -191,18 +204,9 @@ class Manifest:
     # data.jsonl names each row's)
     origins: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
-        d = dict(d)
-        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class ViewManifest:
+class ViewManifest(_ShardedManifest):
     """A student view's manifest: the teacher cache it reads, the student tokenizer, its shards (the teacher cache's
     row ranges, one view shard per teacher shard)."""
 
@@ -217,15 +221,6 @@ class ViewManifest:
     # student response labels
     response_tokens: int
     shards: list[ShardInfo] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ViewManifest:
-        d = dict(d)
-        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
-        return cls(**d)
 
 
 # rounding of the head's own matmul output, relative to the largest logit: recomputing on another device or batch
