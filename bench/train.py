@@ -61,7 +61,9 @@ VARIANTS = {
               # of positions at a time (automatic: about 64 MB of float32 per chunk) or all positions at once
               "dskd_eta x4": ("dskd_eta", False, ["train.micro_batch_size=8"]),
               "dskd_eta x4 naive": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=1000000"]),
-              "dskd_eta x4 checkpointed": ("dskd_eta", False, ["train.micro_batch_size=8"])},
+              "dskd_eta x4 checkpointed": ("dskd_eta", False, ["train.micro_batch_size=8"]),
+              # twice the automatic chunk: half the chunks' passes over the head, for more memory (BENCH_FULL)
+              "dskd_eta x4 chunk 128": ("dskd_eta", False, ["train.micro_batch_size=8", "loss.chunk_positions=128"])},
 }
 # what runs without --full (BENCH_FULL=1): each ratio the README quotes, in >= 3 rounds within about half an hour
 DEFAULT = {"same": ["sft", "kd", "dskd_v2", "kd online", "kd checkpointed", "dskd_v2 checkpointed"],

@@ -21,7 +21,7 @@ from pipeline.data.tokenize import special_ids, token_surfaces
 from pipeline.losses import divergence
 from pipeline.models.head import OutputHead
 from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, tokenizer_fingerprint
-from pipeline.objectives import table
+from pipeline.objectives import dual_space, table
 from pipeline.objectives.base import TeacherSide
 from pipeline.objectives.objective import Objective, function
 from pipeline.objectives.projectors import Projectors, logit_identity_t2s
@@ -254,8 +254,10 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
     seen = []
     real = chunks._call
     monkeypatch.setattr(chunks, "_call", lambda fn, head, rows, span: seen.append((fn, span)) or real(fn, head, rows, span))
-    agreements = (1.0, 0.0) if table.spec(objective).t2s_labels in ("teacher_argmax", "aligned") else (None,)
-    for agreement in agreements:
+    counted = table.spec(objective).t2s_labels in ("teacher_argmax", "aligned")
+    # the count of agreeing rows keeps its logits for the chunks (24 positions, 4 chunks of 7), or drops them
+    for agreement, kept in [(1.0, 4), (1.0, 1), (0.0, 4)] if counted else [(None, 4)]:
+        monkeypatch.setattr(dual_space, "KEPT_CHUNKS", kept)
         cfg = _cfg(objective, divergence="js", **({} if agreement is None else {"t2s_agreement": agreement}))
         student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
         student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
@@ -279,6 +281,30 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
             g1, g2 = grads(student, proj), grads(student2, proj2)
             for k in g1:
                 torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{objective} {k}: {m}")
+
+
+@pytest.mark.parametrize("kept,rows", [(4, 2), (1, 3)], ids=["kept", "dropped"])
+def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(monkeypatch, cross, kept, rows):
+    """dskd_eta in 4 chunks: the student head multiplies each position's student row once and its projected-teacher
+    row once (the count's product, whose logits the chunks take), the same loss and gradients as when the count
+    drops them and the chunks multiply the projected rows again (3 products per position)."""
+    cfg = _cfg("dskd_eta", divergence="js")
+    student, proj = cross.models(cfg)
+    batch = cross.cache_batch()
+    head = student.get_output_embeddings().weight
+    multiplied = []
+    real = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        if w.data_ptr() == head.data_ptr():
+            multiplied.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", kept)
+    out = run_objective(cfg, student, proj, cross.cache_side(), batch, chunk=7)
+    n = int((batch.labels != -100).sum())
+    assert out.stats["t2s_agreement"] < 1 and sum(multiplied) == rows * n, (multiplied, n)
 
 
 def test_sparse_teacher_runs_every_teacher_objective(same, cross):

@@ -8,8 +8,9 @@ through one autograd node (`_Fused`) whose backward scales the stored gradients 
 
 That needs each term's weight in the loss while the chunks run, before the loss exists: `hints` gives it, up to one
 common factor (the accumulation's or the on-policy mix's scale is left to the backward). A term whose weight is
-unknown until every chunk has run (dskd_v2's agreement-masked term, divided by the agreeing count) is hinted `None`:
-its gradient is kept apart, at the cost of one more backward through the chunk for it. A single differentiable term
+unknown until every chunk has run is hinted `None`: its gradient is kept apart, at the cost of one more backward
+through the chunk for it (the DSKD family's agreement-masked term, divided by the agreeing count, avoids that by
+counting first: `dual_space.agreement`). A single differentiable term
 needs no hint. In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess,
 or a caller asking for one term alone, as the per-term gradient diagnostics do) the chunks are recomputed with the
 arriving weights, the checkpointed path of before: the hints decide speed, never the gradient.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.losses import accumulate, is_maximum
-from pipeline.models.zero3 import gathered
+from pipeline.models.zero3 import detached_full, gathered
 from pipeline.objectives.base import linear_sg
 
 # relative tolerance between an arriving gradient and its hint (both float32 products of the same normalisers)
@@ -119,15 +120,65 @@ class Recorder(nn.Module):
             self.calls.append((x, z) if trained_rows is None else (x, z, trained_rows))
         return z
 
+    def with_kept(self, x: torch.Tensor, xt: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x @ W^T (+ b) recorded, `kept` = the head applied to `xt` before, without training it), whose backward
+        takes both rows' gradients in one product (the weight read once)."""
+        z, zt = _Joint.apply(x, xt, kept, self.weight, self.bias)
+        if z.requires_grad:
+            self.calls.append((x, z))
+        return z, zt
 
-def student_and_projected(head: nn.Module, h: torch.Tensor, ht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def student_and_projected(head: nn.Module, h: torch.Tensor, ht: torch.Tensor,
+                          kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(head(h), the head applied to `ht` without training it): on a recorded head one product over the rows of
     both, so the (V x d) weight is read from memory once per chunk instead of twice, in forward and in backward (at
-    V = 262k and 64-row chunks the products are bound by reading the weight)."""
+    V = 262k and 64-row chunks the products are bound by reading the weight). `kept`: the second, already computed
+    without gradient (`dual_space.agreement`), so that only the student's rows are multiplied here; its gradient
+    reaches `ht` as the product's would."""
+    if kept is not None and isinstance(head, Recorder):
+        return head.with_kept(h, ht, kept)
+    if kept is not None:
+        return head(h), _Kept.apply(ht, kept, head)
     if not isinstance(head, Recorder):
         return head(h), linear_sg(ht, head)
     z = head(torch.cat([h, ht.to(h.dtype)]), trained_rows=len(h))
     return z[: len(h)], z[len(h) :]
+
+
+class _Kept(torch.autograd.Function):
+    """Logits computed before, as `linear_sg(ht, head)`: returned as they are, with that product's gradient for
+    `ht` (dz W, the head's weight untouched)."""
+
+    @staticmethod
+    def forward(ctx, ht: torch.Tensor, kept: torch.Tensor, head: nn.Module):
+        ctx.head, ctx.dtype = head, ht.dtype
+        return kept.view_as(kept)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor):
+        w = detached_full(ctx.head.weight)
+        return (dz.to(w.dtype) @ w).to(ctx.dtype), None, None
+
+
+class _Joint(torch.autograd.Function):
+    """(x @ W^T (+ b), `kept`: logits of `xt` computed before), both rows' gradients from one product over W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xt: torch.Tensor, kept: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+        ctx.save_for_backward(w)
+        ctx.dtypes = x.dtype, xt.dtype
+        return F.linear(x, w, b), kept.view_as(kept)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor | None, dzt: torch.Tensor | None):
+        (w,) = ctx.saved_tensors
+        n = 0 if dz is None else len(dz)
+        both = [d.to(w.dtype) for d in (dz, dzt) if d is not None]
+        prod = (both[0] if len(both) == 1 else torch.cat(both)) @ w
+        dx = None if dz is None else prod[:n].to(ctx.dtypes[0])
+        dxt = None if dzt is None else prod[n:].to(ctx.dtypes[1])
+        return dx, dxt, None, None, None
 
 
 @dataclass

@@ -44,17 +44,18 @@ def t2s_positions(name: str, batch: Batch, labels: torch.Tensor) -> tuple[torch.
 
 
 def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_labels, t2s_rows, hints: dict,
-                  extra: RowTerm | None = None) -> dict[str, torch.Tensor]:
+                  extra: RowTerm | None = None, first: tuple | None = None) -> dict[str, torch.Tensor]:
     """Sums over the student's positions: ce; t2s_ce of the projected teacher on `t2s_labels`; the divergence
     between the student and the (stop-gradient) projected teacher over `t2s_rows`, and over the rows where
     the projected teacher's argmax equals its label ("agree"). `hints`: each term's weight in the loss
     (chunks.chunked). `extra`: a term of the student's label log-probabilities (alm_eta's chunk likelihoods, from
-    the same head output), as "extra"."""
+    the same head output), as "extra". `first`: `agreement`'s projected teacher logits and
+    agreeing rows, when it took them already."""
 
-    def fn(head, h, y, ht, yt, rows, group):
-        z_s, z_t2s = student_and_projected(head, h, ht)
+    def fn(head, h, y, ht, yt, rows, group, kept, agree):
+        z_s, z_t2s = student_and_projected(head, h, ht, kept)
         per = ob.div(z_s, z_t2s.detach())
-        agree = agreeing(z_t2s, yt, rows)
+        agree = agreeing(z_t2s, yt, rows) if agree is None else agree
         logp_y = label_log_probs(z_s, y) if extra else None  # one log-softmax gives both the CE and alm's sums
         out = {
             "ce": -logp_y.sum() if extra else cross_entropy_sum(z_s, y),
@@ -69,7 +70,7 @@ def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_la
 
     group = None if extra is None else extra.group
     return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float(), group,
-                   head=student.head, hints={**hints, **({"extra": extra.hint} if extra else {})}, cuts=spans_of(extra))
+                   *(first or (None, None)), head=student.head, hints={**hints, **({"extra": extra.hint} if extra else {})}, cuts=spans_of(extra))
 
 
 def spans_of(extra: RowTerm | None) -> torch.Tensor | None:
@@ -82,23 +83,26 @@ def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch
     return (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
 
 
-# the agreement count's spans, in chunks: without backward only the logits and their argmax are alive in a span
-AGREEMENT_SPANS = 4
+# up to this many chunks' rows, the agreement count's logits are kept for the chunks (a bound on what they hold)
+KEPT_CHUNKS = 4
 
 
-def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows) -> float:
-    """The count of agreeing t2s rows before the fused chunks run (the masked term's weight, 1 / count, is then
-    known to them): the projected teacher's logits alone, without gradient, so in spans AGREEMENT_SPANS times as long
-    (each span reads the (V x d) head once). The chunks count again; where a near-tie's last bits differ between the
-    two products and the counts disagree, the wrong weight is found in backward and the chunks recomputed."""
-
-    def fn(head, ht, yt, rows):
-        return {"n_agree": agreeing(linear_sg(ht, head), yt, rows).sum().float()}
-
+def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows) -> tuple[float, tuple]:
+    """(the count of agreeing t2s rows, (the projected teacher's logits or None, the agreeing rows)), taken before
+    the fused chunks so that the masked term's weight, 1 / count, is known to them. One product without gradient
+    over every row, whose logits the chunks then take instead of multiplying their projected rows again (the count
+    costs no product), while they are at most KEPT_CHUNKS chunks' rows; beyond, spans of that many rows whose
+    logits are dropped (the chunks multiply again). The chunks take the agreeing rows from here, so count and mask
+    are one."""
+    n, span = len(t2s_labels), KEPT_CHUNKS * ob.chunk
     with torch.no_grad():
-        out = chunked(fn, len(t2s_labels), AGREEMENT_SPANS * ob.chunk, h_t2s, t2s_labels, t2s_rows.float(),
-                      head=student.head)
-    return float(out["n_agree"])
+        if n <= span:
+            z = linear_sg(h_t2s, student.head)
+            agree = agreeing(z, t2s_labels, t2s_rows)
+            return float(agree.sum()), (z, agree)
+        agree = torch.cat([agreeing(linear_sg(h_t2s[s:e], student.head), t2s_labels[s:e], t2s_rows[s:e])
+                           for s, e in pieces(n, span)])
+    return float(agree.sum()), (None, agree)
 
 
 def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -151,13 +155,13 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
     rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
     # the fused chunks need the masked term's weight: the last micro-batch's choice guesses unmasked (a wrong guess
-    # is recomputed in backward); masked, or no guess yet, counts the agreeing rows first (one forward of t2s)
-    masked, n_first, cuts = False if gold else ob.masked_guess, None, spans_of(extra)
+    # is recomputed in backward); masked, or no guess yet, counts the agreeing rows first (`agreement`)
+    masked, n_first, first, cuts = False if gold else ob.masked_guess, None, None, spans_of(extra)
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
-        n_first = agreement(ob, student, h_t2s, y_t2s, rows)
+        n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
         masked = n_first / max(n_rows, 1) <= c.t2s_agreement
     st = student_space(ob, student, labels, h_t2s, y_t2s, rows, t2s_hints(ob, normaliser, t2s_norm, masked, n_first),
-                       extra)
+                       extra, first)
     # teacher space
     te = None
     if c.spaces != "student":
