@@ -44,6 +44,7 @@ from pipeline.cache.schema import (
     encode_hidden,
     fit_channel_scale,
     list_column,
+    stored_finite,
 )
 from pipeline.cache.store import (
     CacheError,
@@ -499,9 +500,9 @@ def _gather_storage_error(cache_dir: Path, n_shards: int) -> dict:
 def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, outputs: list, encoding: str,
                  channel_scale: np.ndarray | None, err: StorageError) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
-    hidden = torch.cat([o.hidden for o in outputs])
-    values, scale = encode_hidden(hidden, encoding, channel_scale)
-    if encoding in ("float16", "bfloat16") and not torch.isfinite(decode_hidden(values, None, encoding)).all():
+    # numpy only in this thread (schema.encode_hidden: torch here would start a second OpenMP team)
+    values, scale = encode_hidden(np.concatenate([o.hidden.float().numpy() for o in outputs]), encoding, channel_scale)
+    if not stored_finite(values, encoding):
         raise CacheError(f"shard {prep.index}: a hidden state overflows {encoding}; use cache.hidden_dtype float32")
     split = np.cumsum([o.hidden.shape[0] for o in outputs])[:-1]
     cols = {

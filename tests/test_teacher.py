@@ -6,10 +6,11 @@ bfloat16 from a float32 teacher -> 0.05 absolute on logits of magnitude ~1-10 (b
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.schema import decode_hidden, encode_hidden
+from pipeline.cache.schema import decode_hidden, encode_hidden, stored_finite
 from pipeline.cache.teacher import check_head, every_hidden, teacher_forward
 from pipeline.data.tokenize import response_positions
 from pipeline.models.head import OutputHead
@@ -97,6 +98,40 @@ def test_int8_encoding_error_is_bounded_by_half_a_step():
     back = decode_hidden(values, scale, "int8")
     step = h.abs().amax(-1, keepdim=True) / 127
     assert ((back - h).abs() <= step / 2 + 1e-7 * h.abs()).all() and back[3].eq(0).all()
+
+
+def test_encodings_are_byte_for_byte_torchs_rounding():
+    """The writer thread encodes in numpy (no second OpenMP team beside the forward): the stored bytes are those of
+    torch's conversions and rounding (caches built before stay identical), across magnitudes, exact int8 ties,
+    zero rows, subnormals, float16 / bfloat16 overflow; and `stored_finite` finds what overflowed."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 96, generator=g) * 10 ** torch.empty(64, 1).uniform_(-8, 6, generator=g)
+    h[0] = 0
+    h[1] = torch.arange(96).float() - 48.5  # absmax 48.5: halves of a step are ties
+    h[2, :5] = torch.tensor([65504.0, 65520.0, 3.4e38, -1e-40, 1e-45])
+    c = (torch.rand(96, generator=g) + 0.1).numpy()
+
+    def torch_encoding(x, encoding, scale_c):
+        if encoding == "int8":
+            x = x / torch.from_numpy(scale_c) if scale_c is not None else x
+            absmax = x.abs().amax(dim=-1, keepdim=True)
+            step = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+            return torch.round(x / step).clamp_(-127, 127).to(torch.int8).numpy(), step.squeeze(-1).numpy()
+        if encoding == "bfloat16":
+            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
+        return x.to(getattr(torch, encoding)).numpy(), None
+
+    for encoding, scale_c, rows in [("int8", None, slice(0, 2)), ("int8", c, slice(0, 2)), ("int8", None, slice(3, None)),
+                                    ("int8", c, slice(3, None)), ("bfloat16", None, slice(None)),
+                                    ("float16", None, slice(None)), ("float32", None, slice(None))]:
+        got, want = encode_hidden(h[rows], encoding, scale_c), torch_encoding(h[rows], encoding, scale_c)
+        assert got[0].dtype == want[0].dtype and got[0].tobytes() == want[0].tobytes(), encoding
+        assert (got[1] is None) == (want[1] is None) and (got[1] is None or got[1].tobytes() == want[1].tobytes())
+        assert stored_finite(got[0], encoding) == (encoding in ("int8", "float32") or rows != slice(None))
+    assert stored_finite(encode_hidden(h[3:], "bfloat16")[0], "bfloat16")
+    h[3, 0] = float("nan")  # its bits are not compared (torch's vary with the kernel), only refused
+    assert not stored_finite(encode_hidden(h[3:], "bfloat16")[0], "bfloat16")
+    assert not stored_finite(encode_hidden(h[3:], "float16")[0], "float16")
 
 
 def test_model_logits_path_when_the_head_is_not_trusted():
