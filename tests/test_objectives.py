@@ -21,7 +21,7 @@ from pipeline.data.tokenize import special_ids, token_surfaces
 from pipeline.losses import divergence
 from pipeline.models.head import OutputHead
 from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, tokenizer_fingerprint
-from pipeline.objectives import dual_space, table
+from pipeline.objectives import chunks, dual_space, table
 from pipeline.objectives.base import TeacherSide
 from pipeline.objectives.objective import Objective, function
 from pipeline.objectives.projectors import Projectors, logit_identity_t2s
@@ -248,16 +248,16 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
     """Every objective, same and cross tokenizer, dense and sparse teacher: 7-position fused chunks give the loss,
     the terms and every parameter's gradient of the whole computation, and no chunk's forward runs twice (two
     micro-batches: dskd_v2's family counts its agreeing rows first, then guesses from the last one)."""
-    from pipeline.objectives import chunks
-
     s = request.getfixturevalue(kind)
     seen = []
     real = chunks._call
     monkeypatch.setattr(chunks, "_call", lambda fn, head, rows, span: seen.append((fn, span)) or real(fn, head, rows, span))
     counted = table.spec(objective).t2s_labels in ("teacher_argmax", "aligned")
-    # the count of agreeing rows keeps its logits for the chunks (24 positions, 4 chunks of 7), or drops them
-    for agreement, kept in [(1.0, 4), (1.0, 1), (0.0, 4)] if counted else [(None, 4)]:
+    # the count of agreeing rows keeps its logits for the chunks (24 positions, 4 chunks of 7), or drops them; the
+    # head's weight gradient in one product at the end, in products of 7 + 7 rows or of each chunk alone
+    for agreement, kept, head_rows in [(1.0, 4, 128), (1.0, 1, 14), (0.0, 4, 5)] if counted else [(None, 4, 14)]:
         monkeypatch.setattr(dual_space, "KEPT_CHUNKS", kept)
+        monkeypatch.setattr(chunks, "HEAD_GRAD_ROWS", head_rows)
         cfg = _cfg(objective, divergence="js", **({} if agreement is None else {"t2s_agreement": agreement}))
         student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
         student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
@@ -485,8 +485,9 @@ def test_dskd_v2_agreement_mask_is_a_local_mean_over_agreeing_positions(same):
                                        "alm_eta"])
 def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
     """With chunking, forward and backward of an objective never create a (positions x vocabulary) float tensor:
-    every op output whose last dimension is a vocabulary stays within max(chunk, d_S, d_T) x V elements (the heads
-    and the shared-vocabulary matrices are d x V)."""
+    every op output whose last dimension is a vocabulary stays within a bound that does not grow with the positions,
+    max(chunk, the rows kept for one head-gradient product, the agreement count's kept rows, d_S, d_T) x V elements
+    (the heads and the shared-vocabulary matrices are d x V)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -510,7 +511,8 @@ def test_no_full_positions_by_vocabulary_tensor_is_built(request, objective):
     hidden = decoder_hidden(student, batch.input_ids, batch.attention_mask).detach().requires_grad_()
     teacher, chunk = s.cache_side(), 8
     vocab = max(student.config.vocab_size, teacher.head.vocab_size)
-    width = max(chunk, student.config.hidden_size, teacher.head.hidden_size)
+    width = max(chunk, chunks.HEAD_GRAD_ROWS, dual_space.KEPT_CHUNKS * chunk, student.config.hidden_size,
+                teacher.head.hidden_size)
     n = batch.n_tokens
     assert n * vocab > 2 * width * vocab  # a full (positions x vocabulary) tensor would break the bound
     obj = Objective(cfg, teacher, proj, chunk_positions=chunk)
