@@ -283,11 +283,12 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
                 torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{objective} {k}: {m}")
 
 
-@pytest.mark.parametrize("kept,rows", [(4, 2), (1, 3)], ids=["kept", "dropped"])
-def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(monkeypatch, cross, kept, rows):
-    """dskd_eta in 4 chunks: the student head multiplies each position's student row once and its projected-teacher
-    row once (the count's product, whose logits the chunks take), the same loss and gradients as when the count
-    drops them and the chunks multiply the projected rows again (3 products per position)."""
+@pytest.mark.parametrize("kept", [4, 1], ids=["kept", "dropped"])
+def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(monkeypatch, cross, kept):
+    """dskd_eta in 4 chunks: the student head multiplies each position's projected-teacher row once (the count's
+    product, whose logits the chunks take) and its student row once, two chunks' rows per product; when the count
+    drops its logits (spans of one chunk), each chunk multiplies its student and projected rows again in one
+    product (3 products per position)."""
     cfg = _cfg("dskd_eta", divergence="js")
     student, proj = cross.models(cfg)
     batch = cross.cache_batch()
@@ -304,7 +305,33 @@ def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(mon
     monkeypatch.setattr(dual_space, "KEPT_CHUNKS", kept)
     out = run_objective(cfg, student, proj, cross.cache_side(), batch, chunk=7)
     n = int((batch.labels != -100).sum())
-    assert out.stats["t2s_agreement"] < 1 and sum(multiplied) == rows * n, (multiplied, n)
+    spans = [e - s for s, e in chunks.pieces(n, 7)]
+    assert out.stats["t2s_agreement"] < 1 and len(spans) == 4, (out.stats, spans)
+    pairs = [spans[0] + spans[1], spans[2] + spans[3]]
+    assert multiplied == ([n, *pairs] if kept == 4 else [*spans, *[2 * k for k in spans]]), (multiplied, n)
+
+
+@pytest.mark.parametrize("objective,kind", [("sft", "same"), ("kd", "same"), ("alm", "cross")])
+def test_short_chunks_take_their_logits_two_at_a_time_and_each_row_once(monkeypatch, request, objective, kind):
+    """Chunks shorter than HEAD_GRAD_ROWS: the head multiplies two chunks' rows in one product, each row once
+    (none computed ahead and then not taken)."""
+    s = request.getfixturevalue(kind)
+    cfg = _cfg(objective)
+    student, proj = s.models(cfg)
+    batch = s.cache_batch()
+    head = student.get_output_embeddings().weight
+    multiplied = []
+    real = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        if w.data_ptr() == head.data_ptr():
+            multiplied.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    run_objective(cfg, student, proj, None if objective == "sft" else s.cache_side(), batch, chunk=4)
+    n = int((batch.labels != -100).sum())
+    assert sum(multiplied) == n and max(multiplied) == 8 and len(multiplied) < n / 4, (multiplied, n)
 
 
 def test_sparse_teacher_runs_every_teacher_objective(same, cross):

@@ -47,7 +47,8 @@ def alm(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Ten
         return {"ce": -logp.sum(), "alm": term.fn(logp, group)}
 
     out = chunked(fn, len(labels), ob.chunk, student.hidden, labels, term.group, head=student.head,
-                  hints={"ce": ob.ce_hint(normaliser), "alm": term.hint}, cuts=whole_groups(term.group))
+                  hints={"ce": ob.ce_hint(normaliser), "alm": term.hint}, cuts=whole_groups(term.group),
+                  head_on_first=True)
     return ob.done(out["ce"] / normaliser, {"alm": (out["alm"] + rest) / normaliser}, stats)
 
 

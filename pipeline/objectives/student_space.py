@@ -27,7 +27,7 @@ def sft(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Ten
         ce = liger.ce_sum(student.hidden, student.head, labels) / normaliser
         return ObjectiveOutput(ce, {"ce": ce}, {})
     out = chunked(lambda head, h, y: {"ce": cross_entropy_sum(head(h), y)}, len(labels), ob.chunk, student.hidden,
-                  labels, head=student.head)
+                  labels, head=student.head, head_on_first=True)
     ce = out["ce"] / normaliser
     return ObjectiveOutput(ce, {"ce": ce}, {})
 
@@ -100,7 +100,7 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
         return {"ce": cross_entropy_sum(z_s, y), "kd": (per_position(z_s, target) * keep).sum(), "max_err": err}
 
     out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float(), head=student.head,
-                  hints={"ce": ob.ce_hint(normaliser), "kd": ob.kd_alpha / normaliser})
+                  hints={"ce": ob.ce_hint(normaliser), "kd": ob.kd_alpha / normaliser}, head_on_first=True)
     ob.check(out["max_err"], batch)
     return ob.done(out["ce"] / normaliser, {"kd": out["kd"] / normaliser},
                    {"teacher_max_err": float(out["max_err"]), "kd_positions": float(has.sum())})
