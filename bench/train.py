@@ -109,7 +109,7 @@ def checkpointed_chunks() -> None:
     from pipeline.losses import accumulate
     from pipeline.objectives import alm, chunks, dual_space, student_space
 
-    def chunked(fn, n, size, *args, head=None, hints=None, cuts=None):
+    def chunked(fn, n, size, *args, head=None, hints=None, cuts=None, head_on_first=False):
         out: dict = {}
         for s, e in chunks.pieces(n, size, cuts) or [(0, 0)]:
             part = [a if a is None else a[s:e] for a in args]
