@@ -1,22 +1,28 @@
 """The loss alone at the 262k vocabulary: fused chunks of several sizes vs naive, alternating in one process.
 
-    python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks 32,64,128] [--rounds 3]
+    python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks 32,64,128] [--rounds 3] [--no-memory]
 
 SmolLM2-135M's cache -> the 6-layer Gemma-3 prune (`make bench-train`'s vocab pair, built here if missing): the
 first `--rows` cached rows as one micro-batch, the student's hidden states computed once and detached, so each
 timing is the objective's forward and backward alone (no body, no optimizer, no tied-embedding gradient). The
 dskd family's count of agreeing rows, taken before the fused chunks, is timed apart. Rounds alternate the variants;
-each variant's first two calls are warm-up.
+each variant's first two calls are warm-up. Memory (after the timings, unless --no-memory): each variant's first
+forward + backward in a process of its own, its peak resident memory above the process's before it (Linux's VmHWM,
+reset through /proc/self/clear_refs), in --rounds rounds; fused / naive taken within a round.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
+from common import ROOT, show, spread  # noqa: F401  (ROOT: the project on sys.path, hub off)
 from train import setup
 
 import pipeline.objectives.dual_space as dual_space
@@ -35,6 +41,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--chunks", default="32,64,128", help="fused chunk sizes in positions (naive always runs)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # a child: this chunk size's peak memory
     args = ap.parse_args()
     keep_freed_memory()  # as stage 2 runs
     cache, student_dir = setup("vocab", 12)
@@ -58,6 +66,14 @@ def main() -> None:
         return out
 
     dual_space.agreement = timed_count
+    if args.peak_of:
+        run_once = Objective(cfg, teacher, proj, chunk_positions=args.peak_of)
+        side = student_side(student, batch, hidden.detach().requires_grad_())
+        before = status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident memory now
+        run_once(batch, side, normaliser=100.0).loss.backward()
+        print(json.dumps({"peak_mb": status_mb("VmHWM") - before}))
+        return
     variants = {f"fused, {c} positions": int(c) for c in args.chunks.split(",")} | {"naive": 1 << 30}
     objectives = {v: Objective(cfg, teacher, proj, chunk_positions=c) for v, c in variants.items()}
 
@@ -87,6 +103,25 @@ def main() -> None:
         ratio = [a / b for a, b in zip(t, naive)]
         print(f"  {v:<24} {statistics.median(t):6.2f} s (count of agreeing rows {statistics.median(c for _, c in xs):.2f} s)"
               f"  / naive {statistics.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})")
+    if not args.memory:
+        return
+    peaks: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v, c in variants.items():
+            child = [sys.executable, __file__, "--objective", args.objective, "--rows", str(args.rows), "--peak-of", str(c)]
+            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            peaks[v].append(json.loads(out)["peak_mb"])
+    print(f"  peak resident memory of the loss's forward + backward above the process's before it, {args.rounds} rounds:")
+    for v, xs in peaks.items():
+        print(f"  {v:<24} {statistics.median(xs):6.0f} MB  / naive {show(spread(a / b for a, b in zip(xs, peaks['naive'])))}")
+
+
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status (kB) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 if __name__ == "__main__":
