@@ -70,7 +70,8 @@ def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_la
 
     group = None if extra is None else extra.group
     return chunked(fn, len(labels), ob.chunk, student.hidden, labels, h_t2s, t2s_labels, t2s_rows.float(), group,
-                   *(first or (None, None)), head=student.head, head_on_first=first is not None and first[0] is not None, hints={**hints, **({"extra": extra.hint} if extra else {})}, cuts=spans_of(extra))
+                   *(first or (None, None)), head=student.head, hints={**hints, **({"extra": extra.hint} if extra else {})},
+                   cuts=spans_of(extra), head_on_first=first is not None and first[0] is not None)
 
 
 def spans_of(extra: RowTerm | None) -> torch.Tensor | None:
