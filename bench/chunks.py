@@ -8,12 +8,15 @@ timing is the objective's forward and backward alone (no body, no optimizer, no 
 dskd family's count of agreeing rows, taken before the fused chunks, is timed apart. Rounds alternate the variants;
 each variant's first two calls are warm-up. Memory (after the timings, unless --no-memory): each variant's first
 forward + backward in a process of its own, its peak resident memory above the process's before it (Linux's VmHWM,
-reset through /proc/self/clear_refs), in --rounds rounds; fused / naive taken within a round.
+reset through /proc/self/clear_refs; glibc's default allocator there, so that a freed vocabulary-sized tensor leaves
+the resident memory at once and the peak is what was alive), in --rounds rounds; fused / naive within a round.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -44,7 +47,8 @@ def main() -> None:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # a child: this chunk size's peak memory
     args = ap.parse_args()
-    keep_freed_memory()  # as stage 2 runs
+    if not args.peak_of:  # a child measuring memory keeps glibc's default: a freed large tensor goes back at once
+        keep_freed_memory()  # as stage 2 runs
     cache, student_dir = setup("vocab", 12)
     tok = load_tokenizer(ModelRef(path=str(student_dir)))
     reader = open_for_student(cache, tok)
@@ -69,6 +73,7 @@ def main() -> None:
     if args.peak_of:
         run_once = Objective(cfg, teacher, proj, chunk_positions=args.peak_of)
         side = student_side(student, batch, hidden.detach().requires_grad_())
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # what setup freed
         before = status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident memory now
         run_once(batch, side, normaliser=100.0).loss.backward()
