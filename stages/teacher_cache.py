@@ -43,6 +43,7 @@ from pipeline.cache.schema import (
     decode_hidden,
     encode_hidden,
     fit_channel_scale,
+    float32_rows,
     list_column,
     stored_finite,
 )
@@ -501,7 +502,7 @@ def _write_shard(writer: CacheWriter, schema: pa.Schema, prep: PreparedShard, ou
                  channel_scale: np.ndarray | None, err: StorageError) -> None:
     """Encode one shard's rows (data order) into Arrow columns and write it (runs in the writer thread)."""
     # numpy only in this thread (schema.encode_hidden: torch here would start a second OpenMP team)
-    values, scale = encode_hidden(np.concatenate([o.hidden.float().numpy() for o in outputs]), encoding, channel_scale)
+    values, scale = encode_hidden(float32_rows([o.hidden for o in outputs]), encoding, channel_scale)
     if not stored_finite(values, encoding):
         raise CacheError(f"shard {prep.index}: a hidden state overflows {encoding}; use cache.hidden_dtype float32")
     split = np.cumsum([o.hidden.shape[0] for o in outputs])[:-1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.schema import decode_hidden, encode_hidden, stored_finite
+from pipeline.cache.schema import decode_hidden, encode_hidden, float32_rows, stored_finite
 from pipeline.cache.teacher import check_head, every_hidden, teacher_forward
 from pipeline.data.tokenize import response_positions
 from pipeline.models.head import OutputHead
@@ -129,6 +129,10 @@ def test_encodings_are_byte_for_byte_torchs_rounding():
         assert (got[1] is None) == (want[1] is None) and (got[1] is None or got[1].tobytes() == want[1].tobytes())
         assert stored_finite(got[0], encoding) == (encoding in ("int8", "float32") or rows != slice(None))
     assert stored_finite(encode_hidden(h[3:], "bfloat16")[0], "bfloat16")
+    # a bfloat16 or float16 teacher's hidden states (a GPU teacher's) widen exactly, without a torch operator
+    for dtype in (torch.bfloat16, torch.float16):
+        low = h[3:].to(dtype)
+        assert float32_rows([low[:5], low[5:]]).tobytes() == low.float().numpy().tobytes()
     h[3, 0] = float("nan")  # its bits are not compared (torch's vary with the kernel), only refused
     assert not stored_finite(encode_hidden(h[3:], "bfloat16")[0], "bfloat16")
     assert not stored_finite(encode_hidden(h[3:], "float16")[0], "float16")

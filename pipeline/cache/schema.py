@@ -140,10 +140,18 @@ def encode_hidden(
 
 
 def _float32(h: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A CPU tensor or array as float32 numpy, without a torch operator (bfloat16: its bits shifted, exact)."""
     if isinstance(h, np.ndarray):
         return h.astype(np.float32, copy=False)
     h = h.detach().cpu()
-    return (h if h.dtype == torch.float32 else h.float()).numpy()
+    if h.dtype == torch.bfloat16:
+        return (h.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return h.numpy().astype(np.float32, copy=False)
+
+
+def float32_rows(parts: list[torch.Tensor]) -> np.ndarray:
+    """(n, d) float32: the row blocks `parts` stacked, in numpy (stage 1's writer thread: no torch operator)."""
+    return np.concatenate([_float32(x) for x in parts])
 
 
 def stored_finite(values: np.ndarray, encoding: str) -> bool:
