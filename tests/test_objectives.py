@@ -283,6 +283,19 @@ def test_fused_chunks_equal_unchunked_and_run_each_chunk_once(request, monkeypat
                 torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{objective} {k}: {m}")
 
 
+def rows_through_head(monkeypatch, student) -> list[int]:
+    """A list that grows by the row count of every product with the student head's weight (F.linear, counted)."""
+    head, real, multiplied = student.get_output_embeddings().weight, torch.nn.functional.linear, []
+
+    def linear(x, w, b=None):
+        if w.data_ptr() == head.data_ptr():
+            multiplied.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    return multiplied
+
+
 @pytest.mark.parametrize("kept", [4, 1], ids=["kept", "dropped"])
 def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(monkeypatch, cross, kept):
     """dskd_eta in 4 chunks: the student head multiplies each position's projected-teacher row once (the count's
@@ -292,16 +305,7 @@ def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(mon
     cfg = _cfg("dskd_eta", divergence="js")
     student, proj = cross.models(cfg)
     batch = cross.cache_batch()
-    head = student.get_output_embeddings().weight
-    multiplied = []
-    real = torch.nn.functional.linear
-
-    def linear(x, w, b=None):
-        if w.data_ptr() == head.data_ptr():
-            multiplied.append(x.reshape(-1, x.shape[-1]).shape[0])
-        return real(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    multiplied = rows_through_head(monkeypatch, student)
     monkeypatch.setattr(dual_space, "KEPT_CHUNKS", kept)
     out = run_objective(cfg, student, proj, cross.cache_side(), batch, chunk=7)
     n = int((batch.labels != -100).sum())
@@ -319,16 +323,7 @@ def test_short_chunks_take_their_logits_two_at_a_time_and_each_row_once(monkeypa
     cfg = _cfg(objective)
     student, proj = s.models(cfg)
     batch = s.cache_batch()
-    head = student.get_output_embeddings().weight
-    multiplied = []
-    real = torch.nn.functional.linear
-
-    def linear(x, w, b=None):
-        if w.data_ptr() == head.data_ptr():
-            multiplied.append(x.reshape(-1, x.shape[-1]).shape[0])
-        return real(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    multiplied = rows_through_head(monkeypatch, student)
     run_objective(cfg, student, proj, None if objective == "sft" else s.cache_side(), batch, chunk=4)
     n = int((batch.labels != -100).sum())
     assert sum(multiplied) == n and max(multiplied) == 8 and len(multiplied) < n / 4, (multiplied, n)
