@@ -97,10 +97,21 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z / temperature
 
 
-def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """float32 log softmax(logits / T) over the last dimension."""
+    return F.log_softmax(_scaled(logits, temperature), dim=-1)
+
+
+def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float,
+                  student_log_probs: torch.Tensor | None = None,
+                  teacher_log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p teacher, log q student) over a common support, float32, floored: the V entries (dense teacher) or the
-    k + 1 buckets (sparse teacher; the student's tail bucket is its exact mass outside the teacher's top-k ids)."""
-    log_q = F.log_softmax(_scaled(student_logits, temperature), dim=-1).clamp(min=LOG_FLOOR)
+    k + 1 buckets (sparse teacher; the student's tail bucket is its exact mass outside the teacher's top-k ids).
+    `student_log_probs` / `teacher_log_probs` (dense): `log_softmax(.., temperature)` of either side when the caller
+    has it already (a cross-entropy term of the same logits), so it is not computed again; the teacher's is
+    floored into a copy (the caller's may be saved for its own backward)."""
+    log_q = (log_softmax(student_logits, temperature) if student_log_probs is None
+             else student_log_probs).clamp(min=LOG_FLOOR)
     if isinstance(teacher, SparseLogits):
         ids = teacher.ids.long()
         top = log_q.gather(-1, ids)
@@ -109,7 +120,9 @@ def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: f
             top = torch.cat([top, tail], dim=-1)
         log_p = teacher.bucket_log_probs(temperature)
         return log_p.clamp(min=LOG_FLOOR), top.clamp(min=LOG_FLOOR)
-    log_p = F.log_softmax(_scaled(teacher, temperature), dim=-1)
+    if teacher_log_probs is not None:
+        return teacher_log_probs.clamp(min=LOG_FLOOR), log_q
+    log_p = log_softmax(teacher, temperature)
     # the target never needs its own graph here: floor it in place (one vocabulary-sized tensor less)
     return (log_p.clamp_(min=LOG_FLOOR) if not log_p.requires_grad else log_p.clamp(min=LOG_FLOOR)), log_q
 
@@ -181,12 +194,16 @@ def divergence(
     akl_mu: float = 0.5,
     beta: float = 0.5,
     reduction: str = "mean",
+    student_log_probs: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D(teacher || student) per position, reduced.
 
     student_logits (..., V); teacher_logits (..., V) or a SparseLogits over the same vocabulary; mask (...) bool,
-    the positions to keep (None = all). reduction "none" -> (...), "sum" / "mean" -> scalar (see `reduce`)."""
-    log_p, log_q = log_prob_pair(student_logits, teacher_logits, temperature)
+    the positions to keep (None = all). reduction "none" -> (...), "sum" / "mean" -> scalar (see `reduce`).
+    `student_log_probs` / `teacher_log_probs`: either side's `log_softmax` at `temperature`, when already taken
+    (`log_prob_pair`)."""
+    log_p, log_q = log_prob_pair(student_logits, teacher_logits, temperature, student_log_probs, teacher_log_probs)
     per_pos = divergence_from_log_probs(name, log_p, log_q, skew=skew, akl_mu=akl_mu, beta=beta)
     return reduce(per_pos, mask, reduction)
 
@@ -227,12 +244,21 @@ def sorted_l1(student_logits: torch.Tensor, teacher: Teacher, *, temperature: fl
 def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(...) float32 log-probability of each label under softmax(logits) (0 where the label is -100).
     logits (..., V), labels (...)."""
-    lp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return labels_of(log_softmax(logits), labels)
+
+
+def labels_of(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(...) the entries of `log_probs` (..., V) at `labels` (...), 0 where the label is -100."""
+    lp = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(labels == -100, torch.zeros_like(lp), lp)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies in float32; labels -100 are ignored. logits (..., V), labels (...)."""
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies in float32; labels -100 are ignored. logits (..., V), labels (...).
+    `log_probs`: `log_softmax(logits)` when the caller has it (shared with a divergence of the same logits: one
+    vocabulary-sized tensor and its backward less per position)."""
+    if log_probs is not None:
+        return -labels_of(log_probs, labels).sum()
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 

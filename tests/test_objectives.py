@@ -22,7 +22,7 @@ from pipeline.losses import divergence
 from pipeline.models.head import OutputHead
 from pipeline.models.load import decoder_hidden, load_model, load_tokenizer, tokenizer_fingerprint
 from pipeline.objectives import chunks, dual_space, table
-from pipeline.objectives.base import TeacherSide
+from pipeline.objectives.base import ObjectiveBase, TeacherSide
 from pipeline.objectives.objective import Objective, function
 from pipeline.objectives.projectors import Projectors, logit_identity_t2s
 from pipeline.objectives.setup import build_projectors, shared_vocabulary, student_side
@@ -313,6 +313,40 @@ def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(mon
     assert out.stats["t2s_agreement"] < 1 and len(spans) == 4, (out.stats, spans)
     pairs = [spans[0] + spans[1], spans[2] + spans[3]]
     assert multiplied == ([n, *pairs] if kept == 4 else [*spans, *[2 * k for k in spans]]), (multiplied, n)
+
+
+SHARED = [("kd", "same"), ("dskd_v2", "same"), ("dskd", "same"), ("mined", "cross"), ("dskd_eta", "cross"),
+          ("alm_eta", "cross"), ("dskd_cma", "cross")]
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "sparse"])
+@pytest.mark.parametrize("objective,kind", SHARED, ids=[f"{o}-{k}" for o, k in SHARED])
+def test_at_temperature_one_ce_and_the_divergence_share_a_log_softmax_and_nothing_changes(
+        monkeypatch, request, objective, kind, dense):
+    """At loss temperature 1 a chunk's CE terms take the divergence's log-softmax of the same logits (no
+    F.cross_entropy in the chunks); loss, terms and every gradient equal each term taking its own."""
+    s = request.getfixturevalue(kind)
+    cfg = _cfg(objective, divergence="fkl", temperature=1.0)
+    student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
+    runs = []
+    for share in (True, False):
+        m, pr = copy.deepcopy(student), copy.deepcopy(proj)
+        side = s.cache_side()
+        side.dense = dense
+        with monkeypatch.context() as mp:
+            ce_calls = []
+            mp.setattr(torch.nn.functional, "cross_entropy",
+                       lambda *a, calls=ce_calls, real=torch.nn.functional.cross_entropy, **k: calls.append(1) or real(*a, **k))
+            if not share:
+                mp.setattr(ObjectiveBase, "shared_log_softmax", lambda self, z: None)
+            out = run_objective(cfg, m, pr, side, s.cache_batch(), chunk=5)
+        assert (len(ce_calls) == 0) == share, (objective, share, len(ce_calls))
+        runs.append((out, grads(m, pr)))
+    (a, ga), (b, gb) = runs
+    for k in a.terms:
+        torch.testing.assert_close(a.terms[k], b.terms[k], atol=1e-6, rtol=1e-5, msg=k)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-7, rtol=1e-5, msg=lambda m, k=k: f"{objective} {k}: {m}")
 
 
 @pytest.mark.parametrize("objective,kind", [("sft", "same"), ("kd", "same"), ("alm", "cross")])

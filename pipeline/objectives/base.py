@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.cache.batch import Batch
 from pipeline.config import LossConfig
-from pipeline.losses import SparseLogits, divergence
+from pipeline.losses import SparseLogits, divergence, log_softmax
 from pipeline.models.head import OutputHead
 from pipeline.models.zero3 import detached_full
 from pipeline.objectives.projectors import Projectors
@@ -147,11 +147,20 @@ class ObjectiveBase:
         # costs a recomputation, not a wrong gradient; no guess, one more backward per chunk)
         self.masked_guess: bool | None = None
 
-    def div(self, student_logits, target, name: str | None = None) -> torch.Tensor:
-        """Per-position D(target || student) with the configured divergence (or `name`) and its parameters."""
+    def div(self, student_logits, target, name: str | None = None, *, student_log_probs=None,
+            teacher_log_probs=None) -> torch.Tensor:
+        """Per-position D(target || student) with the configured divergence (or `name`) and its parameters;
+        `student_log_probs` / `teacher_log_probs`: either side's log-softmax at the temperature, when the caller
+        took it already (`shared_log_softmax`)."""
         c = self.cfg
         return divergence(name or c.divergence, student_logits, target, temperature=c.temperature, skew=c.skew,
-                          akl_mu=c.akl_mu, beta=c.beta, reduction="none")
+                          akl_mu=c.akl_mu, beta=c.beta, reduction="none", student_log_probs=student_log_probs,
+                          teacher_log_probs=teacher_log_probs)
+
+    def shared_log_softmax(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """log_softmax(logits) in float32 when a cross-entropy term and the divergence can share it (the loss
+        temperature is 1); else None, and each takes its own."""
+        return log_softmax(logits) if self.cfg.temperature == 1.0 else None
 
     def sparse(self, batch: Batch, rows: torch.Tensor | None = None) -> SparseLogits:
         s = SparseLogits(batch.teacher_topk_ids, batch.teacher_topk_logits, batch.teacher_lse, self.teacher.head.vocab_size)

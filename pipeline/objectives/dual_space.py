@@ -8,7 +8,7 @@ import math
 import torch
 
 from pipeline.cache.batch import Batch
-from pipeline.losses import cross_entropy_sum, label_log_probs
+from pipeline.losses import cross_entropy_sum, labels_of, log_softmax
 from pipeline.models.zero3 import detached_full
 from pipeline.objectives.base import (
     ObjectiveBase,
@@ -54,12 +54,15 @@ def student_space(ob: ObjectiveBase, student: StudentSide, labels, h_t2s, t2s_la
 
     def fn(head, h, y, ht, yt, rows, group, kept, agree):
         z_s, z_t2s = student_and_projected(head, h, ht, kept)
-        per = ob.div(z_s, z_t2s.detach())
+        # at temperature 1 the divergence and the two CE terms share each side's log-softmax
+        ls, lt = ob.shared_log_softmax(z_s), ob.shared_log_softmax(z_t2s)
+        per = ob.div(z_s, z_t2s.detach(), student_log_probs=ls, teacher_log_probs=None if lt is None else lt.detach())
         agree = agreeing(z_t2s, yt, rows) if agree is None else agree
-        logp_y = label_log_probs(z_s, y) if extra else None  # one log-softmax gives both the CE and alm's sums
+        # one log-softmax gives both the CE and alm's sums
+        logp_y = labels_of(log_softmax(z_s) if ls is None else ls, y) if extra else None
         out = {
-            "ce": -logp_y.sum() if extra else cross_entropy_sum(z_s, y),
-            "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100)),
+            "ce": -logp_y.sum() if extra else cross_entropy_sum(z_s, y, ls),
+            "t2s_ce": cross_entropy_sum(z_t2s, torch.where(rows > 0, yt, -100), lt),
             "kd_rows": (per * rows).sum(),
             "kd_agree": (per * agree).sum(),
             "n_agree": agree.sum().float(),

@@ -43,9 +43,11 @@ def kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tens
         return liger.kd(ob, batch, student, labels, normaliser)
     rows = torch.arange(n, device=labels.device)
 
-    def per_position(z_s, target):
+    def per_position(z_s, target, log_q):
         v = min(z_s.shape[-1], t.head.vocab_size)
-        return ob.div(z_s[:, :v], target[:, :v] if t.dense else _truncate(target, v))
+        if v < z_s.shape[-1]:  # the student's log-softmax is over the shared ids only
+            return ob.div(z_s[:, :v], target[:, :v] if t.dense else _truncate(target, v))
+        return ob.div(z_s, target[:, :v] if t.dense else _truncate(target, v), student_log_probs=log_q)
 
     return student_space_kd(ob, batch, student, labels, normaliser, rows, rows, per_position)
 
@@ -54,7 +56,7 @@ def uld(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Ten
     """The i-th response position of each side, up to the shorter response; sorted-probability L1."""
     s_rows, t_rows = _first_positions(labels, batch)
     return student_space_kd(ob, batch, student, labels, normaliser, s_rows, t_rows,
-                            lambda z_s, target: sorted_l1(z_s, target, temperature=ob.cfg.temperature))
+                            lambda z_s, target, _: sorted_l1(z_s, target, temperature=ob.cfg.temperature))
 
 
 def mined(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float) -> ObjectiveOutput:
@@ -63,8 +65,8 @@ def mined(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.T
     keep_t = m >= 0
     t_ids, into = torch.nonzero(keep_t)[:, 0], m[keep_t]
 
-    def per_position(z_s, target):
-        return _student_div(ob, _carry(ob, target, t_ids, into, z_s.shape[-1]), z_s)
+    def per_position(z_s, target, log_q):
+        return _student_div(ob, _carry(ob, target, t_ids, into, z_s.shape[-1]), z_s, log_q)
 
     return student_space_kd(ob, batch, student, labels, normaliser, batch.align_student, batch.align_teacher,
                             per_position)
@@ -75,7 +77,7 @@ def overlap_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     """The exactly aligned positions; both distributions on the shared sub-vocabulary, renormalised there."""
     t_ids, s_ids, s_index = _overlap(ob.teacher.vocab_map)
 
-    def per_position(z_s, target):
+    def per_position(z_s, target, _):
         return _student_div(ob, _carry(ob, target, t_ids, s_index, len(s_ids)), z_s[:, s_ids])
 
     return student_space_kd(ob, batch, student, labels, normaliser, batch.align_student, batch.align_teacher,
@@ -84,8 +86,9 @@ def overlap_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
 
 def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: torch.Tensor, normaliser: float,
                      s_rows: torch.Tensor, t_rows: torch.Tensor, per_position) -> ObjectiveOutput:
-    """CE plus the KD term `per_position(student logits, teacher target)` summed over the student positions `s_rows`
-    paired with the teacher positions `t_rows`, each divided by N-bar."""
+    """CE plus the KD term `per_position(student logits, teacher target, their log-softmax or None)` summed over the
+    student positions `s_rows` paired with the teacher positions `t_rows`, each divided by N-bar. The log-softmax is
+    the CE's, given at temperature 1 (`shared_log_softmax`) for a divergence over the student's whole vocabulary."""
     t, n = ob.teacher, len(labels)
     pair = torch.full((n,), -1, dtype=torch.long, device=labels.device)
     pair[s_rows] = t_rows
@@ -96,8 +99,10 @@ def student_space_kd(ob: ObjectiveBase, batch: Batch, student: StudentSide, labe
 
     def fn(head, h, y, ht, sp, keep):
         z_s = head(h)
+        log_q = ob.shared_log_softmax(z_s)
         target, err = teacher_target(t, ht, sp)
-        return {"ce": cross_entropy_sum(z_s, y), "kd": (per_position(z_s, target) * keep).sum(), "max_err": err}
+        return {"ce": cross_entropy_sum(z_s, y, log_q), "kd": (per_position(z_s, target, log_q) * keep).sum(),
+                "max_err": err}
 
     out = chunked(fn, n, ob.chunk, student.hidden, labels, hidden_t, sparse, has.float(), head=student.head,
                   hints={"ce": ob.ce_hint(normaliser), "kd": ob.kd_alpha / normaliser}, head_on_first=True)
@@ -116,10 +121,14 @@ def _carry(ob: ObjectiveBase, target, t_ids: torch.Tensor, into: torch.Tensor, s
     return torch.log(mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).clamp(min=LOG_FLOOR)
 
 
-def _student_div(ob: ObjectiveBase, log_p: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
-    """D(carried teacher || student) per position, the student's logits z_s over the same support as log_p."""
+def _student_div(ob: ObjectiveBase, log_p: torch.Tensor, z_s: torch.Tensor,
+                 log_softmax_s: torch.Tensor | None = None) -> torch.Tensor:
+    """D(carried teacher || student) per position, the student's logits z_s over the same support as log_p
+    (`log_softmax_s`: their log-softmax at the temperature, when taken already)."""
     c = ob.cfg
-    log_q = F.log_softmax(z_s.float() / c.temperature, -1).clamp(min=LOG_FLOOR)
+    if log_softmax_s is None:
+        log_softmax_s = F.log_softmax(z_s.float() / c.temperature, -1)
+    log_q = log_softmax_s.clamp(min=LOG_FLOOR)
     return divergence_from_log_probs(c.divergence, log_p, log_q, skew=c.skew, akl_mu=c.akl_mu, beta=c.beta)
 
 
