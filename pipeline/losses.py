@@ -110,8 +110,7 @@ def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: f
     `student_log_probs` / `teacher_log_probs` (dense): `log_softmax(.., temperature)` of either side when the caller
     has it already (a cross-entropy term of the same logits), so it is not computed again; the teacher's is
     floored into a copy (the caller's may be saved for its own backward)."""
-    log_q = (log_softmax(student_logits, temperature) if student_log_probs is None
-             else student_log_probs).clamp(min=LOG_FLOOR)
+    log_q = floored(log_softmax(student_logits, temperature) if student_log_probs is None else student_log_probs)
     if isinstance(teacher, SparseLogits):
         ids = teacher.ids.long()
         top = log_q.gather(-1, ids)
@@ -121,10 +120,18 @@ def log_prob_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: f
         log_p = teacher.bucket_log_probs(temperature)
         return log_p.clamp(min=LOG_FLOOR), top.clamp(min=LOG_FLOOR)
     if teacher_log_probs is not None:
-        return teacher_log_probs.clamp(min=LOG_FLOOR), log_q
+        return floored(teacher_log_probs), log_q
     log_p = log_softmax(teacher, temperature)
-    # the target never needs its own graph here: floor it in place (one vocabulary-sized tensor less)
-    return (log_p.clamp_(min=LOG_FLOOR) if not log_p.requires_grad else log_p.clamp(min=LOG_FLOOR)), log_q
+    # the target never needs its own graph here: floored in place when it must be (one vocabulary-sized tensor less)
+    return floored(log_p, in_place=not log_p.requires_grad), log_q
+
+
+def floored(log_probs: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """`log_probs` floored at LOG_FLOOR: the tensor itself when no entry is below it (as almost always: no
+    vocabulary-sized copy, and clamp's gradient would be 1 everywhere), else clamped (in place when allowed)."""
+    if log_probs.numel() == 0 or bool(log_probs.min() >= LOG_FLOOR):
+        return log_probs
+    return log_probs.clamp_(min=LOG_FLOOR) if in_place else log_probs.clamp(min=LOG_FLOOR)
 
 
 def _kl(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:

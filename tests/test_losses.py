@@ -11,9 +11,12 @@ import torch
 
 from pipeline.losses import (
     DIVERGENCES,
+    LOG_FLOOR,
     SparseLogits,
     cross_entropy_sum,
     divergence,
+    floored,
+    log_softmax,
     sorted_l1,
     token_normaliser,
 )
@@ -241,6 +244,45 @@ def test_cross_entropy_ignores_minus_100():
     labels = torch.tensor([[1, -100, 2], [-100, -100, 4]])
     ref = sum(-torch.log_softmax(logits[b, i], -1)[labels[b, i]] for b, i in [(0, 0), (0, 2), (1, 2)])
     torch.testing.assert_close(cross_entropy_sum(logits, labels), ref)
+
+
+def test_cross_entropy_from_a_given_log_softmax_is_the_same():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.tensor([[1, -100, 2], [-100, -100, 4]])
+    a = cross_entropy_sum(logits, labels)
+    (ga,) = torch.autograd.grad(a, logits)
+    b = cross_entropy_sum(logits, labels, log_softmax(logits))
+    (gb,) = torch.autograd.grad(b, logits)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_floored_copies_only_when_an_entry_is_below_the_floor():
+    x = torch.log_softmax(torch.randn(3, 6), -1).requires_grad_()
+    assert floored(x) is x  # nothing to floor: no copy
+    y = torch.tensor([[0.0, -2e4, -1.0]], requires_grad=True)
+    out = floored(y)
+    assert out is not y and out.min().item() == LOG_FLOOR and y.min().item() == -2e4
+    out.sum().backward()
+    assert y.grad.tolist() == [[1.0, 0.0, 1.0]]  # clamp's gradient
+    z = torch.tensor([0.0, -3e4])
+    assert floored(z, in_place=True) is z and z[1].item() == LOG_FLOOR
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_a_divergence_from_given_log_softmaxes_is_the_same(name):
+    """The log-softmaxes a caller shares with its CE terms (`student_log_probs`, `teacher_log_probs`) give the
+    divergence's own values and gradients, with extreme logits where the floor applies too."""
+    for s0, t0 in [(torch.randn(4, 9), torch.randn(4, 9)),
+                   (torch.tensor([[0.0, -float("inf"), 3.0, -1e4]]), torch.tensor([[1.0, -float("inf"), -3e4, 2.0]]))]:
+        got = []
+        for shared in (False, True):
+            s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+            kw = {"student_log_probs": log_softmax(s), "teacher_log_probs": log_softmax(t).detach()} if shared else {}
+            out = divergence(name, s, t.detach(), reduction="sum", **kw)
+            got.append((out, torch.autograd.grad(out, s)[0]))
+        torch.testing.assert_close(got[0][0], got[1][0])
+        torch.testing.assert_close(got[0][1], got[1][1])
 
 
 def test_token_normaliser_gives_global_token_mean():

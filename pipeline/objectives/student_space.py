@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.batch import Batch
-from pipeline.losses import LOG_FLOOR, SparseLogits, cross_entropy_sum, divergence_from_log_probs, sorted_l1
+from pipeline.losses import (
+    LOG_FLOOR,
+    SparseLogits,
+    cross_entropy_sum,
+    divergence_from_log_probs,
+    floored,
+    sorted_l1,
+)
 from pipeline.objectives import liger
 from pipeline.objectives.base import ObjectiveBase, ObjectiveOutput, StudentSide, teacher_target
 from pipeline.objectives.chunks import chunked
@@ -128,7 +135,7 @@ def _student_div(ob: ObjectiveBase, log_p: torch.Tensor, z_s: torch.Tensor,
     c = ob.cfg
     if log_softmax_s is None:
         log_softmax_s = F.log_softmax(z_s.float() / c.temperature, -1)
-    log_q = log_softmax_s.clamp(min=LOG_FLOOR)
+    log_q = floored(log_softmax_s)
     return divergence_from_log_probs(c.divergence, log_p, log_q, skew=c.skew, akl_mu=c.akl_mu, beta=c.beta)
 
 
