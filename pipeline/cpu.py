@@ -145,6 +145,7 @@ def configure(stage: str, environ=None) -> str:
     other jobs share the machine, a short spin-wait. Returns the line the stage prints first."""
     env = os.environ if environ is None else environ
     pin(env)
+    malloc_setting(env)  # a wrong value is refused before anything loads
     n, why = choose_threads(env)
     others = register_job(stage)
     line = f"{stage}: {n} compute thread(s) ({why}; {allowed_cores()} core(s) allowed)"
@@ -156,13 +157,32 @@ def configure(stage: str, environ=None) -> str:
     return line
 
 
-def keep_freed_memory() -> bool:
-    """On Linux/glibc, keep freed CPU memory in the heap for reuse instead of returning it to the kernel.
+MALLOC_SETTINGS = ("keep", "default")
+
+
+def malloc_setting(environ=None) -> str:
+    """DSKD_CPU_MALLOC: `keep` (unset or empty) or `default` (see `keep_freed_memory`)."""
+    env = os.environ if environ is None else environ
+    setting = env.get("DSKD_CPU_MALLOC", "") or "keep"
+    if setting not in MALLOC_SETTINGS:
+        raise CpuPinError(f"DSKD_CPU_MALLOC={setting!r}: expected one of {', '.join(MALLOC_SETTINGS)} (or unset: keep)")
+    return setting
+
+
+def keep_freed_memory(environ=None) -> bool:
+    """On Linux/glibc, keep freed CPU memory in the heap for reuse instead of returning it to the kernel, unless
+    `DSKD_CPU_MALLOC=default` (glibc's own behaviour) asks otherwise.
 
     Training on a CPU allocates and frees tensors of hundreds of MB (a chunk of vocabulary-sized logits) many times
     per step; by default each comes from a fresh mmap whose pages the kernel must zero on first touch. Raising the
     mmap and trim thresholds makes glibc reuse them: measured on 2 cores at V = 49,152, a kd step 3.1 s -> 1.9 s,
-    dskd_v2 10.3 s -> 5.8 s. Process-wide; peak memory is unchanged. Returns False where it does not apply."""
+    dskd_v2 10.3 s -> 5.8 s. The price is resident memory: freed blocks stay resident, and tensors of varying sizes
+    leave gaps the heap cannot reuse. At V = 262,144 (bench/step_memory.py, dskd_eta, micro-batch 8, 2 cores) the
+    step's peak resident memory was 7580 MB against 6540 MB with glibc's default, for 7.3 s against 11.6 s a step;
+    the tensors alive at once peaked at 5480 MB in both. `DSKD_CPU_MALLOC=default` chooses the lower peak.
+    Process-wide. Returns False where it does not apply or is turned off."""
+    if malloc_setting(environ) == "default":
+        return False
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -27,6 +27,13 @@ def test_pin_sets_every_librarys_choice_and_overrides_the_environment():
             cpu.pin(bad)
 
 
+def test_the_allocator_setting_keeps_freed_memory_unless_asked_for_glibcs_default():
+    assert cpu.malloc_setting({}) == "keep" and cpu.malloc_setting({"DSKD_CPU_MALLOC": ""}) == "keep"
+    assert cpu.keep_freed_memory({"DSKD_CPU_MALLOC": "default"}) is False  # mallopt is not called
+    with pytest.raises(cpu.CpuPinError, match="DSKD_CPU_MALLOC='tcmalloc': expected one of keep, default"):
+        cpu.configure("distill", {"DSKD_CPU_MALLOC": "tcmalloc"})
+
+
 def test_make_pins_the_tiny_default_and_not_the_benchmarks():
     def exported(*args):
         out = subprocess.run(["make", "-n", "-p", *args], cwd=ROOT, capture_output=True, text=True).stdout

@@ -1,0 +1,154 @@
+"""Where a stage-2 step's peak memory goes at the 262k vocabulary: resting state, the step's own tensors, allocator.
+
+    python bench/step_memory.py [--variants "dskd_eta x4,dskd_eta x4 naive"] [--malloc keep,default] [--step 3]
+
+`make bench-train`'s vocab pair (SmolLM2-135M's cache -> the 6-layer Gemma-3 prune, built there if missing), each
+variant and allocator setting (`DSKD_CPU_MALLOC`) in a process of its own, stage 2 as users run it. Three figures
+per run, in MB:
+- resting: the resident memory between steps once glibc has returned its free pages (`malloc_trim` after the step
+  before `--step`): weights, optimizer state, the cache's rows, the runtime;
+- own tensors: the peak, over step `--step`, of the bytes of the tensors torch has allocated in that step (torch's
+  profiler, memory events), with the largest of them alive at that moment and what allocated them;
+- peak resident: Linux's VmHWM at the end of the step (the whole process's high-water mark so far), in a run
+  without the profiler (its trace takes memory of its own); own tensors come from a profiled run of the same step.
+peak resident - resting - own tensors is what the allocator holds beyond them (freed blocks kept for reuse, gaps).
+The own-tensor figure is the same in every run of the same variant (same batches, same allocations); the resident
+ones move by tens of MB between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
+
+BIG = 16 << 20  # the tensors listed at the peak: these bytes and above
+
+
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def own_tensors(trace: dict) -> tuple[float, list[tuple[float, str]]]:
+    """(the peak MB of the bytes allocated and not yet freed since the trace began, on the CPU; the tensors of at
+    least BIG bytes alive then, as (MB, the ops open when each was allocated))."""
+    ops = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X"), key=lambda e: e["ts"])
+    mem = sorted((e for e in trace["traceEvents"] if e.get("name") == "[memory]"
+                  and e["args"].get("Device Type", 0) == 0), key=lambda e: e["ts"])
+    live: dict[int, tuple[int, float]] = {}
+    total, best, at_best = 0, 0, {}
+    for e in mem:
+        size, addr = e["args"]["Bytes"], e["args"]["Addr"]
+        if size > 0:
+            live[addr] = (size, e["ts"])
+        else:
+            live.pop(addr, None)
+        total += size
+        if total > best:
+            best, at_best = total, dict(live)
+
+    def opened(ts: float) -> str:
+        inner = [o["name"] for o in ops if o["ts"] <= ts <= o["ts"] + o.get("dur", 0)
+                 and not o["name"].startswith("PyTorch Profiler")]
+        return " > ".join(inner[-3:]) or "(outside any op)"
+
+    big = sorted(((size / 2**20, opened(ts)) for size, ts in at_best.values() if size >= BIG), reverse=True)
+    return best / 2**20, big
+
+
+def child(variant: str, step: int, out: Path, profile: bool) -> None:
+    """One variant's run: resting memory before `step`, then the resident peak after it or (`profile`, whose trace
+    takes memory of its own) its own tensors' peak."""
+    import torch
+    import train as bench_train
+
+    from stages import distill
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    real = distill._step
+    got: dict = {}
+
+    def step_fn(p, b, s, logged):
+        if s != step or not profile:
+            m = real(p, b, s, logged)
+            if s < step:
+                libc.malloc_trim(0)
+                got["resting_mb"] = status_mb("VmRSS")
+            else:
+                got["peak_mb"] = status_mb("VmHWM")
+            return m
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            m = real(p, b, s, logged)
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            got["own_mb"], got["big"] = own_tensors(json.loads(Path(f.name).read_text()))
+        return m
+
+    distill._step = step_fn
+    r = bench_train.OUT
+    bench_train.worker("vocab", variant, r / "cache-vocab", r / "student-vocab", step,
+                       f"step-memory-{variant.replace(' ', '-')}")
+    out.write_text(json.dumps(got))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="dskd_eta x4,dskd_eta x4 naive")
+    ap.add_argument("--malloc", default="keep,default", help="DSKD_CPU_MALLOC settings to run each variant under")
+    ap.add_argument("--step", type=int, default=3, help="the step measured (>= 2: the one before it rests)")
+    ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.step < 2:
+        sys.exit("--step must be >= 2 (the step before it gives the resting memory)")
+    os.chdir(ROOT)
+    if args.child:
+        child(args.child, args.step, Path(args.out), args.profile)
+        return
+    import train as bench_train
+
+    bench_train.setup("vocab", args.rows)
+    variants, mallocs = args.variants.split(","), args.malloc.split(",")
+    got: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # own tensors once per variant (the allocator does not change them), resident memory per setting
+        for variant, malloc, profile in [(v, mallocs[0], True) for v in variants] + \
+                                        [(v, m, False) for m in mallocs for v in variants]:
+            out = Path(tmp) / "got.json"
+            env = {**os.environ, "DSKD_CPU_MALLOC": malloc}
+            cmd = [sys.executable, __file__, "--child", variant, "--step", str(args.step), "--out", str(out)]
+            proc = subprocess.run(cmd + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{variant} ({malloc}) failed:\n{proc.stderr[-4000:]}")
+            got[variant, None if profile else malloc] = json.loads(out.read_text())
+    print(f"step {args.step} of stage 2, vocab pair (x4: micro-batch 8), MB")
+    for variant in variants:
+        own = got[variant, None]
+        print(f"  {variant:<18} own tensors {own['own_mb']:6.0f}, the largest alive at their peak:")
+        for mb, where in own["big"][:12]:
+            print(f"      {mb:7.1f} MB  {where[:110]}")
+    last = variants[-1]
+    for malloc in mallocs:
+        for variant in variants:
+            r, own = got[variant, malloc], got[variant, None]["own_mb"]
+            print(f"  {variant:<18} DSKD_CPU_MALLOC={malloc:<7} resting {r['resting_mb']:6.0f}  own tensors {own:6.0f}  "
+                  f"peak resident {r['peak_mb']:6.0f}  allocator beyond them {r['peak_mb'] - r['resting_mb'] - own:6.0f}"
+                  f"  | / {last}: own tensors {own / got[last, None]['own_mb']:.2f}x, peak resident "
+                  f"{r['peak_mb'] / got[last, malloc]['peak_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
