@@ -6,7 +6,7 @@
 variant and allocator setting (`DSKD_CPU_MALLOC`) in a process of its own, stage 2 as users run it. Three figures
 per run, in MB:
 - resting: the resident memory between steps once glibc has returned its free pages (`malloc_trim` after the step
-  before `--step`): weights, optimizer state, the cache's rows, the runtime;
+  before `--step`, in the profiled run): weights, optimizer state, the cache's rows, the runtime;
 - own tensors: the peak, over step `--step`, of the bytes of the tensors torch has allocated in that step (torch's
   profiler, memory events), with the largest of them alive at that moment and what allocated them;
 - peak resident: Linux's VmHWM at the end of the step (the whole process's high-water mark so far), in a run
@@ -23,9 +23,11 @@ import ctypes
 import ctypes.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
@@ -68,8 +70,8 @@ def own_tensors(trace: dict) -> tuple[float, list[tuple[float, str]]]:
 
 
 def child(variant: str, step: int, out: Path, profile: bool) -> None:
-    """One variant's run: resting memory before `step`, then the resident peak after it or (`profile`, whose trace
-    takes memory of its own) its own tensors' peak."""
+    """One variant's run: the resident peak after `step` and the steps' times, or (`profile`: its trace takes
+    memory of its own, its trim time) the resting memory before `step` and its own tensors' peak."""
     import torch
     import train as bench_train
 
@@ -81,11 +83,13 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
 
     def step_fn(p, b, s, logged):
         if s != step or not profile:
+            t0 = time.perf_counter()
             m = real(p, b, s, logged)
-            if s < step:
+            got.setdefault("step_s", []).append(time.perf_counter() - t0)
+            if s == step - 1 and profile:
                 libc.malloc_trim(0)
                 got["resting_mb"] = status_mb("VmRSS")
-            else:
+            if s == step:
                 got["peak_mb"] = status_mb("VmHWM")
             return m
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -106,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="dskd_eta x4,dskd_eta x4 naive")
     ap.add_argument("--malloc", default="keep,default", help="DSKD_CPU_MALLOC settings to run each variant under")
-    ap.add_argument("--step", type=int, default=3, help="the step measured (>= 2: the one before it rests)")
+    ap.add_argument("--step", type=int, default=4, help="the step measured (>= 2: the one before it rests)")
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,8 +148,10 @@ def main() -> None:
     for malloc in mallocs:
         for variant in variants:
             r, own = got[variant, malloc], got[variant, None]["own_mb"]
+            r["resting_mb"] = got[variant, None]["resting_mb"]
             print(f"  {variant:<18} DSKD_CPU_MALLOC={malloc:<7} resting {r['resting_mb']:6.0f}  own tensors {own:6.0f}  "
                   f"peak resident {r['peak_mb']:6.0f}  allocator beyond them {r['peak_mb'] - r['resting_mb'] - own:6.0f}"
+                  f"  (steps 2-{args.step}: {statistics.median(r['step_s'][1:]):.1f} s each)"
                   f"  | / {last}: own tensors {own / got[last, None]['own_mb']:.2f}x, peak resident "
                   f"{r['peak_mb'] / got[last, malloc]['peak_mb']:.2f}x")
 

@@ -64,3 +64,24 @@ def test_the_checkpointed_stand_in_takes_what_the_fused_chunks_take(monkeypatch)
     assert inspect.signature(dual_space.chunked).parameters.keys() == inspect.signature(chunks.chunked).parameters.keys()
     count, first = dual_space.agreement(None, None, None, None, None)
     assert count == 0.0 and first is None
+
+
+def test_step_memory_takes_the_peak_of_the_tensors_alive_at_once_and_lists_them():
+    """bench/step_memory.py reads torch's profiler trace: the peak of allocated-minus-freed bytes, and the large
+    tensors alive at that moment with the ops open when each was allocated."""
+    from step_memory import own_tensors
+
+    mb = 1 << 20
+
+    def mem(ts, addr, size):
+        return {"name": "[memory]", "ts": ts, "args": {"Addr": addr, "Bytes": size, "Device Type": 0}}
+
+    trace = {"traceEvents": [
+        {"ph": "X", "name": "aten::mm", "ts": 0, "dur": 5},
+        {"ph": "X", "name": "aten::exp", "ts": 10, "dur": 5},
+        mem(1, 1, 64 * mb), mem(11, 2, 32 * mb), mem(12, 3, 1 * mb), mem(13, 2, -32 * mb),  # peak 97 MB at ts 12
+        mem(14, 3, -1 * mb), mem(20, 4, 20 * mb), mem(21, 1, -64 * mb),
+        {"name": "[memory]", "ts": 22, "args": {"Addr": 9, "Bytes": 500 * mb, "Device Type": 1}},  # another device
+    ]}
+    peak, big = own_tensors(trace)
+    assert peak == 97 and big == [(64.0, "aten::mm"), (32.0, "aten::exp")]  # the 1 MB one is below BIG
