@@ -177,9 +177,10 @@ def keep_freed_memory(environ=None) -> bool:
     per step; by default each comes from a fresh mmap whose pages the kernel must zero on first touch. Raising the
     mmap and trim thresholds makes glibc reuse them: measured on 2 cores at V = 49,152, a kd step 3.1 s -> 1.9 s,
     dskd_v2 10.3 s -> 5.8 s. The price is resident memory: freed blocks stay resident, and tensors of varying sizes
-    leave gaps the heap cannot reuse. At V = 262,144 (bench/step_memory.py, dskd_eta, micro-batch 8, 2 cores) the
-    step's peak resident memory was 7580 MB against 6540 MB with glibc's default, for 7.3 s against 11.6 s a step;
-    the tensors alive at once peaked at 5480 MB in both. `DSKD_CPU_MALLOC=default` chooses the lower peak.
+    leave gaps the heap cannot reuse. At V = 262,144 (`python bench/step_memory.py`: dskd_eta, micro-batch 8, 2
+    cores) the fused step's peak resident memory was 7175 MB against 6386 MB with glibc's default, for 7.8 s against
+    10.0 s a step (3247 MB resting, 2236 MB of the step's own tensors at once: the allocator held 1692 MB beyond
+    them, against 903). `DSKD_CPU_MALLOC=default` chooses the lower peak.
     Process-wide. Returns False where it does not apply or is turned off."""
     if malloc_setting(environ) == "default":
         return False
