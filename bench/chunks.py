@@ -15,8 +15,6 @@ the resident memory at once and the peak is what was alive), in --rounds rounds;
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import statistics
 import subprocess
@@ -25,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, show, spread  # noqa: F401  (ROOT: the project on sys.path, hub off)
+from common import ROOT, malloc_trim, show, spread, status_mb  # noqa: F401  (ROOT: the project on sys.path, hub off)
 from train import setup
 
 import pipeline.objectives.dual_space as dual_space
@@ -73,7 +71,7 @@ def main() -> None:
     if args.peak_of:
         run_once = Objective(cfg, teacher, proj, chunk_positions=args.peak_of)
         side = student_side(student, batch, hidden.detach().requires_grad_())
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # what setup freed
+        malloc_trim()  # what setup freed
         before = status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident memory now
         run_once(batch, side, normaliser=100.0).loss.backward()
@@ -119,14 +117,6 @@ def main() -> None:
     print(f"  peak resident memory of the loss's forward + backward above the process's before it, {args.rounds} rounds:")
     for v, xs in peaks.items():
         print(f"  {v:<24} {statistics.median(xs):6.0f} MB  / naive {show(spread(a / b for a, b in zip(xs, peaks['naive'])))}")
-
-
-def status_mb(field: str) -> float:
-    """A field of /proc/self/status (kB) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 if __name__ == "__main__":

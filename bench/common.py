@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import statistics
 import sys
@@ -38,3 +40,16 @@ def show(s: dict, unit: str = "x", digits: int = 2) -> str:
     if not s["stable"]:
         return f"unstable ({rng}{unit} over {s['rounds']} rounds)"
     return f"{s['median']:.{digits}f}{unit} ({rng})"
+
+
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status (kB: VmRSS, VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def malloc_trim() -> None:
+    """glibc returns the free pages of its heaps to the kernel (the resident memory is then what is alive)."""
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

@@ -19,8 +19,6 @@ ones move by tens of MB between runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
 import statistics
@@ -30,16 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT  # noqa: F401  (the project on sys.path, hub off)
+from common import ROOT, malloc_trim, status_mb  # noqa: F401  (ROOT: the project on sys.path, hub off)
 
 BIG = 16 << 20  # the tensors listed at the peak: these bytes and above
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def own_tensors(trace: dict) -> tuple[float, list[tuple[float, str]]]:
@@ -77,7 +68,6 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
 
     from stages import distill
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     real = distill._step
     got: dict = {}
 
@@ -87,7 +77,7 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
             m = real(p, b, s, logged)
             got.setdefault("step_s", []).append(time.perf_counter() - t0)
             if s == step - 1 and profile:
-                libc.malloc_trim(0)
+                malloc_trim()
                 got["resting_mb"] = status_mb("VmRSS")
             if s == step:
                 got["peak_mb"] = status_mb("VmHWM")
