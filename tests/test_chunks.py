@@ -154,3 +154,63 @@ def test_a_common_factor_within_float32_rounding_of_one_is_one():
     assert run._scale({"a": torch.tensor(0.25 * off), "b": torch.tensor(0.5 * off)}) == 1.0
     assert run._scale({"a": torch.tensor(0.125), "b": torch.tensor(0.25)}) == 0.5
     assert run._scale({"a": torch.tensor(0.25), "b": torch.tensor(0.25)}) is None  # not proportional
+
+
+def masked_fn(head, h, x, y):
+    """fn's terms and "m": a divergence through head(h) alone, on the rows where head(x)'s argmax is the label
+    (the DSKD family's agreement-masked term), whose weight is known only after every chunk."""
+    z, zx = head(h), head(x)
+    agree = zx.detach().argmax(-1) == y
+    per = (zx.detach().softmax(-1) * (zx.detach().log_softmax(-1) - z.log_softmax(-1))).sum(-1)
+    return {**fn(head, h, x, y), "m": (per * agree).sum(), "n": agree.sum().double()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_term_whose_weight_comes_after_waits_in_its_rows_and_is_exact(calls, monkeypatch, bias):
+    """A term hinted `After`: no chunk runs twice, its rows' head gradient waits for the weight the backward brings
+    (the loss divides by a count the chunks produce), and loss and every gradient equal the unchunked ones; the
+    head's weight gradient takes the waiting rows in one product."""
+    head, h, x, y = setup(bias=bias, seed=3)
+    with torch.no_grad():  # about half the rows agree
+        x.copy_(head.weight[y] * 2 + 0.3 * x)
+    inputs = [h, x, head.weight] + ([head.bias] if bias else [])
+
+    def loss_of(t):
+        return 0.3 * t["a"] + 0.7 * t["b"] + 1.3 * t["m"] / t["n"].clamp(min=1)
+
+    whole = masked_fn(head, h, x, y)
+    assert 0 < float(whole["n"]) < len(y)
+    want = grads_of(loss_of(whole), inputs)
+    products = []
+    real = chunks._fold_weight
+    monkeypatch.setattr(chunks, "_fold_weight", lambda into, first, dz, *a: products.append(len(dz)) or
+                        real(into, first, dz, *a))
+    calls.clear()
+    got = chunked(masked_fn, len(y), 5, h, x, y, head=head, hints={"a": 0.3, "b": 0.7, "m": chunks.After(len(y))})
+    assert [s for _, s in calls] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for w, g in zip(want, grads_of(loss_of(got), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert not twice(calls)
+    assert products[-1] == int(whole["n"])  # the waiting rows: the agreeing ones, in one product
+    # more waiting rows than the bound: dropped, and the backward recomputes (still exact)
+    calls.clear()
+    got = chunked(masked_fn, len(y), 5, h, x, y, head=head, hints={"a": 0.3, "b": 0.7, "m": chunks.After(1)})
+    for w, g in zip(want, grads_of(loss_of(got), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert len(twice(calls)) == 5
+
+
+def test_a_term_whose_weight_comes_after_is_kept_apart_without_a_recorded_head(calls):
+    """A head that is not a plain linear layer's weight and bias (here: frozen, as under LoRA) records nothing: an
+    `After` term is kept apart, still exact and without recomputation."""
+    head, h, x, y = setup(seed=3)
+    head.requires_grad_(False)
+
+    def loss_of(t):
+        return 0.3 * t["a"] + 0.7 * t["b"] - 0.4 * t["m"]
+
+    want = grads_of(loss_of(masked_fn(head, h, x, y)), [h, x])
+    got = chunked(masked_fn, len(y), 5, h, x, y, head=head, hints={"a": 0.3, "b": 0.7, "m": chunks.After(100)})
+    for w, g in zip(want, grads_of(loss_of(got), [h, x])):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert not twice(calls)

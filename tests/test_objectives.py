@@ -315,6 +315,45 @@ def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(mon
     assert multiplied == ([n, *pairs] if kept == 4 else [*spans, *[2 * k for k in spans]]), (multiplied, n)
 
 
+@pytest.mark.parametrize("objective,kind", [("dskd_eta", "cross"), ("dskd_v2", "same")])
+def test_after_a_micro_batch_with_few_agreeing_rows_the_masked_term_waits_and_nothing_is_counted_first(
+        monkeypatch, request, objective, kind):
+    """The first micro-batch counts its agreeing rows (one product over every projected row, whose logits the
+    chunks take); from the second on, with the last one's agreeing fraction as the guess, the masked term's gradient
+    waits for its weight (`chunks.After`): each chunk multiplies its student and projected rows once, in one
+    product, nothing else is multiplied, and loss and gradients are the unchunked ones."""
+    s = request.getfixturevalue(kind)
+    cfg = _cfg(objective, divergence="js", init_t2s=True)  # (the logit-identity start: some rows agree)
+    student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
+    student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
+    batch, side = s.cache_batch(), s.cache_side()
+    whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
+    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
+    fused = Objective(cfg, side, proj2, chunk_positions=7)
+    multiplied = rows_through_head(monkeypatch, student2)
+    n = int((batch.labels != -100).sum())
+    spans = [e - s for s, e in chunks.pieces(n, 7)]
+    waited = []
+    real = chunks._Run._wait
+    monkeypatch.setattr(chunks._Run, "_wait", lambda self, *a: waited.append(1) or real(self, *a))
+    for first in (True, False):
+        multiplied.clear()
+        student2.zero_grad(set_to_none=True)
+        proj2.zero_grad(set_to_none=True)
+        hidden = decoder_hidden(student2, batch.input_ids, batch.attention_mask)
+        out = fused(batch, student_side(student2, batch, hidden), normaliser=batch.n_tokens / 2)
+        out.loss.backward()
+        assert 0 < out.stats["t2s_agreement"] < 0.5, out.stats
+        assert (len(waited) > 0) != first
+        if not first:  # (the first: the count's product over every row, then each chunk's student rows)
+            assert multiplied == [2 * k for k in spans], (multiplied, spans)
+        for k in whole.terms:
+            torch.testing.assert_close(whole.terms[k], out.terms[k], atol=1e-5, rtol=1e-5, msg=k)
+        g1, g2 = grads(student, proj), grads(student2, proj2)
+        for k in g1:
+            torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{objective} {k}: {m}")
+
+
 SHARED = [("kd", "same"), ("dskd_v2", "same"), ("dskd", "same"), ("mined", "cross"), ("dskd_eta", "cross"),
           ("alm_eta", "cross"), ("dskd_cma", "cross")]
 

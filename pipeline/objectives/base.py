@@ -146,6 +146,7 @@ class ObjectiveBase:
         # no micro-batch yet), the guess this one's fused chunks are hinted with (chunks.chunked: a wrong guess
         # costs a recomputation, not a wrong gradient; no guess, one more backward per chunk)
         self.masked_guess: bool | None = None
+        self.agreement_guess = 1.0  # the last micro-batch's agreeing fraction of its t2s rows
 
     def div(self, student_logits, target, name: str | None = None, *, student_log_probs=None,
             teacher_log_probs=None) -> torch.Tensor:

@@ -39,6 +39,18 @@ HINT_RTOL = 1e-5
 UNIT_RTOL = 1e-6
 
 
+@dataclass(frozen=True)
+class After:
+    """A term's hint when its weight is known only after every chunk has run and the term reaches the inputs only
+    through the recorded head's logits (the DSKD family's agreement-masked divergence, divided by the agreeing
+    count): per chunk, the nonzero rows of its logits' gradient wait with their head inputs for the weight the
+    backward brings (their row inputs' gradient is taken at once, over those rows alone), so nothing is counted
+    first or multiplied twice. While they are at most `rows` rows; beyond, they are dropped and the backward
+    recomputes the chunks (the caller's guess of the count was wrong). Without a recorded head: kept apart (None)."""
+
+    rows: int
+
+
 def pieces(n: int, size: int, cuts: torch.Tensor | None = None) -> list[tuple[int, int]]:
     """[start, end) spans of at most `size` rows covering n rows; with `cuts` ((n,) bool, True where a span may start),
     spans start only there (a span grows past `size` when it must)."""
@@ -80,8 +92,8 @@ def chunked(fn, n: int, size: int, *args, head: nn.Module | None = None, hints: 
     """fn(head, *rows) -> dict of scalar tensors summed over rows, over spans of rows of each tensor / SparseLogits in
     `args` (None passes through); the spans' values are folded by `losses.accumulate` (`max_` names maxed: statistics,
     without gradient when fused; the rest summed). `head`: the student's output layer fn applies (its trainable weight and bias get gradients).
-    `hints`: each differentiable term's weight in the loss (up to a common factor), None for one known only
-    afterwards; see the module's docstring. `cuts`: where spans may start (`whole_groups`). `head_on_first`: fn
+    `hints`: each differentiable term's weight in the loss (up to a common factor), None or `After` for one known
+    only afterwards; see the module's docstring. `cuts`: where spans may start (`whole_groups`). `head_on_first`: fn
     applies `head` to the first arg's rows as they are, so a plain head's logits of two short spans may be taken in
     one product (`_Run.ahead`)."""
     spans = pieces(n, size, cuts)
@@ -114,7 +126,7 @@ class Recorder(nn.Module):
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else bias.detach()
         self.out_features = self.weight.shape[0]
-        self.calls: list[tuple] = []  # (x, z) or (x, z, trained rows)
+        self.calls: list[tuple] = []  # (x, z)
         self.ready: tuple[int, torch.Tensor] | None = None  # (the rows' data pointer, their logits): `_Run.sweep`
 
     def _take_ready(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -124,18 +136,19 @@ class Recorder(nn.Module):
             return None
         return ready[1]
 
-    def forward(self, x: torch.Tensor, trained_rows: int | None = None) -> torch.Tensor:
-        """x @ W^T (+ b); the head's gradient is taken from the first `trained_rows` rows only (all by default): the
-        rest are rows the head is applied to without training it (`student_and_projected`)."""
-        ready = self._take_ready(x) if trained_rows is None else None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T (+ b), recorded."""
+        ready = self._take_ready(x)
         z = F.linear(x, self.weight, self.bias) if ready is None else _Kept.apply(x, ready, self)
-        if z.requires_grad and trained_rows != 0:
-            self.calls.append((x, z) if trained_rows is None else (x, z, trained_rows))
+        if z.requires_grad:
+            self.calls.append((x, z))
         return z
 
-    def with_kept(self, x: torch.Tensor, xt: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x @ W^T (+ b) recorded, `kept` = the head applied to `xt` before, without training it), whose backward
-        takes both rows' gradients in one product (the weight read once)."""
+    def with_kept(self, x: torch.Tensor, xt: torch.Tensor,
+                  kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x @ W^T (+ b) recorded, the head applied to `xt` without training it: `kept`, computed before, or in
+        the same product as x's rows), whose backward takes both rows' gradients in one product (the weight read
+        once). Two outputs, not slices of one, so that neither's gradient is built (V wide) over the other's rows."""
         z, zt = _Joint.apply(x, xt, kept, self.weight, self.bias, self._take_ready(x))
         if z.requires_grad:
             self.calls.append((x, z))
@@ -149,14 +162,11 @@ def student_and_projected(head: nn.Module, h: torch.Tensor, ht: torch.Tensor,
     V = 262k and 64-row chunks the products are bound by reading the weight). `kept`: the second, already computed
     without gradient (`dual_space.agreement`), so that only the student's rows are multiplied here; its gradient
     reaches `ht` as the product's would."""
-    if kept is not None and isinstance(head, Recorder):
+    if isinstance(head, Recorder):
         return head.with_kept(h, ht, kept)
     if kept is not None:
         return head(h), _Kept.apply(ht, kept, head)
-    if not isinstance(head, Recorder):
-        return head(h), linear_sg(ht, head)
-    z = head(torch.cat([h, ht.to(h.dtype)]), trained_rows=len(h))
-    return z[: len(h)], z[len(h) :]
+    return head(h), linear_sg(ht, head)
 
 
 class _Kept(torch.autograd.Function):
@@ -175,13 +185,17 @@ class _Kept(torch.autograd.Function):
 
 
 class _Joint(torch.autograd.Function):
-    """(x @ W^T (+ b), `kept`: logits of `xt` computed before), both rows' gradients from one product over W."""
+    """(x @ W^T (+ b), xt @ W^T (+ b): `kept`, computed before, or None: in one product with x's rows), both rows'
+    gradients from one product over W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, xt: torch.Tensor, kept: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                ready: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, xt: torch.Tensor, kept: torch.Tensor | None, w: torch.Tensor,
+                b: torch.Tensor | None, ready: torch.Tensor | None):
         ctx.save_for_backward(w)
         ctx.dtypes = x.dtype, xt.dtype
+        if kept is None:
+            both = F.linear(torch.cat([x, xt.to(x.dtype)]), w, b)
+            return both[: len(x)], both[len(x) :]
         return F.linear(x, w, b) if ready is None else ready.view_as(ready), kept.view_as(kept)
 
     @staticmethod
@@ -213,6 +227,9 @@ class _Run:
     stored: list | None = None  # per input: the hinted terms' weighted gradient (handed out by the first backward)
     deferred: dict = field(default_factory=dict)  # name -> per input: that term's own gradient
     apart: dict | None = None  # name -> per input: every term's own gradient (after a second recomputation)
+    after: dict = field(default_factory=dict)  # name -> the most rows its gradient may wait with (`After`)
+    waits: dict = field(default_factory=dict)  # name -> its `_Waiting` rows
+    dropped: bool = False  # a term's waiting rows outgrew their bound: the backward recomputes
     recomputed: int = 0
 
     def __post_init__(self):
@@ -239,6 +256,7 @@ class _Run:
         apart: dict[str, list] = {}
         values: dict[str, torch.Tensor] = {}
         self.waiting = {}  # per gradient list (key None: `acc`) a recorded head's rows not yet in its weight gradient
+        self.waits, self.dropped = {}, False
         later = None
         for j, (s, e) in enumerate(self.spans):
             rows = _rows(self.args, s, e)
@@ -278,9 +296,13 @@ class _Run:
             self._name(out)
         calls = head.calls if isinstance(head, Recorder) else []
         inputs = [rows[i] for i in self.diff] + leaves + [call[1] for call in calls]
+        after = {} if weights is not None or not calls else self.after
         jobs = [(None, weights if weights is not None else self.known)] if weights is not None or self.known else []
-        jobs += [] if weights is not None else [(k, {k: 1.0}) for k in self.grad_names if k not in self.known]
+        jobs += [] if weights is not None else [(k, {k: 1.0}) for k in self.grad_names
+                                                if k not in self.known and k not in after]
         n_rows, n_own = len(self.diff), len(self.diff) + len(leaves)
+        for k in after:
+            self._wait(k, out[k], rows, calls, s, e)
         for j, (key, w) in enumerate(jobs):
             total = sum(float(c) * out[k] for k, c in w.items() if c != 0 and out[k].requires_grad)
             if not isinstance(total, torch.Tensor):
@@ -293,21 +315,52 @@ class _Run:
                           if k < n_rows else gr.shape)
             for call, dz in zip(calls, grads[n_own:]):  # a recorded head: dW += dz^T x, db += sum dz
                 if dz is not None:
-                    x, rows = call[0], call[2] if len(call) > 2 else None
                     waiting = self.waiting.setdefault(key, _HeadRows(n_rows, self.params))
-                    waiting.add(into, dz[:rows], x[:rows])
+                    waiting.add(into, dz, call[0])
+
+    def _wait(self, k: str, term: torch.Tensor, rows: list, calls: list, s: int, e: int) -> None:
+        """Term k of one span (hinted `After`): its logits' gradient, the nonzero rows kept (with the head's inputs
+        of those rows) for the weight-gradient product the backward makes, and the row inputs' gradient taken
+        now from those rows alone."""
+        if self.dropped or not term.requires_grad:
+            return
+        dzs = torch.autograd.grad(term, [call[1] for call in calls], retain_graph=True, allow_unused=True)
+        waits = self.waits.setdefault(k, _Waiting([None] * (len(self.diff) + len(self.params))))
+        for call, dz in zip(calls, dzs):
+            if dz is None:
+                continue
+            x, dz = call[0], dz.reshape(-1, dz.shape[-1])
+            # (amax and amin: no V-wide temporary, and each ten times faster than aminmax or ne().any() on CPU)
+            at = torch.nonzero((dz.amax(-1) != 0) | (dz.amin(-1) != 0))[:, 0]
+            if not len(at):
+                continue
+            w = detached_full(self.head.weight)
+            part = dz[at]
+            dx = torch.zeros(dz.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
+            dx[at] = (part.to(w.dtype) @ w).to(x.dtype)
+            grads = torch.autograd.grad(x, [rows[i] for i in self.diff], grad_outputs=dx.view_as(x),
+                                        retain_graph=True, allow_unused=True)
+            for j, gr in enumerate(grads):
+                if gr is not None:
+                    _fold(waits.grads, j, gr, slice(s, e), self.args[self.diff[j]].shape)
+            waits.add(part, x.reshape(-1, x.shape[-1])[at])
+        if waits.n > self.after[k]:  # more rows than the caller expected: recomputed in backward instead
+            self.waits, self.dropped = {}, True
 
     def _name(self, out: dict) -> None:
         self.names = list(out)
         self.grad_names = [k for k, v in out.items() if v.requires_grad and not is_maximum(k)]
         only = len(self.grad_names) == 1 and not self.hints
-        self.known = {} if only else {k: self.hints[k] for k in self.grad_names if self.hints.get(k) is not None}
+        self.known = {} if only else {k: float(self.hints[k]) for k in self.grad_names
+                                      if isinstance(self.hints.get(k), (int, float))}
+        self.after = {} if only else {k: self.hints[k].rows for k in self.grad_names
+                                      if isinstance(self.hints.get(k), After) and self.plain}
 
     def backward(self, g: dict[str, torch.Tensor]) -> list:
         """Each input's gradient for the arriving gradients g (name -> scalar) of the terms. The stored buffers are
         scaled in place and handed out (autograd keeps them as the parameters' .grad, no copy), so a second backward
         through this node recomputes."""
-        scale = None if self.stored is None else self._scale(g)
+        scale = None if self.stored is None or self.dropped else self._scale(g)
         if self.apart is not None:  # every term's own gradients, from an earlier recomputation
             parts = [(float(g[k]), [None if x is None else x.clone() for x in grads]) for k, grads in self.apart.items()]
         elif scale is None and self.recomputed == 0:
@@ -320,16 +373,17 @@ class _Run:
             # gradients, which serve any further backward through this node without recomputing
             self.recomputed += 1
             with gathered(self.params):
-                self.known = {}  # (before the sweep: it keeps apart what is not hinted)
+                self.known, self.after = {}, {}  # (before the sweep: it keeps apart what is not hinted)
                 self.apart = self.sweep(None)[2]
             return self.backward(g)
         else:
             parts = [(scale, self.stored)] + [(float(g[k]), self.deferred[k]) for k in self.deferred]
+            parts += [(float(g[k]), w.grads) for k, w in self.waits.items()]
             self.stored, self.deferred = None, {}
         inputs = [self.args[i] for i in self.diff] + self.params
         hold_until_accumulated(self.params)
-        out = []
-        for j, x in enumerate(inputs):
+        totals = []
+        for j in range(len(inputs)):
             total = None
             for c, grads in parts:
                 if grads is None or grads[j] is None or c == 0:
@@ -338,8 +392,13 @@ class _Run:
                     total = grads[j] if c == 1 else grads[j].mul_(c)
                 else:
                     total.add_(grads[j], alpha=c)
-            out.append(None if total is None else total.to(x.dtype))
-        return out
+            totals.append(total)
+        waits, self.waits = self.waits, {}
+        for k, w in waits.items():  # the waiting rows' head gradient, in one product per term
+            if w.n and float(g[k]) != 0 and self.params:
+                dz, x = w.rows()
+                _fold_weight(totals, len(self.diff), dz.mul_(float(g[k])), x, self.params)
+        return [None if t is None else t.to(x.dtype) for t, x in zip(totals, inputs)]
 
     def _scale(self, g: dict[str, torch.Tensor]) -> float | None:
         """The common factor between the arriving gradients of the hinted terms and their hints, or None when they
@@ -355,6 +414,29 @@ class _Run:
         # the loss's float32 arithmetic gives the hinted weights to a few units in their last place: a factor that
         # close to 1 is 1 (no pass over the stored (V x d) gradient to scale it by 1 +- 1e-7)
         return 1.0 if abs(scale - 1.0) <= UNIT_RTOL else scale
+
+
+class _Waiting:
+    """A term's rows waiting for its weight (`After`): per input its gradient so far (the row inputs'), and the
+    nonzero rows of its logits' gradient with the head's inputs of those rows."""
+
+    def __init__(self, grads: list):
+        self.grads = grads
+        self.dz: list[torch.Tensor] = []
+        self.x: list[torch.Tensor] = []
+        self.n = 0
+
+    def add(self, dz: torch.Tensor, x: torch.Tensor) -> None:
+        if len(dz):
+            self.dz.append(dz)
+            self.x.append(x.to(dz.dtype))
+            self.n += len(dz)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every waiting row of the logits' gradient, the head's inputs of those rows), each a new tensor."""
+        dz, x = torch.cat(self.dz), torch.cat(self.x)
+        self.dz, self.x = [], []
+        return dz, x
 
 
 def hold_until_accumulated(params: list) -> None:

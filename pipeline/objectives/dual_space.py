@@ -19,7 +19,7 @@ from pipeline.objectives.base import (
     linear_sg,
     teacher_target,
 )
-from pipeline.objectives.chunks import chunked, pieces, student_and_projected, whole_groups
+from pipeline.objectives.chunks import After, chunked, pieces, student_and_projected, whole_groups
 from pipeline.objectives.table import spec
 
 
@@ -158,14 +158,23 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     h_t2s = h_t2s.index_copy(0, s_rows, apply_projector(proj.t2s, h_t[t_rows]).to(h_t2s.dtype))
     y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
     rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
-    # the fused chunks need the masked term's weight: the last micro-batch's choice guesses unmasked (a wrong guess
-    # is recomputed in backward); masked, or no guess yet, counts the agreeing rows first (`agreement`)
+    # the fused chunks need the masked term's weight, 1 / the agreeing count: the last micro-batch's choice guesses
+    # (a wrong guess is recomputed in backward). Unmasked, it is known; masked, with about as many agreeing rows as
+    # the count could keep logits for, the masked term's gradient waits for it (`chunks.After`); else, or with no
+    # guess yet, the agreeing rows are counted first (`agreement`)
     masked, n_first, first, cuts = False if gold else ob.masked_guess, None, None, spans_of(extra)
+    wait = None
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
-        n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
-        masked = n_first / max(n_rows, 1) <= c.t2s_agreement
-    st = student_space(ob, student, labels, h_t2s, y_t2s, rows, t2s_hints(ob, normaliser, t2s_norm, masked, n_first),
-                       extra, first)
+        bound = KEPT_CHUNKS * ob.chunk
+        if masked and ob.agreement_guess * n_rows <= bound / 2:
+            wait = After(bound)
+        else:
+            n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
+            masked = n_first / max(n_rows, 1) <= c.t2s_agreement
+    hints = t2s_hints(ob, normaliser, t2s_norm, masked, n_first)
+    if wait is not None:
+        hints["kd_agree"] = wait
+    st = student_space(ob, student, labels, h_t2s, y_t2s, rows, hints, extra, first)
     # teacher space
     te = None
     if c.spaces != "student":
@@ -179,7 +188,8 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     if gold:
         kd = kd_terms(ob, st, te, normaliser, st["kd_rows"] / normaliser, normaliser)
     else:
-        masked = ob.masked_guess = n_agree / max(n_rows, 1) <= c.t2s_agreement
+        ob.agreement_guess = n_agree / max(n_rows, 1)
+        masked = ob.masked_guess = ob.agreement_guess <= c.t2s_agreement
         t2s_kd = st["kd_agree"] / max(n_agree, 1e-3) if masked else st["kd_rows"] / t2s_norm
         kd = kd_terms(ob, st, te, t2s_norm, t2s_kd, max(n_rows, 1e-8) if local else normaliser)
     stats = {"t2s_agreement": n_agree / max(n_rows, 1), "aligned_positions": float(n_rows)}
