@@ -327,6 +327,15 @@ def test_after_a_micro_batch_with_few_agreeing_rows_the_masked_term_waits_and_no
     student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
     student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
     batch, side = s.cache_batch(), s.cache_side()
+    # the same weights in float32: the gradients both bf16 computations round
+    exact_s, exact_p = copy.deepcopy(student).float(), None if proj is None else copy.deepcopy(proj).float()
+    run_objective(cfg, exact_s, exact_p, side, batch, chunk=10**6)
+    exact = grads(exact_s, exact_p)
+
+    def error(g: dict) -> float:  # the largest difference from float32, relative to each gradient's largest entry
+        return max(float((g[k].float() - exact[k]).abs().max() / exact[k].abs().max()) for k in exact
+                   if exact[k].abs().max() > 0)
+
     whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
     monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
     fused = Objective(cfg, side, proj2, chunk_positions=7)
@@ -767,20 +776,43 @@ def test_flop_floor_is_a_lower_bound_of_the_counted_flops(request, pairing, obje
 
 
 @pytest.mark.parametrize("objective,kind", [("kd", "same"), ("dskd_v2", "same"), ("dskd_eta", "cross"), ("alm_eta", "cross")])
-def test_fused_chunks_in_bf16_stay_within_the_rounding_of_one_bf16_gradient(request, objective, kind):
+def test_fused_chunks_in_bf16_stay_within_the_rounding_of_one_bf16_gradient(monkeypatch, request, objective, kind):
     """bf16 mixed precision (student and projectors in bf16, as DeepSpeed's bf16 runs them): each chunk's head
     gradient is a bf16 product summed in float32, the whole computation's one bf16 product; they differ by
-    bf16 rounding (2^-8 of a gradient's largest entry, the bound asserted), and the loss by float32 summation."""
+    bf16 rounding (2^-8 of a gradient's largest entry, the bound asserted), and the loss by float32 summation.
+    Two micro-batches: the dskd family's second lets its masked term wait for its weight (`chunks.After`), whose
+    rows' gradient is then a bf16 product of its own: two bf16 roundings (2^-7)."""
     s = request.getfixturevalue(kind)
-    cfg = _cfg(objective, divergence="js")
+    cfg = _cfg(objective, divergence="js", init_t2s=True)
     student, proj = s.models(cfg, head_noise=HEAD_NOISE if kind == "same" else None)
     student, proj = student.to(torch.bfloat16), None if proj is None else proj.to(torch.bfloat16)
     student2, proj2 = copy.deepcopy(student), copy.deepcopy(proj)
-    batch = s.cache_batch()
-    whole = run_objective(cfg, student, proj, s.cache_side(), batch, chunk=10**6)
-    parts = run_objective(cfg, student2, proj2, s.cache_side(), batch, chunk=7)
-    torch.testing.assert_close(parts.loss, whole.loss, rtol=1e-5, atol=1e-6)
-    g1, g2 = grads(student, proj), grads(student2, proj2)
-    worst = max(float((g1[k].float() - g2[k].float()).abs().max() / g1[k].float().abs().max().clamp(min=1e-30))
-                for k in g1 if g1[k].abs().max() > 0)
-    assert worst <= 2 ** -8, worst
+    batch, side = s.cache_batch(), s.cache_side()
+    # the same weights in float32: the gradients both bf16 computations round
+    exact_s, exact_p = copy.deepcopy(student).float(), None if proj is None else copy.deepcopy(proj).float()
+    run_objective(cfg, exact_s, exact_p, side, batch, chunk=10**6)
+    exact = grads(exact_s, exact_p)
+
+    def error(g: dict) -> float:  # the largest difference from float32, relative to each gradient's largest entry
+        return max(float((g[k].float() - exact[k]).abs().max() / exact[k].abs().max()) for k in exact
+                   if exact[k].abs().max() > 0)
+
+    whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
+    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
+    fused = Objective(cfg, side, proj2, chunk_positions=7)
+    for _ in range(2):
+        student2.zero_grad(set_to_none=True)
+        if proj2 is not None:
+            proj2.zero_grad(set_to_none=True)
+        hidden = decoder_hidden(student2, batch.input_ids, batch.attention_mask)
+        parts = fused(batch, student_side(student2, batch, hidden), normaliser=batch.n_tokens / 2)
+        parts.loss.backward()
+        torch.testing.assert_close(parts.loss, whole.loss, rtol=1e-5, atol=1e-6)
+        g1, g2 = grads(student, proj), grads(student2, proj2)
+        worst = max(float((g1[k].float() - g2[k].float()).abs().max() / g1[k].float().abs().max().clamp(min=1e-30))
+                    for k in g1 if g1[k].abs().max() > 0)
+        if _ == 0 or objective not in ("dskd_v2", "dskd_eta", "alm_eta"):
+            assert worst <= 2 ** -8, worst
+        else:  # the waiting rows' gradient is a bf16 product of its own, summed in float32 with the rest's: no
+            # further from float32 than the whole computation's
+            assert error(g2) <= 1.25 * error(g1), (error(g2), error(g1))

@@ -9,9 +9,11 @@ through one autograd node (`_Fused`) whose backward scales the stored gradients 
 That needs each term's weight in the loss while the chunks run, before the loss exists: `hints` gives it, up to one
 common factor (the accumulation's or the on-policy mix's scale is left to the backward). A term whose weight is
 unknown until every chunk has run is hinted `None`: its gradient is kept apart, at the cost of one more backward
-through the chunk for it (the DSKD family's agreement-masked term, divided by the agreeing count, avoids that by
-counting first: `dual_space.agreement`). A single differentiable term
-needs no hint. In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess,
+through the chunk for it and a weight-gradient buffer of its own. A term that reaches the inputs only through the
+recorded head's logits can be hinted `After(rows)` instead: the nonzero rows of its logits' gradient wait, with their
+head inputs, for the weight the backward brings, and their head-gradient product is made then (the DSKD family's
+agreement-masked term, divided by the agreeing count, whose gradient is nonzero on the agreeing rows alone; when
+many rows agree it counts them first instead: `dual_space.agreement`). A single differentiable term needs no hint. In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess,
 or a caller asking for one term alone, as the per-term gradient diagnostics do) the chunks are recomputed with the
 arriving weights, the checkpointed path of before: the hints decide speed, never the gradient.
 
@@ -352,7 +354,7 @@ class _Run:
         self.grad_names = [k for k, v in out.items() if v.requires_grad and not is_maximum(k)]
         only = len(self.grad_names) == 1 and not self.hints
         self.known = {} if only else {k: float(self.hints[k]) for k in self.grad_names
-                                      if isinstance(self.hints.get(k), (int, float))}
+                                      if self.hints.get(k) is not None and not isinstance(self.hints[k], After)}
         self.after = {} if only else {k: self.hints[k].rows for k in self.grad_names
                                       if isinstance(self.hints.get(k), After) and self.plain}
 

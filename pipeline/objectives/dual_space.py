@@ -87,7 +87,8 @@ def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch
     return (z_t2s.argmax(-1) == yt) & (yt != -100) & (rows > 0)
 
 
-# up to this many chunks' rows, the agreement count's logits are kept for the chunks (a bound on what they hold)
+# up to this many chunks' rows, the agreement count's logits are kept for the chunks, or the masked term's agreeing
+# rows wait for its weight (`chunks.After`): a bound on what either holds
 KEPT_CHUNKS = 4
 
 
@@ -166,7 +167,7 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     wait = None
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
         bound = KEPT_CHUNKS * ob.chunk
-        if masked and ob.agreement_guess * n_rows <= bound / 2:
+        if masked and ob.agreement_guess * n_rows <= 0.75 * bound:  # (a margin: more rows recompute the chunks)
             wait = After(bound)
         else:
             n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
