@@ -315,6 +315,24 @@ def test_the_agreement_count_costs_no_head_product_while_its_logits_are_kept(mon
     assert multiplied == ([n, *pairs] if kept == 4 else [*spans, *[2 * k for k in spans]]), (multiplied, n)
 
 
+def always_wait(monkeypatch) -> None:
+    """After a masked micro-batch, the masked term always waits for its weight (`dual_space.wait_hint`'s choice
+    forced; the tiny batches here are too short for it to choose waiting)."""
+    monkeypatch.setattr(dual_space, "wait_hint", lambda masked, *a: chunks.After(10**6) if masked else None)
+
+
+def test_the_masked_term_waits_only_where_that_is_cheaper_than_counting():
+    """Waiting repeats the head's products over the agreeing rows; counting costs a product only when the positions
+    are beyond the logits it may keep (4 chunks): wait only then, with few agreeing rows expected, after a masked
+    micro-batch."""
+    hint = dual_space.wait_hint
+    assert hint(True, 0.1, 300, 280, 64) == chunks.After(256)
+    assert hint(True, 0.1, 250, 240, 64) is None  # the count keeps its logits: no product more
+    assert hint(True, 0.4, 300, 280, 64) is None  # 112 agreeing rows expected: their products cost more
+    assert hint(False, 0.0, 300, 280, 64) is None and hint(None, 0.0, 300, 280, 64) is None  # unmasked, no guess
+    assert hint(True, 0.2, 4000, 4000, 64) is None  # 800 rows expected: more than the bound (256) allows
+
+
 @pytest.mark.parametrize("objective,kind", [("dskd_eta", "cross"), ("dskd_v2", "same")])
 def test_after_a_micro_batch_with_few_agreeing_rows_the_masked_term_waits_and_nothing_is_counted_first(
         monkeypatch, request, objective, kind):
@@ -337,7 +355,7 @@ def test_after_a_micro_batch_with_few_agreeing_rows_the_masked_term_waits_and_no
                    if exact[k].abs().max() > 0)
 
     whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
-    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
+    always_wait(monkeypatch)
     fused = Objective(cfg, side, proj2, chunk_positions=7)
     multiplied = rows_through_head(monkeypatch, student2)
     n = int((batch.labels != -100).sum())
@@ -798,7 +816,7 @@ def test_fused_chunks_in_bf16_stay_within_the_rounding_of_one_bf16_gradient(monk
                    if exact[k].abs().max() > 0)
 
     whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
-    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
+    always_wait(monkeypatch)
     fused = Objective(cfg, side, proj2, chunk_positions=7)
     for _ in range(2):
         student2.zero_grad(set_to_none=True)

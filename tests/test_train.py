@@ -17,12 +17,13 @@ import transformers
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, DistillConfig, dump_config, load_config
-from pipeline.objectives import chunks, dual_space
+from pipeline.objectives import chunks
 from pipeline.train import checkpoint, engine
 from pipeline.train.checkpoint import CheckpointError, TrainingDiverged
 from pipeline.train.sampler import MicroBatchStream, eval_batches
 from stages import distill, teacher_cache
 from tests.conftest import ROOT
+from tests.test_objectives import always_wait
 
 
 def rows(run_dir):
@@ -143,7 +144,7 @@ def test_zero_stages_train_alike_in_one_process(caches, monkeypatch):
     waited = []
     real = chunks._Run._wait
     monkeypatch.setattr(chunks._Run, "_wait", lambda self, *a: waited.append(1) or real(self, *a))
-    monkeypatch.setattr(dual_space, "KEPT_CHUNKS", 100)
+    always_wait(monkeypatch)
     runs = {}
     for ds in ("zero0", "zero2", "zero3", "zero2_offload", "zero3 fused", "zero0 fused"):
         # "fused": 16-position chunks of the vocabulary-sized work, each chunk's gradients taken in the forward

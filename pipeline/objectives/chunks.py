@@ -13,8 +13,9 @@ through the chunk for it and a weight-gradient buffer of its own. A term that re
 recorded head's logits can be hinted `After(rows)` instead: the nonzero rows of its logits' gradient wait, with their
 head inputs, for the weight the backward brings, and their head-gradient product is made then (the DSKD family's
 agreement-masked term, divided by the agreeing count, whose gradient is nonzero on the agreeing rows alone; when
-many rows agree it counts them first instead: `dual_space.agreement`). A single differentiable term needs no hint. In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess,
-or a caller asking for one term alone, as the per-term gradient diagnostics do) the chunks are recomputed with the
+many rows agree it counts them first instead: `dual_space.agreement`). A single differentiable term needs no hint.
+In backward the arriving gradients are checked against the hints; when they disagree (a wrong guess, or a caller
+asking for one term alone, as the per-term gradient diagnostics do) the chunks are recomputed with the
 arriving weights, the checkpointed path of before: the hints decide speed, never the gradient.
 
 Under ZeRO-3 the head's partitioned weight is gathered around the fused node (the node sees its full shape, so the

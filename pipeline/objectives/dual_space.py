@@ -92,6 +92,25 @@ def agreeing(z_t2s: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor) -> torch
 KEPT_CHUNKS = 4
 
 
+# the masked term waits for its weight only while its agreeing rows are expected below this fraction of the t2s rows
+WAIT_FRACTION = 0.25
+
+
+def wait_hint(masked: bool | None, agreeing: float, n: int, n_rows: int, chunk: int) -> After | None:
+    """The masked term's hint `chunks.After` when waiting for its weight is cheaper than counting first, else None
+    (count). Counting costs one product over the n positions' projected rows when it cannot keep their logits (more
+    than KEPT_CHUNKS chunks of positions), nothing more when it can; waiting repeats the head's two products (the rows'
+    gradient, the weight's) over the agreeing rows, at the small products' lower rate. So: the last micro-batch was
+    masked, this one's positions are beyond the kept logits, and its expected agreeing rows (the last fraction
+    `agreeing` of its `n_rows` t2s rows) are below WAIT_FRACTION of them and three quarters of the bound on the rows
+    that may wait (a margin: more than the bound recompute the chunks)."""
+    bound = KEPT_CHUNKS * chunk
+    expected = agreeing * n_rows
+    if masked and n > bound and expected <= min(0.75 * bound, WAIT_FRACTION * n_rows):
+        return After(bound)
+    return None
+
+
 def agreement(ob: ObjectiveBase, student: StudentSide, h_t2s, t2s_labels, t2s_rows) -> tuple[float, tuple]:
     """(the count of agreeing t2s rows, (the projected teacher's logits or None, the agreeing rows)), taken before
     the fused chunks so that the masked term's weight, 1 / count, is known to them. One product without gradient
@@ -160,16 +179,13 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     y_t2s = torch.full((n,), -100, dtype=torch.long, device=dev).index_copy(0, s_rows, t2s_y)
     rows = torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, s_rows, True)
     # the fused chunks need the masked term's weight, 1 / the agreeing count: the last micro-batch's choice guesses
-    # (a wrong guess is recomputed in backward). Unmasked, it is known; masked, with about as many agreeing rows as
-    # the count could keep logits for, the masked term's gradient waits for it (`chunks.After`); else, or with no
-    # guess yet, the agreeing rows are counted first (`agreement`)
+    # (a wrong guess is recomputed in backward). Unmasked, it is known; masked, the term's gradient waits for it
+    # where that is cheaper (`wait_hint`), else, or with no guess yet, the agreeing rows are counted first
     masked, n_first, first, cuts = False if gold else ob.masked_guess, None, None, spans_of(extra)
     wait = None
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
-        bound = KEPT_CHUNKS * ob.chunk
-        if masked and ob.agreement_guess * n_rows <= 0.75 * bound:  # (a margin: more rows recompute the chunks)
-            wait = After(bound)
-        else:
+        wait = wait_hint(masked, ob.agreement_guess, n, n_rows, ob.chunk)
+        if wait is None:
             n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
             masked = n_first / max(n_rows, 1) <= c.t2s_agreement
     hints = t2s_hints(ob, normaliser, t2s_norm, masked, n_first)
