@@ -1,6 +1,12 @@
 """The loss alone at the 262k vocabulary: fused chunks of several sizes vs naive, alternating in one process.
 
     python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks 32,64,128] [--rounds 3] [--no-memory]
+    python bench/chunks.py --rates [--rounds 3]
+
+`--rates`: the student head's three products alone at the Gemma-3 prune's shape (V x d), by rows per product
+(a chunk's 64, two chunks' 128 as one joint product takes them, 256, and 433 / 866: naive's at 10 rows):
+logits (rows x d) @ W^T, the rows' gradient (rows x V) @ W, the weight's gradient W' += (rows x V)^T (rows x d), in
+GFLOP/s, median and min-max over interleaved rounds. What a chunk of positions costs beyond FLOPs.
 
 SmolLM2-135M's cache -> the 6-layer Gemma-3 prune (`make bench-train`'s vocab pair, built here if missing): the
 first `--rows` cached rows as one micro-batch, the student's hidden states computed once and detached, so each
@@ -44,7 +50,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # a child: this chunk size's peak memory
+    ap.add_argument("--rates", action="store_true", help="the head's products alone, by rows per product")
     args = ap.parse_args()
+    if args.rates:
+        keep_freed_memory()
+        rates(args.rounds)
+        return
     if not args.peak_of:  # a child measuring memory keeps glibc's default: a freed large tensor goes back at once
         keep_freed_memory()  # as stage 2 runs
     cache, student_dir = setup("vocab", 12)
@@ -117,6 +128,29 @@ def main() -> None:
     print(f"  peak resident memory of the loss's forward + backward above the process's before it, {args.rounds} rounds:")
     for v, xs in peaks.items():
         print(f"  {v:<24} {statistics.median(xs):6.0f} MB  / naive {show(spread(a / b for a, b in zip(xs, peaks['naive'])))}")
+
+
+def rates(rounds: int, rows=(64, 128, 256, 433, 866)) -> None:
+    """GFLOP/s of the head's three products by rows per product (`--rates`)."""
+    _, student_dir = setup("vocab", 12)
+    w = load_model(ModelRef(path=str(student_dir))).get_output_embeddings().weight.detach().float().contiguous()
+    v, d = w.shape
+    gen = torch.Generator().manual_seed(0)
+    got: dict[tuple[int, str], list[float]] = {}
+    for _ in range(rounds):
+        for r in rows:
+            x, dz, grad = torch.randn(r, d, generator=gen), torch.randn(r, v, generator=gen), torch.zeros(v, d)
+            products = {"logits": lambda x=x: x @ w.t(), "rows' gradient": lambda dz=dz: dz @ w,
+                        "weight's gradient": lambda x=x, dz=dz, grad=grad: grad.addmm_(dz.t(), x)}
+            for name, f in products.items():
+                f()  # (first touch of its output)
+                t0 = time.perf_counter()
+                f()
+                got.setdefault((r, name), []).append(2 * r * v * d / (time.perf_counter() - t0) / 1e9)
+    print(f"bench-chunks --rates: the head's products at V {v:,} x d {d}, {torch.get_num_threads()} threads, "
+          f"GFLOP/s over {rounds} interleaved rounds")
+    for (r, name), xs in got.items():
+        print(f"  {r:>4} rows  {name:<18} {show(spread(xs), ' GFLOP/s', 0)}")
 
 
 if __name__ == "__main__":
