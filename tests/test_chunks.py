@@ -214,3 +214,16 @@ def test_a_term_whose_weight_comes_after_is_kept_apart_without_a_recorded_head(c
     for w, g in zip(want, grads_of(loss_of(got), [h, x])):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
     assert not twice(calls)
+
+
+def test_only_a_plain_trainable_head_is_recorded():
+    """The chunks record a linear head whose trainable parameters are its own weight and bias; a frozen head, or one
+    with parameters of its own (a LoRA adapter), is used as it is (an `After` term is then kept apart)."""
+    head = torch.nn.Linear(4, 7)
+    assert chunks.recorded(head)
+    head.bias.requires_grad_(False)
+    assert chunks.recorded(head)
+    head.requires_grad_(False)
+    assert not chunks.recorded(head)
+    head.adapter = torch.nn.Linear(4, 2)  # trainable, not the head's weight or bias
+    assert not chunks.recorded(head)

@@ -237,10 +237,9 @@ class _Run:
 
     def __post_init__(self):
         h = self.head
-        own = {id(getattr(h, "weight", None)), id(getattr(h, "bias", None))}
         # a plain linear head is recorded (Recorder); any other head (a LoRA adapter on it) is used as it is, its own
         # trainable parameters the inputs of the chunks' autograd
-        self.plain = h is None or all(id(p) in own for p in h.parameters() if p.requires_grad)
+        self.plain = h is None or plain(h)
         self.params = [] if h is None else [p for p in h.parameters() if p.requires_grad]
 
     def local(self) -> tuple[nn.Module | None, list]:
@@ -440,6 +439,18 @@ class _Waiting:
         dz, x = torch.cat(self.dz), torch.cat(self.x)
         self.dz, self.x = [], []
         return dz, x
+
+
+def plain(head: nn.Module) -> bool:
+    """Whether the head's trainable parameters are its own weight and bias (none: frozen, also plain)."""
+    own = {id(getattr(head, "weight", None)), id(getattr(head, "bias", None))}
+    return all(id(p) in own for p in head.parameters() if p.requires_grad)
+
+
+def recorded(head: nn.Module) -> bool:
+    """Whether the fused chunks record this head's calls (`Recorder`): a plain head with a trainable parameter, the
+    one kind on which a term hinted `After` waits in its rows instead of being kept apart."""
+    return plain(head) and any(p.requires_grad for p in head.parameters())
 
 
 def hold_until_accumulated(params: list) -> None:

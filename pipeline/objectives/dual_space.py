@@ -19,7 +19,7 @@ from pipeline.objectives.base import (
     linear_sg,
     teacher_target,
 )
-from pipeline.objectives.chunks import After, chunked, pieces, student_and_projected, whole_groups
+from pipeline.objectives.chunks import After, chunked, pieces, recorded, student_and_projected, whole_groups
 from pipeline.objectives.table import spec
 
 
@@ -184,7 +184,8 @@ def dskd_terms(ob: ObjectiveBase, batch: Batch, student: StudentSide, labels: to
     masked, n_first, first, cuts = False if gold else ob.masked_guess, None, None, spans_of(extra)
     wait = None
     if masked is not False and torch.is_grad_enabled() and len(pieces(n, ob.chunk, cuts)) > 1:
-        wait = wait_hint(masked, ob.agreement_guess, n, n_rows, ob.chunk)
+        # (a head the chunks do not record would keep the term apart: a backward more per chunk, so count)
+        wait = wait_hint(masked, ob.agreement_guess, n, n_rows, ob.chunk) if recorded(student.head) else None
         if wait is None:
             n_first, first = agreement(ob, student, h_t2s, y_t2s, rows)
             masked = n_first / max(n_rows, 1) <= c.t2s_agreement
