@@ -1,6 +1,11 @@
 """Where a stage-2 step's peak memory goes at the 262k vocabulary: resting state, the step's own tensors, allocator.
 
     python bench/step_memory.py [--variants "dskd_eta x4,dskd_eta x4 naive"] [--malloc keep,default] [--step 3]
+    python bench/step_memory.py --reuse
+
+`--reuse`: whether glibc, told to keep freed memory as stage 2 does, gives a freed (128 x 262,144) float32 tensor's
+block to the next tensor of that size: each pass's address and the pages it faulted in (docs/results.md, "Why
+glibc holds that much"; run it under THP_MEM_ALLOC_ENABLE=1 or GLIBC_TUNABLES to see the remedies there).
 
 `make bench-train`'s vocab pair (SmolLM2-135M's cache -> the 6-layer Gemma-3 prune, built there if missing), each
 variant and allocator setting (`DSKD_CPU_MALLOC`) in a process of its own, stage 2 as users run it. Three figures
@@ -96,6 +101,28 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
     out.write_text(json.dumps(got))
 
 
+def reuse(passes: int = 5) -> None:
+    """`--reuse`: a (128 x 262,144) float32 tensor allocated, filled and freed `passes` times."""
+    import resource
+
+    import torch
+
+    from pipeline.cpu import keep_freed_memory
+
+    keep_freed_memory()
+    moved = []
+    for i in range(passes):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(128, 262_144)
+        x.fill_(1.0)
+        moved.append(x.data_ptr())
+        del x
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print(f"  pass {i + 1}: at {moved[-1]:#x} ({(moved[-1] - moved[0]) / 2**20:+.0f} MB from the first), "
+              f"{faults} pages faulted in")
+    print(f"  the same block each pass: {len(set(moved)) == 1}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="dskd_eta x4,dskd_eta x4 naive")
@@ -105,7 +132,11 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true", help="a freed vocabulary-sized tensor's block, taken again?")
     args = ap.parse_args()
+    if args.reuse:
+        reuse()
+        return
     if args.step < 2:
         sys.exit("--step must be >= 2 (the step before it gives the resting memory)")
     os.chdir(ROOT)

@@ -180,7 +180,10 @@ def keep_freed_memory(environ=None) -> bool:
     leave gaps the heap cannot reuse. At V = 262,144 (`python bench/step_memory.py`: dskd_eta, micro-batch 8, 2
     cores) the fused step's peak resident memory was 7175 MB against 6386 MB with glibc's default, for 7.8 s against
     10.0 s a step (3247 MB resting, 2236 MB of the step's own tensors at once: the allocator held 1692 MB beyond
-    them, against 903). `DSKD_CPU_MALLOC=default` chooses the lower peak.
+    them, against 903). `DSKD_CPU_MALLOC=default` chooses the lower peak. Most of what glibc holds beyond the
+    tensors comes from torch's 64-byte-aligned allocations, whose slivers glibc caches apart, so that a freed block
+    cannot take the next tensor of its size; page alignment (torch's THP_MEM_ALLOC_ENABLE) and glibc without its
+    per-thread cache both cure that and both cost more elsewhere (docs/results.md, "Why glibc holds that much").
     Process-wide. Returns False where it does not apply or is turned off."""
     if malloc_setting(environ) == "default":
         return False
