@@ -80,6 +80,27 @@ def test_fused_equals_unchunked_and_runs_each_chunk_once(calls, hints, loss_of):
     assert not twice(calls), "a chunk ran its forward twice"
 
 
+@pytest.mark.parametrize("from_malloc", [False, True], ids=["torch", "malloc"])
+def test_what_the_chunks_sum_keeps_no_graph_and_a_large_buffer_comes_from_malloc(monkeypatch, from_malloc):
+    """The summed gradients are plain tensors: a product recorded on a chunk's row inputs would keep each chunk's
+    logits' gradient alive until the backward (what fused chunks exist to avoid). With every buffer taken from
+    malloc (`chunks.buffer`, the large ones' path), the gradients are still the unchunked ones."""
+    monkeypatch.setattr(chunks, "MALLOC_BYTES", 0 if from_malloc else chunks.MALLOC_BYTES)
+    shapes = []
+    real_empty = chunks.np.empty
+    monkeypatch.setattr(chunks.np, "empty", lambda shape, **k: shapes.append(tuple(shape)) or real_empty(shape, **k))
+    head, h, x, y = setup(n=300, v=13)  # chunks of 150 rows: each folded into the weight gradient at once
+    inputs = [h, x, head.weight, head.bias]
+    whole = fn(head, h, x, y)
+    want = grads_of(0.3 * whole["a"] + 0.7 * whole["b"], inputs)
+    got = chunked(fn, len(y), 150, h, x, y, head=head, hints={"a": 0.3, "b": 0.7})
+    stored = got["a"].grad_fn.run.stored
+    assert all(t is None or (not t.requires_grad and t.grad_fn is None) for t in stored)
+    assert (tuple(head.weight.shape) in shapes) == from_malloc and stored[2].shape == head.weight.shape
+    for w, g in zip(want, grads_of(0.3 * got["a"] + 0.7 * got["b"], inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+
+
 def test_a_loss_other_than_the_hints_recomputes_and_is_still_exact(calls):
     """The per-term gradient diagnostics ask for one term at a time: the chunks run again with those weights, and
     from the second request on with every term kept apart, so a node serves any number of requests with two

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -431,7 +432,7 @@ class _Waiting:
     def add(self, dz: torch.Tensor, x: torch.Tensor) -> None:
         if len(dz):
             self.dz.append(dz)
-            self.x.append(x.to(dz.dtype))
+            self.x.append(x.detach().to(dz.dtype))
             self.n += len(dz)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -494,7 +495,7 @@ class _HeadRows:
         self.n = 0
 
     def add(self, into: list, dz: torch.Tensor, x: torch.Tensor) -> None:
-        dz, x = dz.reshape(-1, dz.shape[-1]), x.reshape(-1, x.shape[-1]).to(dz.dtype)
+        dz, x = dz.reshape(-1, dz.shape[-1]), x.detach().reshape(-1, x.shape[-1]).to(dz.dtype)
         k = len(dz)
         if self.n + k > HEAD_GRAD_ROWS:
             self.flush(into)
@@ -502,7 +503,7 @@ class _HeadRows:
             _fold_weight(into, self.first, dz, x, self.params)
             return
         if self.dz is None:
-            self.dz = dz.new_empty(HEAD_GRAD_ROWS, dz.shape[-1])
+            self.dz = buffer((HEAD_GRAD_ROWS, dz.shape[-1]), dz.dtype, dz.device)
             self.x = x.new_empty(HEAD_GRAD_ROWS, x.shape[-1])
         self.dz[self.n : self.n + k] = dz
         self.x[self.n : self.n + k] = x
@@ -522,12 +523,17 @@ def _fold_weight(into: list, first: int, dz: torch.Tensor, x: torch.Tensor, para
     w = first
     if params[0].dim() != 2:  # the bias alone trains
         w = None
-    x = x.reshape(-1, x.shape[-1]).to(dz.dtype)
-    dz = dz.reshape(-1, dz.shape[-1])
+    # (without autograd: x is a chunk's row input, and a product recorded on it would keep every folded dz alive
+    # until the backward, as the saved input of its gradient)
+    x = x.detach().reshape(-1, x.shape[-1]).to(dz.dtype)
+    dz = dz.detach().reshape(-1, dz.shape[-1])
     if w is not None:
         if into[w] is None:
-            prod = dz.t() @ x
-            into[w] = prod if prod.dtype == _at_least_float(prod.dtype) else prod.float()
+            into[w] = buffer((dz.shape[-1], x.shape[-1]), _at_least_float(dz.dtype), dz.device)
+            if into[w].dtype == dz.dtype:
+                torch.mm(dz.t(), x, out=into[w])
+            else:  # (bf16: its product, summed from here on in float32)
+                into[w].copy_(dz.t() @ x)
         elif into[w].dtype == dz.dtype:
             into[w].addmm_(dz.t(), x)
         else:
@@ -536,6 +542,26 @@ def _fold_weight(into: list, first: int, dz: torch.Tensor, x: torch.Tensor, para
     if b < len(into) and b - first < len(params) and params[b - first].dim() == 1:
         db = dz.sum(0)
         into[b] = db.to(_at_least_float(db.dtype)) if into[b] is None else into[b].add_(db)
+
+
+# CPU buffers of at least this many bytes come from malloc (`buffer`)
+MALLOC_BYTES = 32 << 20
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for what the chunks sum (the head's (V x d) weight gradient, the rows waiting for
+    its product). On the CPU, a large float one is taken from malloc (numpy's allocation) instead of torch's
+    allocator: torch asks glibc for 64-byte-aligned blocks, and glibc keeps the slivers it cuts around each apart,
+    so a freed block is never given to the next tensor of its size. Stage 2 frees the weight gradient after every
+    optimizer step (and the chunks make a new one each micro-batch): through torch, each new one came from fresh
+    pages further up the heap (at 262,144 x 640, 163,840 page faults and a 640 MB move, every micro-batch), and its
+    first product ran at a quarter of the rate of the next (`python bench/chunks.py --split`); from malloc the
+    freed block is taken again. See docs/results.md, "Why glibc holds that much"."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or dtype not in _NUMPY or itemsize * int(np.prod(shape)) < MALLOC_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=_NUMPY[dtype]))
 
 
 def _at_least_float(dtype: torch.dtype) -> torch.dtype:
