@@ -374,6 +374,26 @@ def test_after_a_micro_batch_with_few_agreeing_rows_the_masked_term_waits_and_no
             torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{objective} {k}: {m}")
 
 
+def test_the_teacher_space_chunks_by_the_teachers_vocabulary_unless_a_size_is_set(monkeypatch, cross):
+    """Automatic chunks hold about the same bytes of logits whatever the vocabulary: the teacher space's (teacher
+    head over projected student rows) follow the teacher's vocabulary, not the largest in play, so that a small
+    teacher vocabulary beside a large student one is not cut into small products; a configured size holds for
+    every space."""
+    cfg = _cfg("dskd_eta")
+    assert Objective(cfg, cross.cache_side()).chunk_for(49_152) == losses.auto_chunk_positions(49_152) == 256
+    assert Objective(cfg, cross.cache_side(), chunk_positions=7).chunk_for(49_152) == 7
+    student, proj = cross.models(cfg)
+    batch, side = cross.cache_batch(), cross.cache_side()
+    asked, sizes = [], []
+    real_for, real_chunked = ObjectiveBase.chunk_for, dual_space.chunked
+    monkeypatch.setattr(ObjectiveBase, "chunk_for", lambda self, v: asked.append(v) or 5 if not self.fixed_chunk
+                        else real_for(self, v))
+    monkeypatch.setattr(dual_space, "chunked", lambda fn, n, size, *a, **k: sizes.append(size) or real_chunked(fn, n, size, *a, **k))
+    out = run_objective(cfg, student, proj, side, batch, chunk=0)
+    auto = losses.auto_chunk_positions(max(student.get_output_embeddings().weight.shape[0], side.head.vocab_size))
+    assert asked == [side.head.vocab_size] and sizes == [auto, 5] and out.loss.isfinite()
+
+
 SHARED = [("kd", "same"), ("dskd_v2", "same"), ("dskd", "same"), ("mined", "cross"), ("dskd_eta", "cross"),
           ("alm_eta", "cross"), ("dskd_cma", "cross")]
 

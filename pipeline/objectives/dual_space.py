@@ -139,7 +139,7 @@ def teacher_space(ob: ObjectiveBase, batch: Batch, h_s2t: torch.Tensor, t_rows: 
         name = None if ob.cfg.s2t_divergence == "same" else ob.cfg.s2t_divergence
         return {"s2t_kd": ob.div(t.head.logits(hs), target, name).sum(), "max_err": err}
 
-    return chunked(fn, len(t_rows), ob.chunk, h_s2t, hidden_t, ob.sparse(batch, t_rows))
+    return chunked(fn, len(t_rows), ob.chunk_for(t.head.vocab_size), h_s2t, hidden_t, ob.sparse(batch, t_rows))
 
 
 def kd_terms(ob: ObjectiveBase, st: dict, te: dict | None, norm_t2s: float, t2s_kd: torch.Tensor, norm_s2t: float) -> dict:
