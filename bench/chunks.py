@@ -1,12 +1,15 @@
 """The loss alone at the 262k vocabulary: fused chunks of several sizes vs naive, alternating in one process.
 
-    python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks 32,64,128] [--rounds 3] [--no-memory]
+    python bench/chunks.py [--objective dskd_eta] [--rows 8] [--chunks auto,32,64,128] [--rounds 3] [--no-memory]
     python bench/chunks.py --rates [--rounds 3]
+    python bench/chunks.py --split [--chunks auto] [--rounds 3] [--no-memory]
 
 `--rates`: the student head's three products alone at the Gemma-3 prune's shape (V x d), by rows per product
 (a chunk's 64, two chunks' 128 as one joint product takes them, 256, and 433 / 866: naive's at 10 rows):
 logits (rows x d) @ W^T, the rows' gradient (rows x V) @ W, the weight's gradient W' += (rows x V)^T (rows x d), in
 GFLOP/s, median and min-max over interleaved rounds. What a chunk of positions costs beyond FLOPs.
+`--split`: after the timings, each variant's forward + backward once per round under torch's profiler, its CPU time
+split into the matrix products (aten::mm, addmm, addmm_, bmm) and everything else, fused / naive for each.
 
 SmolLM2-135M's cache -> the 6-layer Gemma-3 prune (`make bench-train`'s vocab pair, built here if missing): the
 first `--rows` cached rows as one micro-batch, the student's hidden states computed once and detached, so each
@@ -46,17 +49,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objective", default="dskd_eta")
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--chunks", default="32,64,128", help="fused chunk sizes in positions (naive always runs)")
+    ap.add_argument("--chunks", default="auto,32,64,128",
+                    help="fused chunk sizes in positions, `auto`: stage 2's default, each space's chunks from its "
+                         "own vocabulary (naive always runs)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # a child: this chunk size's peak memory
     ap.add_argument("--rates", action="store_true", help="the head's products alone, by rows per product")
+    ap.add_argument("--split", action="store_true", help="each variant's time in matrix products and the rest")
     args = ap.parse_args()
     if args.rates:
         keep_freed_memory()
         rates(args.rounds)
         return
-    if not args.peak_of:  # a child measuring memory keeps glibc's default: a freed large tensor goes back at once
+    if args.peak_of is None:  # a child measuring memory keeps glibc's default: a freed large tensor goes back at once
         keep_freed_memory()  # as stage 2 runs
     cache, student_dir = setup("vocab", 12)
     tok = load_tokenizer(ModelRef(path=str(student_dir)))
@@ -79,7 +85,7 @@ def main() -> None:
         return out
 
     dual_space.agreement = timed_count
-    if args.peak_of:
+    if args.peak_of is not None:
         run_once = Objective(cfg, teacher, proj, chunk_positions=args.peak_of)
         side = student_side(student, batch, hidden.detach().requires_grad_())
         malloc_trim()  # what setup freed
@@ -88,7 +94,8 @@ def main() -> None:
         run_once(batch, side, normaliser=100.0).loss.backward()
         print(json.dumps({"peak_mb": status_mb("VmHWM") - before}))
         return
-    variants = {f"fused, {c} positions": int(c) for c in args.chunks.split(",")} | {"naive": 1 << 30}
+    variants = {("fused, auto" if c == "auto" else f"fused, {c} positions"): 0 if c == "auto" else int(c)
+                for c in args.chunks.split(",")} | {"naive": 1 << 30}
     objectives = {v: Objective(cfg, teacher, proj, chunk_positions=c) for v, c in variants.items()}
 
     def run(v: str) -> tuple[float, float]:
@@ -117,6 +124,8 @@ def main() -> None:
         ratio = [a / b for a, b in zip(t, naive)]
         print(f"  {v:<24} {statistics.median(t):6.2f} s (count of agreeing rows {statistics.median(c for _, c in xs):.2f} s)"
               f"  / naive {statistics.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f})")
+    if args.split:
+        split(variants, run, args.rounds)
     if not args.memory:
         return
     peaks: dict[str, list[float]] = {v: [] for v in variants}
@@ -128,6 +137,26 @@ def main() -> None:
     print(f"  peak resident memory of the loss's forward + backward above the process's before it, {args.rounds} rounds:")
     for v, xs in peaks.items():
         print(f"  {v:<24} {statistics.median(xs):6.0f} MB  / naive {show(spread(a / b for a, b in zip(xs, peaks['naive'])))}")
+
+
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
+
+
+def split(variants: dict, run, rounds: int) -> None:
+    """`--split`: per variant and round, the seconds of CPU time in matrix products and in everything else."""
+    got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run(v)
+            ops = prof.key_averages()
+            products = sum(e.self_cpu_time_total for e in ops if e.key in PRODUCTS) / 1e6
+            got[v].append((products, sum(e.self_cpu_time_total for e in ops) / 1e6 - products))
+    print(f"  CPU time in matrix products and the rest (torch's profiler, {rounds} rounds):")
+    for v, xs in got.items():
+        print(f"  {v:<24} products {statistics.median(a for a, _ in xs):5.2f} s, the rest {statistics.median(b for _, b in xs):5.2f} s"
+              f"  / naive: products {show(spread(a / n for (a, _), (n, _) in zip(xs, got['naive'])))}, "
+              f"the rest {show(spread(b / n for (_, b), (_, n) in zip(xs, got['naive'])))}")
 
 
 def rates(rounds: int, rows=(64, 128, 256, 433, 866)) -> None:
