@@ -9,7 +9,8 @@
 logits (rows x d) @ W^T, the rows' gradient (rows x V) @ W, the weight's gradient W' += (rows x V)^T (rows x d), in
 GFLOP/s, median and min-max over interleaved rounds. What a chunk of positions costs beyond FLOPs.
 `--split`: after the timings, each variant's forward + backward once per round under torch's profiler, its CPU time
-split into the matrix products (aten::mm, addmm, addmm_, bmm) and everything else, fused / naive for each.
+split into the matrix products (aten::mm, addmm, addmm_, bmm) and everything else, fused / naive for each, and the
+products by shape (their time and GFLOP/s).
 
 SmolLM2-135M's cache -> the 6-layer Gemma-3 prune (`make bench-train`'s vocab pair, built here if missing): the
 first `--rows` cached rows as one micro-batch, the student's hidden states computed once and detached, so each
@@ -143,20 +144,35 @@ PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
 
 
 def split(variants: dict, run, rounds: int) -> None:
-    """`--split`: per variant and round, the seconds of CPU time in matrix products and in everything else."""
+    """`--split`: per variant and round, the seconds of CPU time in matrix products and in everything else; and per
+    product shape, its calls' time and GFLOP/s (median over rounds)."""
     got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    shapes: dict[str, dict[tuple, list[tuple[float, float]]]] = {v: {} for v in variants}
     for _ in range(rounds):
         for v in variants:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
                 run(v)
             ops = prof.key_averages()
             products = sum(e.self_cpu_time_total for e in ops if e.key in PRODUCTS) / 1e6
             got[v].append((products, sum(e.self_cpu_time_total for e in ops) / 1e6 - products))
+            for e in prof.key_averages(group_by_input_shape=True):
+                mats = [s for s in e.input_shapes if len(s) == 2]
+                if e.key in PRODUCTS and len(mats) >= 2:
+                    # the two factors: addmm's last two (its output / addend first), mm's first two (`out=` last)
+                    a, b = (mats[-2], mats[-1]) if e.key.startswith("aten::addmm") else (mats[0], mats[1])
+                    flop = 2 * a[0] * a[1] * b[1] * e.count
+                    shapes[v].setdefault((e.key, str(mats)), []).append((e.self_cpu_time_total / 1e3, flop))
     print(f"  CPU time in matrix products and the rest (torch's profiler, {rounds} rounds):")
     for v, xs in got.items():
         print(f"  {v:<24} products {statistics.median(a for a, _ in xs):5.2f} s, the rest {statistics.median(b for _, b in xs):5.2f} s"
               f"  / naive: products {show(spread(a / n for (a, _), (n, _) in zip(xs, got['naive'])))}, "
               f"the rest {show(spread(b / n for (_, b), (_, n) in zip(xs, got['naive'])))}")
+    for v, by in shapes.items():
+        print(f"  {v}: products by shape, ms a round (median), GFLOP/s (min-max over rounds)")
+        for (op, mats), xs in sorted(by.items(), key=lambda kv: -statistics.median(t for t, _ in kv[1]))[:8]:
+            rate = [f / t / 1e6 for t, f in xs if t > 0]
+            print(f"    {op:<12} {mats:<44} {statistics.median(t for t, _ in xs):7.1f} ms  "
+                  f"{min(rate):4.0f}-{max(rate):4.0f} GFLOP/s")
 
 
 def rates(rounds: int, rows=(64, 128, 256, 433, 866)) -> None:

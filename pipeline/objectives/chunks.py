@@ -556,7 +556,7 @@ def buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     so a freed block is never given to the next tensor of its size. Stage 2 frees the weight gradient after every
     optimizer step (and the chunks make a new one each micro-batch): through torch, each new one came from fresh
     pages further up the heap (at 262,144 x 640, 163,840 page faults and a 640 MB move, every micro-batch), and its
-    first product ran at a quarter of the rate of the next (`python bench/chunks.py --split`); from malloc the
+    first product ran at a third of the rate of the next or less (`bench/chunks.py --split`); from malloc the
     freed block is taken again. See docs/results.md, "Why glibc holds that much"."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or dtype not in _NUMPY or itemsize * int(np.prod(shape)) < MALLOC_BYTES:
