@@ -13,7 +13,8 @@ per run, in MB:
 - resting: the resident memory between steps once glibc has returned its free pages (`malloc_trim` after the step
   before `--step`, in the profiled run): weights, optimizer state, the cache's rows, the runtime;
 - own tensors: the peak, over step `--step`, of the bytes of the tensors torch has allocated in that step (torch's
-  profiler, memory events), with the largest of them alive at that moment and what allocated them;
+  profiler, memory events), with the largest of them alive at that moment and what allocated them, plus the fused
+  chunks' buffers taken from malloc (`chunks.buffer`), which the profiler does not see (alive through the chunks);
 - peak resident: Linux's VmHWM at the end of the step (the whole process's high-water mark so far), in a run
   without the profiler (its trace takes memory of its own); own tensors come from a profiled run of the same step.
 peak resident - resting - own tensors is what the allocator holds beyond them (freed blocks kept for reuse, gaps).
@@ -71,6 +72,7 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
     import torch
     import train as bench_train
 
+    from pipeline.objectives import chunks
     from stages import distill
 
     real = distill._step
@@ -87,12 +89,30 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
             if s == step:
                 got["peak_mb"] = status_mb("VmHWM")
             return m
+        from_malloc.clear()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             m = real(p, b, s, logged)
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             prof.export_chrome_trace(f.name)
             got["own_mb"], got["big"] = own_tensors(json.loads(Path(f.name).read_text()))
+        # the chunks' buffers from malloc (`chunks.buffer`: the head's (V x d) gradient, the head rows') are not
+        # torch's allocations, so the profiler does not see them; each is alive through the chunks, where the peak is
+        extra = sum(from_malloc) / 2**20
+        got["own_mb"] += extra
+        got["big"] = sorted(got["big"] + [(mb / 2**20, "chunks.buffer (malloc)") for mb in from_malloc
+                                          if mb >= BIG], reverse=True)
         return m
+
+    from_malloc: list[int] = []
+    real_buffer = chunks.buffer
+
+    def counted_buffer(shape, dtype, device):
+        t = real_buffer(shape, dtype, device)
+        if t.numel() * t.element_size() >= chunks.MALLOC_BYTES and device.type == "cpu" and dtype in chunks._NUMPY:
+            from_malloc.append(t.numel() * t.element_size())
+        return t
+
+    chunks.buffer = counted_buffer
 
     distill._step = step_fn
     r = bench_train.OUT
