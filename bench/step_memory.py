@@ -108,7 +108,7 @@ def child(variant: str, step: int, out: Path, profile: bool) -> None:
 
     def counted_buffer(shape, dtype, device):
         t = real_buffer(shape, dtype, device)
-        if t.numel() * t.element_size() >= chunks.MALLOC_BYTES and device.type == "cpu" and dtype in chunks._NUMPY:
+        if chunks.from_malloc(shape, dtype, device):
             from_malloc.append(t.numel() * t.element_size())
         return t
 

@@ -830,6 +830,7 @@ def test_fused_chunks_in_bf16_stay_within_the_rounding_of_one_bf16_gradient(monk
 
     whole = run_objective(cfg, student, proj, side, batch, chunk=10**6)
     always_wait(monkeypatch)
+    monkeypatch.setattr(chunks, "MALLOC_BYTES", 0)  # the float32 sums in buffers from malloc, as at real vocabularies
     fused = Objective(cfg, side, proj2, chunk_positions=7)
     for _ in range(2):
         parts = micro_batch(fused, student2, proj2, batch)

@@ -558,10 +558,14 @@ def buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     pages further up the heap (at 262,144 x 640, 163,840 page faults and a 640 MB move, every micro-batch), and its
     first product ran at a third of the rate of the next or less (`bench/chunks.py --split`); from malloc the
     freed block is taken again. See docs/results.md, "Why glibc holds that much"."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or dtype not in _NUMPY or itemsize * int(np.prod(shape)) < MALLOC_BYTES:
+    if not from_malloc(shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.empty(shape, dtype=_NUMPY[dtype]))
+
+
+def from_malloc(shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `buffer` takes a tensor of this shape, dtype and device from malloc."""
+    return device.type == "cpu" and dtype in _NUMPY and dtype.itemsize * int(np.prod(shape)) >= MALLOC_BYTES
 
 
 def _at_least_float(dtype: torch.dtype) -> torch.dtype:
